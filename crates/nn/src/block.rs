@@ -1,0 +1,490 @@
+//! A hidden block and its local loss heads: the unit that learns from its own error.
+//!
+//! Conv block: `conv -> BatchNorm2d -> nonlin`, sends `pool(dropout2d(h))` on.
+//! Linear block: `linear -> BatchNorm1d -> nonlin`, sends `dropout(h)` on.
+//! The local losses read `h` itself, before dropout.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::arch::{decoder_pool, LayerSpec, Pool, PoolKind};
+use crate::config::{LossKind, ModelConfig, Nonlin, OptimConfig, Training};
+use crate::init;
+use crate::losses::{feedback_alignment_linear, pred_loss, pred_loss_bce, sim_loss};
+use crate::optim::Optimizer;
+use crate::rng::{LayerRng, Purpose};
+use crate::targets::Targets;
+use crate::{Named, NnError, Result};
+
+const BN_MOMENTUM: f64 = 0.1;
+const BN_EPS: f64 = 1e-5;
+
+/// The local heads of a block: the sim loss's learned transform `g` and the pred loss's
+/// decoder `W p(h) + b`, with `p` an average pool for conv blocks.
+#[derive(Debug)]
+struct Heads {
+    loss: LossKind,
+    beta: f64,
+    bio: bool,
+    similarity_std: bool,
+    /// Conv blocks: 3x3 conv weight C x C x 3 x 3; linear blocks: D x D. None in bio mode.
+    sim_transform: Option<Tensor>,
+    decoder_weight: Option<Tensor>,
+    decoder_bias: Option<Tensor>,
+    /// Bio mode: the fixed random matrix that carries the decoder's error back to `h`.
+    feedback: Option<Tensor>,
+    /// Average-pool kernel and padding of `p` (conv blocks), None for identity.
+    pool: Option<((i64, i64), (i64, i64))>,
+}
+
+/// The parts of one forward pass.
+#[derive(Debug)]
+pub struct BlockForward {
+    /// `nonlin(bn(encoder(x)))`, what the local losses read.
+    pub h: Tensor,
+    /// What is sent on: `pool(dropout(h))`.
+    pub out: Tensor,
+}
+
+/// The local losses of one step. `total` is what the block's optimizer descends.
+#[derive(Debug)]
+pub struct LocalLosses {
+    pub total: Tensor,
+    pub pred: Option<Tensor>,
+    pub sim: Option<Tensor>,
+    pub logits: Option<Tensor>,
+}
+
+/// The reference's per-layer statistics, summed on the device so that reading them (once
+/// per epoch) is the only synchronisation.
+#[derive(Debug)]
+pub struct LayerStats {
+    /// [sum of pred loss x B, sum of sim loss x B, local classifier errors]
+    sums: Tensor,
+    pub examples: u64,
+}
+
+/// Statistics read back as numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LayerStatsSnapshot {
+    pub loss_pred: f64,
+    pub loss_sim: f64,
+    /// Percent of examples the local classifier got wrong (NaN where it has none).
+    pub error: f64,
+    pub examples: u64,
+}
+
+impl LayerStats {
+    pub fn new(device: Device) -> Self {
+        Self {
+            sums: Tensor::zeros([3], (Kind::Double, device)),
+            examples: 0,
+        }
+    }
+
+    fn record(&mut self, losses: &LocalLosses, labels: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        let b = labels.size()[0];
+        let zero = || Tensor::zeros([], (Kind::Double, labels.device()));
+        let scaled = |t: &Option<Tensor>| {
+            t.as_ref()
+                .map_or_else(zero, |t| t.detach().to_kind(Kind::Double) * b as f64)
+        };
+        let wrong = match &losses.logits {
+            Some(logits) if logits.size()[1] != 1 && labels.kind() == Kind::Int64 && logits.size().len() == 2 => {
+                logits.argmax(1, false).ne_tensor(labels).sum(Kind::Double)
+            }
+            _ => zero(),
+        };
+        let step = Tensor::stack(&[scaled(&losses.pred), scaled(&losses.sim), wrong], 0);
+        self.sums += step;
+        self.examples += b as u64;
+    }
+
+    /// Means since the last reset; `has_classifier` says whether `error` means anything.
+    pub fn snapshot(&self, has_classifier: bool) -> LayerStatsSnapshot {
+        let n = self.examples.max(1) as f64;
+        let v: Vec<f64> = Vec::<f64>::try_from(self.sums.to_device(Device::Cpu)).unwrap_or_default();
+        LayerStatsSnapshot {
+            loss_pred: v[0] / n,
+            loss_sim: v[1] / n,
+            error: if has_classifier { 100.0 * v[2] / n } else { f64::NAN },
+            examples: self.examples,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        let _ = self.sums.zero_();
+        self.examples = 0;
+    }
+}
+
+/// One hidden block with its heads, generator, optimizer and statistics.
+#[derive(Debug)]
+pub struct HiddenBlock {
+    pub index: usize,
+    pub spec: LayerSpec,
+    weight: Tensor,
+    bias: Tensor,
+    /// (weight, bias, running_mean, running_var)
+    bn: Option<(Tensor, Tensor, Tensor, Tensor)>,
+    nonlin: Nonlin,
+    dropout: f64,
+    heads: Option<Heads>,
+    pub rng: LayerRng,
+    pub optimizer: Optimizer,
+    pub stats: LayerStats,
+    device: Device,
+}
+
+impl HiddenBlock {
+    pub fn new(
+        index: usize,
+        spec: &LayerSpec,
+        num_classes: i64,
+        model: &ModelConfig,
+        optim: &OptimConfig,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self> {
+        if !(0.0..1.0).contains(&model.dropout) {
+            return Err(NnError::Model(format!(
+                "model.dropout: expected a value in [0, 1), got {}",
+                model.dropout
+            )));
+        }
+        let mut rng = LayerRng::new(seed, index, Purpose::Init);
+        let (weight, bias, out) = match *spec {
+            LayerSpec::Conv {
+                in_channels,
+                out_channels,
+                kernel,
+                ..
+            } => {
+                let bound = init::default_bound(in_channels * kernel * kernel);
+                let w = init::uniform(&mut rng, &[out_channels, in_channels, kernel, kernel], bound, device);
+                let b = init::uniform(&mut rng, &[out_channels], bound, device);
+                (w, b, out_channels)
+            }
+            LayerSpec::Linear {
+                in_features,
+                out_features,
+            } => {
+                let bound = init::default_bound(in_features);
+                let w = init::uniform(&mut rng, &[out_features, in_features], bound, device);
+                let b = init::uniform(&mut rng, &[out_features], bound, device);
+                (w, b, out_features)
+            }
+        };
+        let bn = model.batch_norm.then(|| {
+            (
+                init::ones(&[out], device),
+                init::zeros(&[out], device),
+                Tensor::zeros([out], (Kind::Float, device)),
+                Tensor::ones([out], (Kind::Float, device)),
+            )
+        });
+        let heads = model
+            .has_local_heads()
+            .then(|| Heads::new(spec, num_classes, model, &mut rng, device));
+        let mut block = Self {
+            index,
+            spec: spec.clone(),
+            weight,
+            bias,
+            bn,
+            nonlin: model.nonlin,
+            dropout: model.dropout,
+            heads,
+            rng: LayerRng::new(seed, index, Purpose::Dropout),
+            optimizer: Optimizer::new(optim, vec![]),
+            stats: LayerStats::new(device),
+            device,
+        };
+        block.optimizer = Optimizer::new(optim, block.parameters());
+        Ok(block)
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Trainable tensors with their PyTorch-style names: the block's, then its heads'.
+    pub fn parameters(&self) -> Vec<Named> {
+        let mut p = vec![
+            ("encoder.weight".to_string(), self.weight.shallow_clone()),
+            ("encoder.bias".to_string(), self.bias.shallow_clone()),
+        ];
+        if let Some((w, b, _, _)) = &self.bn {
+            p.push(("bn.weight".into(), w.shallow_clone()));
+            p.push(("bn.bias".into(), b.shallow_clone()));
+        }
+        if let Some(h) = &self.heads {
+            let named = [
+                ("sim_transform.weight", &h.sim_transform),
+                ("decoder.weight", &h.decoder_weight),
+                ("decoder.bias", &h.decoder_bias),
+            ];
+            for (name, t) in named {
+                if let Some(t) = t {
+                    p.push((name.to_string(), t.shallow_clone()));
+                }
+            }
+        }
+        p
+    }
+
+    /// Untrained state: batch-norm running statistics and bio mode's fixed feedback matrix.
+    pub fn buffers(&self) -> Vec<Named> {
+        let mut b = Vec::new();
+        if let Some((_, _, mean, var)) = &self.bn {
+            b.push(("bn.running_mean".to_string(), mean.shallow_clone()));
+            b.push(("bn.running_var".to_string(), var.shallow_clone()));
+        }
+        if let Some(f) = self.heads.as_ref().and_then(|h| h.feedback.as_ref()) {
+            b.push(("decoder.feedback".to_string(), f.shallow_clone()));
+        }
+        b
+    }
+
+    /// Whether the block has a local classifier whose error means something.
+    pub fn has_classifier(&self) -> bool {
+        self.heads
+            .as_ref()
+            .is_some_and(|h| h.decoder_weight.is_some() && !h.bio)
+    }
+
+    /// Forward with dropout noise drawn from this block's generator.
+    pub fn forward(&mut self, x: &Tensor, train: bool) -> BlockForward {
+        let h = self.hidden(x, train);
+        let noise = (train && self.dropout > 0.0).then(|| {
+            let shape = match self.spec {
+                LayerSpec::Conv { .. } => {
+                    let s = h.size();
+                    vec![s[0], s[1], 1, 1]
+                }
+                LayerSpec::Linear { .. } => h.size(),
+            };
+            self.rng.dropout_noise(&shape, self.dropout, self.device)
+        });
+        let out = self.send_on(&h, noise.as_ref());
+        BlockForward { h, out }
+    }
+
+    /// Forward with given dropout noise (ATen's `mask / (1 - p)`), for checks against PyTorch.
+    pub fn forward_with_noise(&self, x: &Tensor, train: bool, noise: Option<&Tensor>) -> BlockForward {
+        let h = self.hidden(x, train);
+        let out = self.send_on(&h, noise);
+        BlockForward { h, out }
+    }
+
+    fn hidden(&self, x: &Tensor, train: bool) -> Tensor {
+        let z = match self.spec {
+            LayerSpec::Conv { stride, padding, .. } => x.conv2d(
+                &self.weight,
+                Some(&self.bias),
+                [stride, stride],
+                [padding, padding],
+                [1, 1],
+                1,
+            ),
+            LayerSpec::Linear { .. } => x.flatten(1, -1).linear(&self.weight, Some(&self.bias)),
+        };
+        let z = match &self.bn {
+            Some((w, b, mean, var)) => z.batch_norm(
+                Some(w),
+                Some(b),
+                Some(mean),
+                Some(var),
+                train,
+                BN_MOMENTUM,
+                BN_EPS,
+                true,
+            ),
+            None => z,
+        };
+        match self.nonlin {
+            Nonlin::Relu => z.relu(),
+            Nonlin::Leakyrelu => z.leaky_relu(),
+        }
+    }
+
+    fn send_on(&self, h: &Tensor, noise: Option<&Tensor>) -> Tensor {
+        let dropped = match noise {
+            Some(n) => h * n,
+            None => h.shallow_clone(),
+        };
+        match &self.spec {
+            LayerSpec::Conv {
+                pool_after: Some(pool), ..
+            } => apply_pool(&dropped, pool),
+            _ => dropped,
+        }
+    }
+
+    /// The local losses of this block on `h` (no-op heads in backprop mode give zero).
+    pub fn local_losses(&self, h: &Tensor, targets: &Targets) -> Result<LocalLosses> {
+        let heads = self
+            .heads
+            .as_ref()
+            .ok_or_else(|| NnError::Model("backprop blocks have no local losses".into()))?;
+        Ok(heads.losses(h, targets))
+    }
+
+    /// One local training step, the paper's method: forward, local loss, backward (reaching
+    /// only this block and its heads), optimizer step. Returns the detached output, computed
+    /// with the weights as they were before the step.
+    pub fn train_local(&mut self, x: &Tensor, targets: &Targets) -> Result<Tensor> {
+        let x = x.detach();
+        let fwd = self.forward(&x, true);
+        let losses = self.local_losses(&fwd.h, targets)?;
+        let grads = Tensor::run_backward(&[&losses.total], &self.optimizer.tensors(), false, false);
+        self.optimizer.step(&grads);
+        self.stats.record(&losses, &targets.labels);
+        Ok(fwd.out.detach())
+    }
+
+    /// Records the statistics of losses computed outside (global modes).
+    pub fn record_stats(&mut self, losses: &LocalLosses, labels: &Tensor) {
+        self.stats.record(losses, labels);
+    }
+
+    /// Copies parameters and buffers from named tensors (a checkpoint, or golden values).
+    /// Every tensor of the block must be present with its exact shape.
+    pub fn load(&mut self, named: &[Named]) -> Result<()> {
+        load_into(&self.parameters(), named, &format!("layer {}", self.index))?;
+        load_into(&self.buffers(), named, &format!("layer {}", self.index))
+    }
+}
+
+impl Heads {
+    fn new(spec: &LayerSpec, num_classes: i64, model: &ModelConfig, rng: &mut LayerRng, device: Device) -> Self {
+        let bio = model.training == Training::Bio;
+        let wants_sim = matches!(model.loss, LossKind::Sim | LossKind::Predsim);
+        let wants_pred = matches!(model.loss, LossKind::Pred | LossKind::Predsim);
+        let (channels, dim_in, pool) = match *spec {
+            LayerSpec::Conv {
+                out_channels, size_out, ..
+            } => {
+                let (kernel, pad, n) = decoder_pool(out_channels, size_out, model.dim_in_decoder as i64);
+                (out_channels, n, (kernel != (1, 1)).then_some((kernel, pad)))
+            }
+            LayerSpec::Linear { out_features, .. } => (out_features, out_features, None),
+        };
+        let sim_transform = (wants_sim && !bio).then(|| match spec {
+            LayerSpec::Conv { .. } => init::uniform(
+                rng,
+                &[channels, channels, 3, 3],
+                init::default_bound(channels * 9),
+                device,
+            ),
+            LayerSpec::Linear { .. } => {
+                init::uniform(rng, &[channels, channels], init::default_bound(channels), device)
+            }
+        });
+        let outputs = if bio {
+            model.target_proj_size as i64
+        } else {
+            num_classes
+        };
+        let bound = init::default_bound(dim_in);
+        let (decoder_weight, decoder_bias, feedback) = if wants_pred {
+            let w = init::zeros(&[outputs, dim_in], device);
+            let b = init::uniform(rng, &[outputs], bound, device);
+            let f = bio.then(|| init::uniform(rng, &[outputs, dim_in], bound, device).set_requires_grad(false));
+            (Some(w), Some(b), f)
+        } else {
+            (None, None, None)
+        };
+        Heads {
+            loss: model.loss,
+            beta: model.beta,
+            bio,
+            similarity_std: model.similarity_std,
+            sim_transform,
+            decoder_weight,
+            decoder_bias,
+            feedback,
+            pool,
+        }
+    }
+
+    fn pooled(&self, h: &Tensor) -> Tensor {
+        match self.pool {
+            Some((kernel, pad)) => h.avg_pool2d(
+                [kernel.0, kernel.1],
+                [kernel.0, kernel.1],
+                [pad.0, pad.1],
+                false,
+                true,
+                None,
+            ),
+            None => h.shallow_clone(),
+        }
+    }
+
+    fn losses(&self, h: &Tensor, targets: &Targets) -> LocalLosses {
+        let sim = matches!(self.loss, LossKind::Sim | LossKind::Predsim).then(|| {
+            let transformed = match &self.sim_transform {
+                Some(w) if h.dim() == 4 => h.conv2d(w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1),
+                Some(w) => h.linear(w, None::<Tensor>),
+                None => self.pooled(h),
+            };
+            sim_loss(&transformed, &targets.sim, self.similarity_std)
+        });
+        let (pred, logits) = match (&self.decoder_weight, &self.decoder_bias) {
+            (Some(w), b) => {
+                let features = self.pooled(h).flatten(1, -1);
+                let logits = match &self.feedback {
+                    Some(f) => feedback_alignment_linear(&features, w, b.as_ref(), f),
+                    None => features.linear(w, b.as_ref()),
+                };
+                let loss = match &targets.bce {
+                    Some(t) if self.bio => pred_loss_bce(&logits, t),
+                    _ => pred_loss(&logits, &targets.labels),
+                };
+                (Some(loss), Some(logits))
+            }
+            _ => (None, None),
+        };
+        let total = match (self.loss, &pred, &sim) {
+            (LossKind::Predsim, Some(p), Some(s)) => p * (1.0 - self.beta) + s * self.beta,
+            (_, Some(p), None) => p.shallow_clone(),
+            (_, None, Some(s)) => s.shallow_clone(),
+            _ => unreachable!("a block with heads has a pred or a sim loss"),
+        };
+        LocalLosses {
+            total,
+            pred,
+            sim,
+            logits,
+        }
+    }
+}
+
+pub(crate) fn apply_pool(x: &Tensor, pool: &Pool) -> Tensor {
+    let (k, s, p) = (pool.kernel, pool.stride, pool.padding);
+    match pool.kind {
+        PoolKind::Max => x.max_pool2d([k, k], [s, s], [p, p], [1, 1], false),
+        PoolKind::Avg => x.avg_pool2d([k, k], [s, s], [p, p], false, true, None),
+    }
+}
+
+/// Copies each of `targets` from the tensor of the same name in `source`, shapes checked.
+pub(crate) fn load_into(targets: &[Named], source: &[Named], owner: &str) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    for (name, t) in targets {
+        let (_, src) = source
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| NnError::State(format!("{owner}: missing tensor {name:?}")))?;
+        if src.size() != t.size() {
+            return Err(NnError::State(format!(
+                "{owner}: tensor {name:?} has shape {:?}, expected {:?}",
+                src.size(),
+                t.size()
+            )));
+        }
+        t.shallow_clone().copy_(&src.to_kind(t.kind()));
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! The tensor math of training with local error signals (Nøkland & Eidnes, 2019).
+//!
+//! This crate owns the numbers: hidden blocks and their local loss heads, the similarity
+//! matrix, the architectures of the paper, optimizers whose state can be saved, and the
+//! per-layer random generators. It knows nothing of threads, files or logs: the pipeline
+//! engine moves [`HiddenBlock`]s and the [`OutputLayer`] into workers, and the data flows
+//! through them as plain tensors.
+
+pub mod arch;
+pub mod block;
+pub mod config;
+pub mod init;
+pub mod losses;
+pub mod network;
+pub mod optim;
+pub mod output;
+pub mod rng;
+pub mod similarity;
+pub mod targets;
+
+pub use arch::{Architecture, LayerSpec, Pool, PoolKind};
+pub use block::{BlockForward, HiddenBlock, LayerStats};
+pub use config::{LossKind, ModelConfig, Nonlin, OptimConfig, OptimKind, Training};
+pub use network::{Network, StepOutput};
+pub use optim::Optimizer;
+pub use output::OutputLayer;
+pub use rng::LayerRng;
+pub use similarity::similarity_matrix;
+pub use targets::Targets;
+
+/// Errors of the math crate: a model that cannot be built from its settings, or a state
+/// that does not fit the model it is loaded into.
+#[derive(Debug, thiserror::Error)]
+pub enum NnError {
+    #[error("model: {0}")]
+    Model(String),
+    #[error("state: {0}")]
+    State(String),
+    #[error("non-finite loss in layer {layer}: {what} = {value}")]
+    NonFinite {
+        layer: usize,
+        what: &'static str,
+        value: f64,
+    },
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T> = std::result::Result<T, NnError>;
+
+/// A tensor with the name it is saved under (PyTorch-style dotted names).
+pub type Named = (String, tch::Tensor);

@@ -1,0 +1,189 @@
+//! A whole network trained in one thread, layer after layer per batch: the reference's
+//! order, the baselines' only order, and the yardstick the pipelined engine must equal.
+
+use tch::{Device, Tensor};
+
+use crate::arch::Architecture;
+use crate::block::HiddenBlock;
+use crate::config::{ModelConfig, OptimConfig, Training};
+use crate::init;
+use crate::output::OutputLayer;
+use crate::rng::{LayerRng, Purpose};
+use crate::targets::Targets;
+use crate::{Named, NnError, Result};
+
+#[derive(Debug)]
+pub struct Network {
+    pub model: ModelConfig,
+    pub arch: Architecture,
+    pub blocks: Vec<HiddenBlock>,
+    pub output: OutputLayer,
+    /// Bio mode's fixed label projection `P`, `target_proj_size` x C.
+    pub label_projection: Option<Tensor>,
+}
+
+/// What one training step gives back.
+#[derive(Debug)]
+pub struct StepOutput {
+    /// The output layer's logits for the batch (computed before the update).
+    pub logits: Tensor,
+}
+
+impl Network {
+    pub fn new(
+        model: &ModelConfig,
+        optim: &OptimConfig,
+        arch: Architecture,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self> {
+        if !(0.0..=1.0).contains(&model.beta) {
+            return Err(NnError::Model(format!(
+                "model.beta: expected a value in [0, 1], got {}",
+                model.beta
+            )));
+        }
+        let blocks = arch
+            .hidden
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| HiddenBlock::new(i, spec, arch.num_classes, model, optim, seed, device))
+            .collect::<Result<Vec<_>>>()?;
+        let out_index = blocks.len();
+        let output = OutputLayer::new(out_index, arch.output_in, arch.num_classes, model, optim, seed, device);
+        let label_projection = (model.training == Training::Bio).then(|| {
+            // Keyed past the output layer so it never shares a stream with a layer.
+            let mut rng = LayerRng::new(seed, out_index + 1, Purpose::Init);
+            let c = arch.num_classes;
+            init::uniform(
+                &mut rng,
+                &[model.target_proj_size as i64, c],
+                init::default_bound(c),
+                device,
+            )
+            .set_requires_grad(false)
+        });
+        Ok(Self {
+            model: model.clone(),
+            arch,
+            blocks,
+            output,
+            label_projection,
+        })
+    }
+
+    pub fn targets(&self, labels: &Tensor) -> Targets {
+        Targets::new(labels, self.arch.num_classes, self.label_projection.as_ref())
+    }
+
+    pub fn set_lr(&mut self, lr: f64) {
+        for b in &mut self.blocks {
+            b.optimizer.set_lr(lr);
+        }
+        self.output.optimizer.set_lr(lr);
+    }
+
+    /// One training step on a batch, in the reference's order.
+    pub fn train_step(&mut self, x: &Tensor, labels: &Tensor) -> Result<StepOutput> {
+        let targets = self.targets(labels);
+        match self.model.training {
+            Training::Local | Training::Bio => {
+                let mut x = x.shallow_clone();
+                for block in &mut self.blocks {
+                    x = block.train_local(&x, &targets)?;
+                }
+                Ok(StepOutput {
+                    logits: self.output.train_local(&x, labels),
+                })
+            }
+            Training::Backprop | Training::LocalGlobal => self.train_global(x, &targets),
+        }
+    }
+
+    /// Backprop and local+global: one graph through all layers, one backward, and every
+    /// layer's optimizer steps on its share of the gradient (per-parameter optimizers make
+    /// this the same as one optimizer over all parameters).
+    fn train_global(&mut self, x: &Tensor, targets: &Targets) -> Result<StepOutput> {
+        let with_local = self.model.training == Training::LocalGlobal;
+        let mut x = x.shallow_clone();
+        let mut total: Option<Tensor> = None;
+        let mut local = Vec::new();
+        for block in &mut self.blocks {
+            let fwd = block.forward(&x, true);
+            if with_local {
+                let losses = block.local_losses(&fwd.h, targets)?;
+                total = Some(match total {
+                    None => losses.total.shallow_clone(),
+                    Some(t) => t + &losses.total,
+                });
+                local.push(losses);
+            }
+            x = fwd.out;
+        }
+        let logits = self.output.forward(&x);
+        let (scaled, ce) = self.output.loss(&logits, &targets.labels);
+        let total = match total {
+            None => scaled,
+            Some(t) => t + scaled,
+        };
+        let mut params: Vec<Tensor> = Vec::new();
+        for block in &self.blocks {
+            params.extend(block.optimizer.tensors());
+        }
+        params.extend(self.output.optimizer.tensors());
+        let grads = Tensor::run_backward(&[&total], &params, false, false);
+        let mut rest = &grads[..];
+        for block in &mut self.blocks {
+            let n = block.optimizer.tensors().len();
+            block.optimizer.step(&rest[..n]);
+            rest = &rest[n..];
+        }
+        self.output.optimizer.step(rest);
+        for (block, losses) in self.blocks.iter_mut().zip(&local) {
+            block.record_stats(losses, &targets.labels);
+        }
+        self.output.record(&logits, &ce, &targets.labels);
+        Ok(StepOutput {
+            logits: logits.detach(),
+        })
+    }
+
+    /// Logits in evaluation mode (running batch-norm statistics, no dropout, no heads).
+    pub fn predict(&mut self, x: &Tensor) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let mut x = x.shallow_clone();
+        for block in &mut self.blocks {
+            x = block.forward(&x, false).out;
+        }
+        self.output.forward(&x)
+    }
+
+    /// Every tensor that defines the network's training state, named `layers.{i}.{name}`,
+    /// `layers.{i}.optim.{name}`, `output.{name}`: parameters, buffers, optimizer state and
+    /// generator state.
+    pub fn state(&self) -> Vec<Named> {
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            let prefix = format!("layers.{}", b.index);
+            for (n, t) in b.parameters().into_iter().chain(b.buffers()) {
+                out.push((format!("{prefix}.{n}"), t));
+            }
+            for (n, t) in b.optimizer.state() {
+                out.push((format!("{prefix}.optim.{n}"), t));
+            }
+            out.push((format!("{prefix}.rng"), b.rng.state()));
+        }
+        for (n, t) in self.output.parameters() {
+            out.push((format!("output.{n}"), t));
+        }
+        for (n, t) in self.output.optimizer.state() {
+            out.push((format!("output.optim.{n}"), t));
+        }
+        out
+    }
+
+    /// Trained parameters of the network without the local heads (what backprop counts).
+    pub fn parameter_count(&self) -> i64 {
+        self.arch.parameter_count(self.model.batch_norm)
+    }
+}

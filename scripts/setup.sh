@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Set up what layerwise needs on this machine, once, and say what was done:
+#   - PyTorch 2.11.0 (the libtorch that tch 0.24 is built for) in a venv kept in a
+#     per-machine cache outside the clone, so fresh clones (CI) reuse it;
+#   - Debian's Fashion-MNIST package (the demo's and the end-to-end tests' data).
+# Source it (`. scripts/setup.sh`) to get the build environment exported; running it
+# as a program just installs.
+set -euo pipefail
+
+LAYERWISE_CACHE="${LAYERWISE_CACHE:-$HOME/.cache/layerwise}"
+TORCH_VERSION=2.11.0
+TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$TORCH_VERSION}"
+FASHION_DIR=/usr/share/datasets/fashion-mnist
+
+say() { echo "setup: $*" >&2; }
+
+torch_ok() {
+    [ -x "$TORCH_VENV/bin/python3" ] &&
+        "$TORCH_VENV/bin/python3" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null
+}
+
+if torch_ok; then
+    say "torch $TORCH_VERSION already in $TORCH_VENV"
+else
+    say "installing torch $TORCH_VERSION into $TORCH_VENV (about 4.7 GB, once per machine)"
+    mkdir -p "$LAYERWISE_CACHE"
+    rm -rf "$TORCH_VENV"
+    python3 -m venv "$TORCH_VENV"
+    "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+    torch_ok || { say "torch $TORCH_VERSION did not import from $TORCH_VENV"; exit 1; }
+    say "installed torch $TORCH_VERSION"
+fi
+
+if [ -f "$FASHION_DIR/train-images-idx3-ubyte.gz" ] && [ -f "$FASHION_DIR/t10k-labels-idx1-ubyte.gz" ]; then
+    say "Fashion-MNIST already in $FASHION_DIR"
+else
+    say "installing Debian package dataset-fashion-mnist into $FASHION_DIR"
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    say "installed Fashion-MNIST"
+fi
+
+# Build environment: torch-sys finds libtorch through this venv's python.
+export LIBTORCH_USE_PYTORCH=1
+export LAYERWISE_TORCH_VENV="$TORCH_VENV"
+export PATH="$TORCH_VENV/bin:$PATH"
+say "build environment: LIBTORCH_USE_PYTORCH=1, python3 = $TORCH_VENV/bin/python3"
+# Test binaries of the library crates find libtorch through this; the `layerwise` binary
+# itself carries an rpath and needs nothing (a test checks that with ldd).
+TORCH_LIB="$("$TORCH_VENV/bin/python3" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
