@@ -182,6 +182,24 @@ impl Network {
         out
     }
 
+    /// Copies parameters and buffers from tensors named as in [`Network::state`]
+    /// (`layers.{i}.{name}`, `output.{name}`); every one must be present.
+    pub fn load(&mut self, named: &[Named]) -> Result<()> {
+        for block in &mut self.blocks {
+            let prefix = format!("layers.{}.", block.index);
+            let own: Vec<Named> = named
+                .iter()
+                .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|n| (n.to_string(), t.shallow_clone())))
+                .collect();
+            block.load(&own)?;
+        }
+        let own: Vec<Named> = named
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix("output.").map(|n| (n.to_string(), t.shallow_clone())))
+            .collect();
+        self.output.load(&own)
+    }
+
     /// Trained parameters of the network without the local heads (what backprop counts).
     pub fn parameter_count(&self) -> i64 {
         self.arch.parameter_count(self.model.batch_norm)

@@ -1,0 +1,119 @@
+//! Helpers shared by the project-level tests: golden files written by `scripts/golden.py`
+//! and float comparisons with stated tolerances.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// One golden case: its tensors and the settings PyTorch computed them with.
+pub struct Golden {
+    pub case: String,
+    pub tensors: HashMap<String, Tensor>,
+    pub config: serde_json::Value,
+}
+
+impl Golden {
+    pub fn load(case: &str) -> Golden {
+        let path = repo_root().join("tests/golden").join(format!("{case}.safetensors"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/golden.py)", path.display()));
+        let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).expect("safetensors header");
+        let config = header["__metadata__"]["config"]
+            .as_str()
+            .map_or(serde_json::Value::Null, |s| {
+                serde_json::from_str(s).expect("config metadata is JSON")
+            });
+        let tensors = Tensor::read_safetensors(&path)
+            .expect("golden file")
+            .into_iter()
+            .collect();
+        Golden {
+            case: case.to_string(),
+            tensors,
+            config,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: no tensor {name:?}", self.case))
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Tensors whose names start with `prefix`, with the prefix removed.
+    pub fn with_prefix(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_string(), t.shallow_clone())))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn str(&self, key: &str) -> &str {
+        self.config[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: config has no string {key:?}", self.case))
+    }
+
+    pub fn f64(&self, key: &str) -> f64 {
+        self.config[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{}: config has no number {key:?}", self.case))
+    }
+
+    pub fn i64(&self, key: &str) -> i64 {
+        self.config[key]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{}: config has no integer {key:?}", self.case))
+    }
+
+    pub fn bool(&self, key: &str) -> bool {
+        self.config[key]
+            .as_bool()
+            .unwrap_or_else(|| panic!("{}: config has no bool {key:?}", self.case))
+    }
+}
+
+/// Largest `|a - e| / (|e| + floor)` over the elements, computed in float64.
+pub fn max_rel_error(actual: &Tensor, expected: &Tensor, floor: f64) -> f64 {
+    assert_eq!(actual.size(), expected.size(), "shapes differ");
+    let a = actual.to_kind(Kind::Double);
+    let e = expected.to_kind(Kind::Double);
+    let err = (&a - &e).abs() / (e.abs() + floor);
+    if err.numel() == 0 {
+        0.0
+    } else {
+        err.max().double_value(&[])
+    }
+}
+
+/// Asserts `actual` is within relative error `rtol` of `expected`; values of magnitude
+/// below `floor` are compared absolutely against `rtol * floor`.
+#[track_caller]
+pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, rtol: f64, floor: f64) {
+    let err = max_rel_error(actual, expected, floor);
+    assert!(err <= rtol, "{what}: relative error {err:e} exceeds {rtol:e}");
+}
+
+/// Asserts the two tensors are bit-identical.
+#[track_caller]
+pub fn assert_bit_identical(what: &str, actual: &Tensor, expected: &Tensor) {
+    assert_eq!(actual.size(), expected.size(), "{what}: shapes differ");
+    assert_eq!(actual.kind(), expected.kind(), "{what}: kinds differ");
+    assert!(
+        actual.equal(expected),
+        "{what}: not bit-identical (max rel error {:e})",
+        max_rel_error(actual, expected, 1e-30)
+    );
+}
