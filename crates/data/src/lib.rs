@@ -1,1 +1,41 @@
+//! Data for layerwise: readers of the paper's image sets and of users' image folders,
+//! normalisation and batched augmentation, and a deterministic, resumable stream of batches.
+//!
+//! Every reader validates what it reads (magic numbers, sizes, counts, label range) and
+//! names the file and what was expected when something is off: a short or damaged data set
+//! is an error, never a silently smaller one.
 
+pub mod batches;
+pub mod config;
+pub mod dataset;
+pub mod idx;
+
+pub use config::{DataConfig, DatasetKind};
+pub use dataset::{Dataset, Splits};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{}: {what}", path.display())]
+    File { path: PathBuf, what: String },
+    #[error("{}: cannot read: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data: {0}")]
+    Config(String),
+}
+
+impl DataError {
+    pub fn file(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        DataError::File {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, DataError>;

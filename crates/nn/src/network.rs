@@ -96,65 +96,19 @@ impl Network {
                     logits: self.output.train_local(&x, labels),
                 })
             }
-            Training::Backprop | Training::LocalGlobal => self.train_global(x, &targets),
-        }
-    }
-
-    /// Backprop and local+global: one graph through all layers, one backward, and every
-    /// layer's optimizer steps on its share of the gradient (per-parameter optimizers make
-    /// this the same as one optimizer over all parameters).
-    fn train_global(&mut self, x: &Tensor, targets: &Targets) -> Result<StepOutput> {
-        let with_local = self.model.training == Training::LocalGlobal;
-        let mut x = x.shallow_clone();
-        let mut total: Option<Tensor> = None;
-        let mut local = Vec::new();
-        for block in &mut self.blocks {
-            let fwd = block.forward(&x, true);
-            if with_local {
-                let losses = block.local_losses(&fwd.h, targets)?;
-                total = Some(match total {
-                    None => losses.total.shallow_clone(),
-                    Some(t) => t + &losses.total,
-                });
-                local.push(losses);
+            Training::Backprop | Training::LocalGlobal => {
+                let with_local = self.model.training == Training::LocalGlobal;
+                Ok(StepOutput {
+                    logits: train_global(&mut self.blocks, &mut self.output, x, &targets, with_local)?,
+                })
             }
-            x = fwd.out;
         }
-        let logits = self.output.forward(&x);
-        let (scaled, ce) = self.output.loss(&logits, &targets.labels);
-        let total = match total {
-            None => scaled,
-            Some(t) => t + scaled,
-        };
-        let mut params: Vec<Tensor> = Vec::new();
-        for block in &self.blocks {
-            params.extend(block.optimizer.tensors());
-        }
-        params.extend(self.output.optimizer.tensors());
-        let grads = Tensor::run_backward(&[&total], &params, false, false);
-        let mut rest = &grads[..];
-        for block in &mut self.blocks {
-            let n = block.optimizer.tensors().len();
-            block.optimizer.step(&rest[..n]);
-            rest = &rest[n..];
-        }
-        self.output.optimizer.step(rest);
-        for (block, losses) in self.blocks.iter_mut().zip(&local) {
-            block.record_stats(losses, &targets.labels);
-        }
-        self.output.record(&logits, &ce, &targets.labels);
-        Ok(StepOutput {
-            logits: logits.detach(),
-        })
     }
 
     /// Logits in evaluation mode (running batch-norm statistics, no dropout, no heads).
     pub fn predict(&mut self, x: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();
-        let mut x = x.shallow_clone();
-        for block in &mut self.blocks {
-            x = block.forward(&x, false).out;
-        }
+        let x = eval_blocks(&mut self.blocks, x);
         self.output.forward(&x)
     }
 
@@ -204,4 +158,78 @@ impl Network {
     pub fn parameter_count(&self) -> i64 {
         self.arch.parameter_count(self.model.batch_norm)
     }
+}
+
+/// Evaluation-mode forward through `blocks` (no gradient, no dropout, running statistics).
+pub fn eval_blocks(blocks: &mut [HiddenBlock], x: &Tensor) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let mut x = x.shallow_clone();
+    for block in blocks {
+        x = block.forward(&x, false).out;
+    }
+    x
+}
+
+/// One local step through `blocks`, each on its own loss, in order; the detached output.
+pub fn train_local_blocks(blocks: &mut [HiddenBlock], x: &Tensor, targets: &Targets) -> Result<Tensor> {
+    let mut x = x.shallow_clone();
+    for block in blocks {
+        x = block.train_local(&x, targets)?;
+    }
+    Ok(x)
+}
+
+/// Backprop and local+global: one graph through all layers, one backward, and every
+/// layer's optimizer steps on its share of the gradient (per-parameter optimizers make
+/// this the same as one optimizer over all parameters). Returns the logits.
+pub fn train_global(
+    blocks: &mut [HiddenBlock],
+    output: &mut OutputLayer,
+    x: &Tensor,
+    targets: &Targets,
+    with_local: bool,
+) -> Result<Tensor> {
+    let mut x = x.shallow_clone();
+    let mut total: Option<Tensor> = None;
+    let mut local = Vec::new();
+    for block in blocks.iter_mut() {
+        // Activations may cross devices inside one stage spread over several.
+        let fwd = block.forward(&x.to_device(block.device()), true);
+        if with_local {
+            let losses = block.local_losses(&fwd.h, &targets.to_device(block.device()))?;
+            let t = losses.total.to_device(output.device());
+            total = Some(match total {
+                None => t,
+                Some(acc) => acc + t,
+            });
+            local.push(losses);
+        }
+        x = fwd.out;
+    }
+    let x = x.to_device(output.device());
+    let logits = output.forward(&x);
+    let (scaled, ce) = output.loss(&logits, &targets.labels);
+    let total = match total {
+        None => scaled,
+        Some(t) => t + scaled,
+    };
+    let mut params: Vec<Tensor> = Vec::new();
+    for block in blocks.iter() {
+        params.extend(block.optimizer.tensors());
+    }
+    params.extend(output.optimizer.tensors());
+    let grads = Tensor::run_backward(&[&total], &params, false, false);
+    let mut rest = &grads[..];
+    for block in blocks.iter_mut() {
+        let n = block.optimizer.len();
+        block.optimizer.step(&rest[..n]);
+        rest = &rest[n..];
+    }
+    output.optimizer.step(rest);
+    for (block, losses) in blocks.iter_mut().zip(&local) {
+        let labels = targets.labels.to_device(block.device());
+        block.record_stats(losses, &labels);
+    }
+    output.record(&logits, &ce, &targets.labels);
+    Ok(logits.detach())
 }

@@ -64,6 +64,15 @@ impl Optimizer {
         self.lr = lr;
     }
 
+    /// Number of parameters this optimizer updates.
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
     /// The parameters, in the order `step` expects their gradients.
     pub fn tensors(&self) -> Vec<Tensor> {
         self.params.iter().map(|p| p.param.shallow_clone()).collect()

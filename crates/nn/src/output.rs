@@ -57,6 +57,10 @@ impl OutputLayer {
         }
     }
 
+    pub fn device(&self) -> Device {
+        self.weight.device()
+    }
+
     pub fn parameters(&self) -> Vec<Named> {
         vec![
             ("weight".into(), self.weight.shallow_clone()),

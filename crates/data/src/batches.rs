@@ -1,0 +1,436 @@
+//! Batches: shuffling, augmentation as whole-batch tensor ops, normalisation, and a stream
+//! whose every batch is a pure function of (seed, epoch, batch index).
+//!
+//! Purity is what makes runs repeatable whatever the thread timing, and resumable exactly:
+//! a run restarted at batch k of epoch e asks for (e, k) and gets the batch an
+//! uninterrupted run would have trained on.
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::DataConfig;
+use crate::dataset::Dataset;
+use crate::{DataError, Result};
+
+/// One batch, ready for the first stage.
+#[derive(Debug)]
+pub struct Batch {
+    pub epoch: usize,
+    /// Position in the epoch, from 0.
+    pub index: usize,
+    /// float32, normalised, B x C x H x W.
+    pub images: Tensor,
+    /// int64, B.
+    pub labels: Tensor,
+}
+
+/// Augmentation and normalisation settings resolved for one data set.
+#[derive(Debug, Clone)]
+pub struct Transform {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+    pub crop_padding: i64,
+    pub flip: bool,
+    pub cutout_holes: i64,
+    pub cutout_length: i64,
+}
+
+impl Transform {
+    pub fn from_config(config: &DataConfig, channels: i64) -> Result<Self> {
+        let (dm, ds) = config
+            .dataset
+            .normalisation()
+            .unwrap_or_else(|| (vec![0.5; channels as usize], vec![0.5; channels as usize]));
+        let mean = config.mean.clone().unwrap_or(dm);
+        let std = config.std.clone().unwrap_or(ds);
+        if mean.len() != channels as usize {
+            return Err(DataError::Config(format!(
+                "data.mean: expected {channels} values (one per channel), got {}",
+                mean.len()
+            )));
+        }
+        if std.len() != channels as usize || std.iter().any(|s| !(*s > 0.0)) {
+            return Err(DataError::Config(format!(
+                "data.std: expected {channels} positive values, got {std:?}"
+            )));
+        }
+        let t = Transform {
+            mean,
+            std,
+            crop_padding: config.crop_padding(),
+            flip: config.flip(),
+            cutout_holes: config.cutout_holes,
+            cutout_length: config.cutout_length,
+        };
+        if t.crop_padding < 0 || t.cutout_holes < 0 || t.cutout_length < 0 {
+            return Err(DataError::Config(
+                "data.crop_padding, data.cutout_holes and data.cutout_length must not be negative".into(),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Evaluation: normalisation only.
+    pub fn normalise(&self, images: &Tensor) -> Tensor {
+        let c = self.mean.len() as i64;
+        let mean = Tensor::from_slice(&self.mean).to_kind(Kind::Float).view([1, c, 1, 1]);
+        let std = Tensor::from_slice(&self.std).to_kind(Kind::Float).view([1, c, 1, 1]);
+        (images.to_kind(Kind::Float) / 255.0 - mean) / std
+    }
+
+    /// Training: random crop with zero padding and horizontal flip on the pixels, then
+    /// normalisation, then cutout (the reference's order). `rng` decides everything random.
+    pub fn augment(&self, images: &Tensor, rng: &mut ChaCha8Rng) -> Tensor {
+        let (b, _, h, w) = images.size4().expect("images are 4-D");
+        let mut x = images.to_kind(Kind::Float);
+        if self.crop_padding > 0 {
+            let p = self.crop_padding;
+            let dy: Vec<i64> = (0..b).map(|_| rng.gen_range(0..=2 * p)).collect();
+            let dx: Vec<i64> = (0..b).map(|_| rng.gen_range(0..=2 * p)).collect();
+            x = crop(&x.constant_pad_nd([p, p, p, p]), &dy, &dx, h, w);
+        }
+        if self.flip {
+            let flips: Vec<bool> = (0..b).map(|_| rng.gen_bool(0.5)).collect();
+            let mask = Tensor::from_slice(&flips).view([b, 1, 1, 1]);
+            x = x.flip([3]).where_self(&mask, &x);
+        }
+        let mut x = self.normalise_float(&x);
+        for _ in 0..self.cutout_holes {
+            let cy: Vec<i64> = (0..b).map(|_| rng.gen_range(0..h)).collect();
+            let cx: Vec<i64> = (0..b).map(|_| rng.gen_range(0..w)).collect();
+            x = x * cutout_mask(&cy, &cx, self.cutout_length, h, w);
+        }
+        x
+    }
+
+    fn normalise_float(&self, pixels: &Tensor) -> Tensor {
+        let c = self.mean.len() as i64;
+        let mean = Tensor::from_slice(&self.mean).to_kind(Kind::Float).view([1, c, 1, 1]);
+        let std = Tensor::from_slice(&self.std).to_kind(Kind::Float).view([1, c, 1, 1]);
+        (pixels / 255.0 - mean) / std
+    }
+}
+
+/// Per-image windows of `h` x `w` at offsets (dy, dx) of a padded batch, by two gathers.
+fn crop(padded: &Tensor, dy: &[i64], dx: &[i64], h: i64, w: i64) -> Tensor {
+    let (b, c, _, pw) = padded.size4().unwrap();
+    let rows =
+        Tensor::from_slice(dy).view([b, 1, 1, 1]) + Tensor::arange(h, (Kind::Int64, Device::Cpu)).view([1, 1, h, 1]);
+    let by_rows = padded.gather(2, &rows.expand([b, c, h, pw], false), false);
+    let cols =
+        Tensor::from_slice(dx).view([b, 1, 1, 1]) + Tensor::arange(w, (Kind::Int64, Device::Cpu)).view([1, 1, 1, w]);
+    by_rows.gather(3, &cols.expand([b, c, h, w], false), false)
+}
+
+/// 0 inside each image's square hole (centre (cy, cx), side `length`, clipped), else 1.
+fn cutout_mask(cy: &[i64], cx: &[i64], length: i64, h: i64, w: i64) -> Tensor {
+    let b = cy.len() as i64;
+    let half = length / 2;
+    let span = |centre: &[i64], size: i64| {
+        let lo: Vec<i64> = centre.iter().map(|c| (c - half).clamp(0, size)).collect();
+        let hi: Vec<i64> = centre.iter().map(|c| (c + half).clamp(0, size)).collect();
+        let pos = Tensor::arange(size, (Kind::Int64, Device::Cpu)).view([1, size]);
+        pos.ge_tensor(&Tensor::from_slice(&lo).view([b, 1]))
+            .logical_and(&pos.lt_tensor(&Tensor::from_slice(&hi).view([b, 1])))
+    };
+    let inside = span(cy, h)
+        .view([b, 1, h, 1])
+        .logical_and(&span(cx, w).view([b, 1, 1, w]));
+    inside.logical_not().to_kind(Kind::Float)
+}
+
+/// A generator for one (seed, epoch, batch, purpose): independent of every other batch.
+pub fn batch_rng(seed: u64, epoch: usize, index: usize, purpose: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6c61_7965_7277_6973);
+    rng.set_stream(((epoch as u64) << 40) ^ ((index as u64) << 4) ^ purpose);
+    rng
+}
+
+/// How the training set is cut into batches each epoch.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub batch_size: usize,
+    pub drop_last: bool,
+    pub classes_per_batch: usize,
+    pub seed: u64,
+}
+
+impl Sampler {
+    pub fn batches_per_epoch(&self, n: usize) -> usize {
+        if self.drop_last {
+            n / self.batch_size
+        } else {
+            n.div_ceil(self.batch_size)
+        }
+    }
+
+    /// The example indices of every batch of `epoch` (1-based), in order.
+    pub fn epoch_order(&self, labels: &[i64], num_classes: usize, epoch: usize) -> Vec<Vec<usize>> {
+        let mut rng = batch_rng(self.seed, epoch, usize::MAX >> 8, 1);
+        let n = labels.len();
+        let order: Vec<usize> = if self.classes_per_batch == 0 {
+            let mut p: Vec<usize> = (0..n).collect();
+            p.shuffle(&mut rng);
+            p
+        } else {
+            self.class_grouped_order(labels, num_classes, &mut rng)
+        };
+        let mut batches: Vec<Vec<usize>> = order.chunks(self.batch_size).map(|c| c.to_vec()).collect();
+        if self.drop_last && batches.last().is_some_and(|b| b.len() < self.batch_size) {
+            batches.pop();
+        }
+        batches
+    }
+
+    /// Each batch draws from `classes_per_batch` classes chosen at random among those with
+    /// examples left; every example still appears once per epoch.
+    fn class_grouped_order(&self, labels: &[i64], num_classes: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+        let mut pools: Vec<Vec<usize>> = vec![Vec::new(); num_classes];
+        for (i, &l) in labels.iter().enumerate() {
+            pools[l as usize].push(i);
+        }
+        for p in &mut pools {
+            p.shuffle(rng);
+        }
+        let mut order = Vec::with_capacity(labels.len());
+        while order.len() < labels.len() {
+            let mut live: Vec<usize> = (0..num_classes).filter(|&c| !pools[c].is_empty()).collect();
+            live.shuffle(rng);
+            let chosen: Vec<usize> = live.into_iter().take(self.classes_per_batch.max(1)).collect();
+            let mut taken = 0;
+            // Round-robin over the chosen classes; a batch they cannot fill ends early and the
+            // next one picks among the classes that are left.
+            'fill: while taken < self.batch_size {
+                let mut progressed = false;
+                for &c in &chosen {
+                    if let Some(i) = pools[c].pop() {
+                        order.push(i);
+                        taken += 1;
+                        progressed = true;
+                        if taken == self.batch_size {
+                            break 'fill;
+                        }
+                    }
+                }
+                if !progressed {
+                    break;
+                }
+            }
+        }
+        order
+    }
+}
+
+/// Deterministic batches of one data set: `batch(epoch, index)` is a pure function.
+pub struct BatchSource {
+    dataset: Dataset,
+    labels: Vec<i64>,
+    transform: Transform,
+    sampler: Sampler,
+    augment: bool,
+    /// The batch order of the epoch last asked for.
+    cached: Option<(usize, Vec<Vec<usize>>)>,
+}
+
+impl BatchSource {
+    pub fn training(dataset: Dataset, transform: Transform, sampler: Sampler) -> Self {
+        let labels = Vec::<i64>::try_from(&dataset.labels).unwrap_or_default();
+        Self {
+            dataset,
+            labels,
+            transform,
+            sampler,
+            augment: true,
+            cached: None,
+        }
+    }
+
+    /// Evaluation: in order, no shuffling, no augmentation, every example.
+    pub fn evaluation(dataset: Dataset, transform: Transform, batch_size: usize) -> Self {
+        let labels = Vec::<i64>::try_from(&dataset.labels).unwrap_or_default();
+        let sampler = Sampler {
+            batch_size,
+            drop_last: false,
+            classes_per_batch: 0,
+            seed: 0,
+        };
+        Self {
+            dataset,
+            labels,
+            transform,
+            sampler,
+            augment: false,
+            cached: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        self.sampler.batches_per_epoch(self.labels.len())
+    }
+
+    fn indices(&mut self, epoch: usize, index: usize) -> Vec<usize> {
+        if !self.augment {
+            let start = index * self.sampler.batch_size;
+            let end = (start + self.sampler.batch_size).min(self.labels.len());
+            return (start..end).collect();
+        }
+        if self.cached.as_ref().map(|c| c.0) != Some(epoch) {
+            let order = self
+                .sampler
+                .epoch_order(&self.labels, self.dataset.num_classes as usize, epoch);
+            self.cached = Some((epoch, order));
+        }
+        self.cached.as_ref().unwrap().1[index].clone()
+    }
+
+    /// Batch `index` (from 0) of `epoch` (from 1).
+    pub fn batch(&mut self, epoch: usize, index: usize) -> Batch {
+        let idx: Vec<i64> = self.indices(epoch, index).into_iter().map(|i| i as i64).collect();
+        let idx = Tensor::from_slice(&idx);
+        let pixels = self.dataset.images.index_select(0, &idx);
+        let labels = self.dataset.labels.index_select(0, &idx);
+        let images = if self.augment {
+            self.transform
+                .augment(&pixels, &mut batch_rng(self.sampler.seed, epoch, index, 2))
+        } else {
+            self.transform.normalise(&pixels)
+        };
+        Batch {
+            epoch,
+            index,
+            images,
+            labels,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain() -> Transform {
+        Transform {
+            mean: vec![0.0],
+            std: vec![1.0],
+            crop_padding: 0,
+            flip: false,
+            cutout_holes: 0,
+            cutout_length: 0,
+        }
+    }
+
+    fn numbered(b: i64, h: i64, w: i64) -> Tensor {
+        Tensor::arange(b * h * w, (Kind::Float, Device::Cpu)).view([b, 1, h, w])
+    }
+
+    #[test]
+    fn crop_takes_each_images_own_window_of_the_zero_padded_batch() {
+        let x = numbered(2, 3, 3);
+        let out = crop(&x.constant_pad_nd([1, 1, 1, 1]), &[0, 2], &[1, 0], 3, 3);
+        // image 0 shifted down by one row (zeros on top); image 1 up by one, right by one
+        let expected0 = Tensor::from_slice(&[0f32, 0., 0., 0., 1., 2., 3., 4., 5.]).view([1, 1, 3, 3]);
+        let expected1 = Tensor::from_slice(&[0f32, 12., 13., 0., 15., 16., 0., 0., 0.]).view([1, 1, 3, 3]);
+        assert!(out.narrow(0, 0, 1).equal(&expected0), "{out}");
+        assert!(out.narrow(0, 1, 1).equal(&expected1), "{out}");
+    }
+
+    #[test]
+    fn cutout_zeroes_a_clipped_square_around_the_centre() {
+        let m = cutout_mask(&[0, 2], &[0, 2], 2, 4, 4);
+        assert_eq!(m.sum(Kind::Float).double_value(&[]), 32.0 - 1.0 - 4.0);
+        assert_eq!(m.double_value(&[0, 0, 0, 0]), 0.0);
+        assert_eq!(m.double_value(&[1, 0, 1, 1]), 0.0);
+        assert_eq!(m.double_value(&[1, 0, 3, 3]), 1.0);
+    }
+
+    #[test]
+    fn flip_mirrors_only_the_chosen_images() {
+        let t = Transform { flip: true, ..plain() };
+        let x = numbered(64, 2, 3) * (1.0 / 1000.0);
+        let out = t.augment(&(&x * 255.0), &mut batch_rng(1, 1, 0, 2));
+        let same = out
+            .isclose(&x, 1e-4, 1e-4, false)
+            .all_dim(3, false)
+            .all_dim(2, false)
+            .squeeze();
+        let flipped = out
+            .isclose(&x.flip([3]), 1e-4, 1e-4, false)
+            .all_dim(3, false)
+            .all_dim(2, false)
+            .squeeze();
+        let n_same = same.sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(n_same + flipped.sum(Kind::Int64).int64_value(&[]), 64);
+        assert!(n_same > 16 && n_same < 48, "{n_same} of 64 unflipped");
+    }
+
+    #[test]
+    fn every_example_appears_once_per_epoch_and_the_last_partial_batch_is_kept() {
+        let labels: Vec<i64> = (0..103).map(|i| i % 7).collect();
+        for cpb in [0, 2] {
+            let s = Sampler {
+                batch_size: 10,
+                drop_last: false,
+                classes_per_batch: cpb,
+                seed: 3,
+            };
+            let batches = s.epoch_order(&labels, 7, 1);
+            assert_eq!(batches.len(), 11);
+            assert_eq!(batches.last().unwrap().len(), 3);
+            let mut all: Vec<usize> = batches.concat();
+            all.sort();
+            assert_eq!(all, (0..103).collect::<Vec<_>>());
+            assert_ne!(
+                s.epoch_order(&labels, 7, 1),
+                s.epoch_order(&labels, 7, 2),
+                "epochs are shuffled differently"
+            );
+        }
+        let s = Sampler {
+            batch_size: 10,
+            drop_last: true,
+            classes_per_batch: 0,
+            seed: 3,
+        };
+        assert_eq!(s.epoch_order(&labels, 7, 1).len(), 10);
+    }
+
+    #[test]
+    fn class_grouped_batches_hold_few_classes() {
+        let labels: Vec<i64> = (0..1000).map(|i| i % 10).collect();
+        let s = Sampler {
+            batch_size: 20,
+            drop_last: false,
+            classes_per_batch: 2,
+            seed: 3,
+        };
+        let batches = s.epoch_order(&labels, 10, 1);
+        let few = batches
+            .iter()
+            .filter(|b| {
+                let mut c: Vec<i64> = b.iter().map(|&i| labels[i]).collect();
+                c.sort();
+                c.dedup();
+                c.len() <= 2
+            })
+            .count();
+        assert!(
+            few >= batches.len() * 9 / 10,
+            "{few} of {} batches hold at most 2 classes",
+            batches.len()
+        );
+    }
+}

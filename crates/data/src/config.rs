@@ -1,0 +1,134 @@
+//! Settings of the data path, as read from a config file's `data` section.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    Mnist,
+    FashionMnist,
+    Kmnist,
+    Cifar10,
+    Cifar100,
+    Svhn,
+    Stl10,
+    ImageFolder,
+}
+
+impl DatasetKind {
+    /// (mean, std) per channel, as the reference normalises.
+    pub fn normalisation(self) -> Option<(Vec<f64>, Vec<f64>)> {
+        let (m, s): (&[f64], &[f64]) = match self {
+            DatasetKind::Mnist => (&[0.1307], &[0.3081]),
+            DatasetKind::FashionMnist => (&[0.286], &[0.353]),
+            DatasetKind::Kmnist => (&[0.1904], &[0.3475]),
+            DatasetKind::Cifar10 => (&[0.424, 0.415, 0.384], &[0.283, 0.278, 0.284]),
+            DatasetKind::Cifar100 => (&[0.438, 0.418, 0.377], &[0.300, 0.287, 0.294]),
+            DatasetKind::Svhn => (&[0.431, 0.430, 0.446], &[0.197, 0.198, 0.199]),
+            DatasetKind::Stl10 => (&[0.447, 0.440, 0.407], &[0.260, 0.257, 0.271]),
+            DatasetKind::ImageFolder => return None,
+        };
+        Some((m.to_vec(), s.to_vec()))
+    }
+
+    /// The reference recipes' augmentation: (crop padding, horizontal flip).
+    pub fn default_augmentation(self) -> (i64, bool) {
+        match self {
+            DatasetKind::Mnist => (2, false),
+            DatasetKind::FashionMnist => (2, true),
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 => (4, true),
+            DatasetKind::Kmnist | DatasetKind::Svhn | DatasetKind::Stl10 | DatasetKind::ImageFolder => (0, false),
+        }
+    }
+
+    pub fn default_root(self) -> PathBuf {
+        PathBuf::from(match self {
+            DatasetKind::FashionMnist => "/usr/share/datasets/fashion-mnist",
+            DatasetKind::Mnist => "/usr/share/datasets/mnist",
+            DatasetKind::Kmnist => "data/kmnist",
+            DatasetKind::Cifar10 => "data/cifar-10-batches-bin",
+            DatasetKind::Cifar100 => "data/cifar-100-binary",
+            DatasetKind::Svhn => "data/svhn",
+            DatasetKind::Stl10 => "data/stl10_binary",
+            DatasetKind::ImageFolder => "data/images",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub dataset: DatasetKind,
+    /// Folder of the data set's files; the data set's usual place when absent.
+    pub root: Option<PathBuf>,
+    /// Per-channel (mean, std); the data set's constants when absent.
+    pub mean: Option<Vec<f64>>,
+    pub std: Option<Vec<f64>>,
+    /// Random-crop padding in pixels (0: no crop); the recipe's when absent.
+    pub crop_padding: Option<i64>,
+    /// Random horizontal flip; the recipe's when absent.
+    pub flip: Option<bool>,
+    /// Cutout: number of square holes per image (0: none) and their side in pixels.
+    pub cutout_holes: i64,
+    pub cutout_length: i64,
+    /// Examples held out of the training set for validation (seeded), 0 for none.
+    pub validation_size: usize,
+    /// Aim at this many classes per training batch (0: plain shuffling).
+    pub classes_per_batch: usize,
+    pub drop_last: bool,
+    /// CIFAR-100: `fine` (100 classes, default) or `coarse` (20).
+    pub cifar100_labels: Cifar100Labels,
+    /// SVHN: add `extra_32x32.mat` to the training set.
+    pub svhn_extra: bool,
+    /// Image folder: side to which images are resized, and channels (1 or 3).
+    pub image_size: i64,
+    pub image_channels: i64,
+    /// Batches prepared ahead of training.
+    pub prefetch: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cifar100Labels {
+    Fine,
+    Coarse,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: DatasetKind::FashionMnist,
+            root: None,
+            mean: None,
+            std: None,
+            crop_padding: None,
+            flip: None,
+            cutout_holes: 0,
+            cutout_length: 0,
+            validation_size: 0,
+            classes_per_batch: 0,
+            drop_last: false,
+            cifar100_labels: Cifar100Labels::Fine,
+            svhn_extra: false,
+            image_size: 32,
+            image_channels: 3,
+            prefetch: 4,
+        }
+    }
+}
+
+impl DataConfig {
+    pub fn root(&self) -> PathBuf {
+        self.root.clone().unwrap_or_else(|| self.dataset.default_root())
+    }
+
+    pub fn crop_padding(&self) -> i64 {
+        self.crop_padding.unwrap_or(self.dataset.default_augmentation().0)
+    }
+
+    pub fn flip(&self) -> bool {
+        self.flip.unwrap_or(self.dataset.default_augmentation().1)
+    }
+}

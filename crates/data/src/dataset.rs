@@ -1,0 +1,109 @@
+//! A data set in memory: uint8 images N x C x H x W and int64 labels.
+
+use tch::{Kind, Tensor};
+
+use crate::config::{DataConfig, DatasetKind};
+use crate::{idx, DataError, Result};
+
+#[derive(Debug)]
+pub struct Dataset {
+    /// uint8, N x C x H x W, on the CPU.
+    pub images: Tensor,
+    /// int64, N.
+    pub labels: Tensor,
+    pub num_classes: i64,
+}
+
+impl Dataset {
+    pub fn len(&self) -> i64 {
+        self.labels.size()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (channels, height, width).
+    pub fn image_shape(&self) -> (i64, i64, i64) {
+        let s = self.images.size();
+        (s[1], s[2], s[3])
+    }
+
+    /// Counts of each label, for checks and reports.
+    pub fn label_histogram(&self) -> Vec<i64> {
+        let counts = self.labels.bincount(None::<Tensor>, self.num_classes);
+        Vec::<i64>::try_from(counts.to_kind(Kind::Int64)).unwrap_or_default()
+    }
+
+    /// Builds a data set from raw parts, checking shapes and label range.
+    pub fn new(images: Tensor, labels: Tensor, num_classes: i64, source: &std::path::Path) -> Result<Self> {
+        if images.dim() != 4 || images.kind() != Kind::Uint8 {
+            return Err(DataError::file(
+                source,
+                format!(
+                    "expected uint8 images N x C x H x W, got {:?} {:?}",
+                    images.kind(),
+                    images.size()
+                ),
+            ));
+        }
+        if images.size()[0] != labels.size()[0] {
+            return Err(DataError::file(
+                source,
+                format!("{} images but {} labels", images.size()[0], labels.size()[0]),
+            ));
+        }
+        if labels.numel() > 0 {
+            let (min, max) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
+            if min < 0 || max >= num_classes {
+                return Err(DataError::file(
+                    source,
+                    format!(
+                        "label {} out of range: expected 0..{}",
+                        if min < 0 { min } else { max },
+                        num_classes - 1
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
+            images,
+            labels,
+            num_classes,
+        })
+    }
+}
+
+/// Training and test sets, and the validation set held out of training when asked for.
+#[derive(Debug)]
+pub struct Splits {
+    pub train: Dataset,
+    pub test: Dataset,
+    pub validation: Option<Dataset>,
+    pub kind: DatasetKind,
+}
+
+/// Reads the configured data set from disk.
+pub fn load(config: &DataConfig) -> Result<Splits> {
+    let root = config.root();
+    if !root.is_dir() {
+        return Err(DataError::file(
+            &root,
+            format!("data root of {:?} not found: expected a folder", config.dataset),
+        ));
+    }
+    let (train, test) = match config.dataset {
+        DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Kmnist => idx::load_splits(&root)?,
+        other => {
+            return Err(DataError::Config(format!(
+                "data.dataset: {other:?} is not readable yet"
+            )))
+        }
+    };
+    Ok(Splits {
+        train,
+        test,
+        validation: None,
+        kind: config.dataset,
+    })
+}
