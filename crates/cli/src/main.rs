@@ -1,3 +1,107 @@
-fn main() {
-    println!("{}", tch::Cuda::is_available());
+//! `layerwise`: train neural networks with local error signals, layer by layer and
+//! pipeline-parallel across devices.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use layerwise_engine::{RunConfig, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "layerwise",
+    version,
+    about = "Training with local error signals, layer by layer and pipeline-parallel"
+)]
+struct Cli {
+    /// Log lines as text (terminals) or JSON (journald, log shippers). Filter with RUST_LOG.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one training job.
+    Train {
+        /// The job's config file (JSON).
+        config: PathBuf,
+        /// Where the run's files go (default: runs/<config name>).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Override a config key by its dotted path, e.g. --set train.epochs=1.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Print what this binary can see: libtorch, CUDA devices.
+    Devices,
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn train(config: PathBuf, run_dir: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> {
+    let cfg = RunConfig::load(&config, &overrides)?;
+    let run_dir = run_dir.unwrap_or_else(|| {
+        PathBuf::from("runs").join(
+            config
+                .file_stem()
+                .map_or("run".into(), |s| s.to_string_lossy().into_owned()),
+        )
+    });
+    let summary = layerwise_engine::run(&cfg, &run_dir, RunOptions::default())
+        .with_context(|| format!("run {} failed", run_dir.display()))?;
+    let last = summary.epochs.last().context("no epoch ran")?;
+    println!(
+        "{}: {} epoch(s), test error {:.2}%, train error {:.2}%, {:.0} images/s; files in {}",
+        config.display(),
+        summary.epochs.len(),
+        last.test_error,
+        last.train_error,
+        last.images_per_sec,
+        run_dir.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let result = match cli.command {
+        Command::Train {
+            config,
+            run_dir,
+            overrides,
+        } => train(config, run_dir, overrides),
+        Command::Devices => {
+            println!("cuda available: {}", tch::Cuda::is_available());
+            println!("cuda devices: {}", tch::Cuda::device_count());
+            println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

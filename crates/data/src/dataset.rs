@@ -1,5 +1,6 @@
 //! A data set in memory: uint8 images N x C x H x W and int64 labels.
 
+use rand::seq::SliceRandom;
 use tch::{Kind, Tensor};
 
 use crate::config::{DataConfig, DatasetKind};
@@ -33,6 +34,34 @@ impl Dataset {
     pub fn label_histogram(&self) -> Vec<i64> {
         let counts = self.labels.bincount(None::<Tensor>, self.num_classes);
         Vec::<i64>::try_from(counts.to_kind(Kind::Int64)).unwrap_or_default()
+    }
+
+    /// Holds `size` examples, chosen by a permutation seeded with `seed`, out of this set:
+    /// (the rest, the held-out ones), both in their original order.
+    pub fn split_validation(self, size: usize, seed: u64) -> Result<(Dataset, Option<Dataset>)> {
+        if size == 0 {
+            return Ok((self, None));
+        }
+        let n = self.len() as usize;
+        if size >= n {
+            return Err(DataError::Config(format!(
+                "data.validation_size: {size} is not below the {n} training examples"
+            )));
+        }
+        let mut perm: Vec<i64> = (0..n as i64).collect();
+        perm.shuffle(&mut crate::batches::batch_rng(seed, 0, 0, 7));
+        let (held, rest) = perm.split_at(size);
+        let pick = |idx: &[i64]| {
+            let mut idx = idx.to_vec();
+            idx.sort_unstable();
+            let i = Tensor::from_slice(&idx);
+            Dataset {
+                images: self.images.index_select(0, &i),
+                labels: self.labels.index_select(0, &i),
+                num_classes: self.num_classes,
+            }
+        };
+        Ok((pick(rest), Some(pick(held))))
     }
 
     /// Builds a data set from raw parts, checking shapes and label range.

@@ -54,6 +54,15 @@ pub struct LocalLosses {
     pub logits: Option<Tensor>,
 }
 
+/// What a local training step gives back.
+#[derive(Debug)]
+pub struct LocalStep {
+    /// The activation sent on, detached.
+    pub output: Tensor,
+    /// The loss the block descended, detached.
+    pub loss: Tensor,
+}
+
 /// The reference's per-layer statistics, summed on the device so that reading them (once
 /// per epoch) is the only synchronisation.
 #[derive(Debug)]
@@ -332,20 +341,53 @@ impl HiddenBlock {
 
     /// One local training step, the paper's method: forward, local loss, backward (reaching
     /// only this block and its heads), optimizer step. Returns the detached output, computed
-    /// with the weights as they were before the step.
-    pub fn train_local(&mut self, x: &Tensor, targets: &Targets) -> Result<Tensor> {
+    /// with the weights as they were before the step, and the detached loss.
+    pub fn train_local(&mut self, x: &Tensor, targets: &Targets) -> Result<LocalStep> {
         let x = x.detach();
         let fwd = self.forward(&x, true);
         let losses = self.local_losses(&fwd.h, targets)?;
         let grads = Tensor::run_backward(&[&losses.total], &self.optimizer.tensors(), false, false);
         self.optimizer.step(&grads);
         self.stats.record(&losses, &targets.labels);
-        Ok(fwd.out.detach())
+        Ok(LocalStep {
+            output: fwd.out.detach(),
+            loss: losses.total.detach(),
+        })
     }
 
     /// Records the statistics of losses computed outside (global modes).
     pub fn record_stats(&mut self, losses: &LocalLosses, labels: &Tensor) {
         self.stats.record(losses, labels);
+    }
+
+    /// The block's whole training state: parameters, buffers, optimizer state (`optim.*`)
+    /// and dropout generator state (`rng`).
+    pub fn state(&self) -> Vec<Named> {
+        let mut out = self.parameters();
+        out.extend(self.buffers());
+        out.extend(
+            self.optimizer
+                .state()
+                .into_iter()
+                .map(|(n, t)| (format!("optim.{n}"), t)),
+        );
+        out.push(("rng".to_string(), self.rng.state()));
+        out
+    }
+
+    /// Restores what [`HiddenBlock::state`] saved.
+    pub fn load_state(&mut self, named: &[Named]) -> Result<()> {
+        self.load(named)?;
+        let optim: Vec<Named> = named
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix("optim.").map(|n| (n.to_string(), t.shallow_clone())))
+            .collect();
+        self.optimizer.load_state(&optim)?;
+        let rng = named
+            .iter()
+            .find(|(n, _)| n == "rng")
+            .ok_or_else(|| NnError::State(format!("layer {}: missing tensor \"rng\"", self.index)))?;
+        self.rng.set_state(&rng.1)
     }
 
     /// Copies parameters and buffers from named tensors (a checkpoint, or golden values).

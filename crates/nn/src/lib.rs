@@ -19,7 +19,7 @@ pub mod similarity;
 pub mod targets;
 
 pub use arch::{Architecture, LayerSpec, Pool, PoolKind};
-pub use block::{BlockForward, HiddenBlock, LayerStats};
+pub use block::{BlockForward, HiddenBlock, LayerStats, LocalStep};
 pub use config::{LossKind, ModelConfig, Nonlin, OptimConfig, OptimKind, Training};
 pub use network::{Network, StepOutput};
 pub use optim::Optimizer;

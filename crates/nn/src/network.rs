@@ -1,5 +1,6 @@
 //! A whole network trained in one thread, layer after layer per batch: the reference's
 //! order, the baselines' only order, and the yardstick the pipelined engine must equal.
+//! The per-layer steps here are the ones the engine's stages run.
 
 use tch::{Device, Tensor};
 
@@ -37,32 +38,9 @@ impl Network {
         seed: u64,
         device: Device,
     ) -> Result<Self> {
-        if !(0.0..=1.0).contains(&model.beta) {
-            return Err(NnError::Model(format!(
-                "model.beta: expected a value in [0, 1], got {}",
-                model.beta
-            )));
-        }
-        let blocks = arch
-            .hidden
-            .iter()
-            .enumerate()
-            .map(|(i, spec)| HiddenBlock::new(i, spec, arch.num_classes, model, optim, seed, device))
-            .collect::<Result<Vec<_>>>()?;
-        let out_index = blocks.len();
-        let output = OutputLayer::new(out_index, arch.output_in, arch.num_classes, model, optim, seed, device);
-        let label_projection = (model.training == Training::Bio).then(|| {
-            // Keyed past the output layer so it never shares a stream with a layer.
-            let mut rng = LayerRng::new(seed, out_index + 1, Purpose::Init);
-            let c = arch.num_classes;
-            init::uniform(
-                &mut rng,
-                &[model.target_proj_size as i64, c],
-                init::default_bound(c),
-                device,
-            )
-            .set_requires_grad(false)
-        });
+        let devices = vec![device; arch.hidden.len() + 1];
+        let (blocks, output) = build_layers(model, optim, &arch, seed, &devices)?;
+        let label_projection = label_projection(model, &arch, seed).map(|p| p.to_device(device));
         Ok(Self {
             model: model.clone(),
             arch,
@@ -86,23 +64,17 @@ impl Network {
     /// One training step on a batch, in the reference's order.
     pub fn train_step(&mut self, x: &Tensor, labels: &Tensor) -> Result<StepOutput> {
         let targets = self.targets(labels);
-        match self.model.training {
+        let logits = match self.model.training {
             Training::Local | Training::Bio => {
-                let mut x = x.shallow_clone();
-                for block in &mut self.blocks {
-                    x = block.train_local(&x, &targets)?;
-                }
-                Ok(StepOutput {
-                    logits: self.output.train_local(&x, labels),
-                })
+                let x = train_local_blocks(&mut self.blocks, x, &targets)?;
+                self.output.train_local(&x, labels).0
             }
             Training::Backprop | Training::LocalGlobal => {
                 let with_local = self.model.training == Training::LocalGlobal;
-                Ok(StepOutput {
-                    logits: train_global(&mut self.blocks, &mut self.output, x, &targets, with_local)?,
-                })
+                train_global(&mut self.blocks, &mut self.output, x, &targets, with_local)?
             }
-        }
+        };
+        Ok(StepOutput { logits })
     }
 
     /// Logits in evaluation mode (running batch-norm statistics, no dropout, no heads).
@@ -112,46 +84,28 @@ impl Network {
         self.output.forward(&x)
     }
 
-    /// Every tensor that defines the network's training state, named `layers.{i}.{name}`,
-    /// `layers.{i}.optim.{name}`, `output.{name}`: parameters, buffers, optimizer state and
-    /// generator state.
+    /// Every tensor of the training state, named `layers.{i}.{name}` and `output.{name}`
+    /// (see [`HiddenBlock::state`] and [`OutputLayer::state`]).
     pub fn state(&self) -> Vec<Named> {
         let mut out = Vec::new();
         for b in &self.blocks {
-            let prefix = format!("layers.{}", b.index);
-            for (n, t) in b.parameters().into_iter().chain(b.buffers()) {
-                out.push((format!("{prefix}.{n}"), t));
-            }
-            for (n, t) in b.optimizer.state() {
-                out.push((format!("{prefix}.optim.{n}"), t));
-            }
-            out.push((format!("{prefix}.rng"), b.rng.state()));
+            out.extend(
+                b.state()
+                    .into_iter()
+                    .map(|(n, t)| (format!("layers.{}.{n}", b.index), t)),
+            );
         }
-        for (n, t) in self.output.parameters() {
-            out.push((format!("output.{n}"), t));
-        }
-        for (n, t) in self.output.optimizer.state() {
-            out.push((format!("output.optim.{n}"), t));
-        }
+        out.extend(self.output.state().into_iter().map(|(n, t)| (format!("output.{n}"), t)));
         out
     }
 
-    /// Copies parameters and buffers from tensors named as in [`Network::state`]
-    /// (`layers.{i}.{name}`, `output.{name}`); every one must be present.
+    /// Copies parameters and buffers from tensors named as in [`Network::state`]; every
+    /// one must be present.
     pub fn load(&mut self, named: &[Named]) -> Result<()> {
         for block in &mut self.blocks {
-            let prefix = format!("layers.{}.", block.index);
-            let own: Vec<Named> = named
-                .iter()
-                .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|n| (n.to_string(), t.shallow_clone())))
-                .collect();
-            block.load(&own)?;
+            block.load(&strip_prefix(named, &format!("layers.{}.", block.index)))?;
         }
-        let own: Vec<Named> = named
-            .iter()
-            .filter_map(|(n, t)| n.strip_prefix("output.").map(|n| (n.to_string(), t.shallow_clone())))
-            .collect();
-        self.output.load(&own)
+        self.output.load(&strip_prefix(named, "output."))
     }
 
     /// Trained parameters of the network without the local heads (what backprop counts).
@@ -160,12 +114,71 @@ impl Network {
     }
 }
 
+/// The tensors whose names start with `prefix`, with the prefix removed.
+pub fn strip_prefix(named: &[Named], prefix: &str) -> Vec<Named> {
+    named
+        .iter()
+        .filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_string(), t.shallow_clone())))
+        .collect()
+}
+
+/// Builds every layer of `arch`, layer `i` on `devices[i]` (the output layer last). Each
+/// layer's initial values depend only on (seed, layer index), never on where it lives.
+pub fn build_layers(
+    model: &ModelConfig,
+    optim: &OptimConfig,
+    arch: &Architecture,
+    seed: u64,
+    devices: &[Device],
+) -> Result<(Vec<HiddenBlock>, OutputLayer)> {
+    assert_eq!(devices.len(), arch.hidden.len() + 1, "one device per layer");
+    if !(0.0..=1.0).contains(&model.beta) {
+        return Err(NnError::Model(format!(
+            "model.beta: expected a value in [0, 1], got {}",
+            model.beta
+        )));
+    }
+    let blocks = arch
+        .hidden
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| HiddenBlock::new(i, spec, arch.num_classes, model, optim, seed, devices[i]))
+        .collect::<Result<Vec<_>>>()?;
+    let out_index = blocks.len();
+    let output = OutputLayer::new(
+        out_index,
+        arch.output_in,
+        arch.num_classes,
+        model,
+        optim,
+        seed,
+        devices[out_index],
+    );
+    Ok((blocks, output))
+}
+
+/// Bio mode's fixed label projection `P` (`target_proj_size` x C, on the CPU), keyed past
+/// the output layer so that it never shares a stream with a layer; None in other modes.
+pub fn label_projection(model: &ModelConfig, arch: &Architecture, seed: u64) -> Option<Tensor> {
+    (model.training == Training::Bio).then(|| {
+        let mut rng = LayerRng::new(seed, arch.hidden.len() + 1, Purpose::Init);
+        let c = arch.num_classes;
+        init::uniform(
+            &mut rng,
+            &[model.target_proj_size as i64, c],
+            init::default_bound(c),
+            Device::Cpu,
+        )
+        .set_requires_grad(false)
+    })
+}
+
 /// Evaluation-mode forward through `blocks` (no gradient, no dropout, running statistics).
 pub fn eval_blocks(blocks: &mut [HiddenBlock], x: &Tensor) -> Tensor {
     let _guard = tch::no_grad_guard();
     let mut x = x.shallow_clone();
     for block in blocks {
-        x = block.forward(&x, false).out;
+        x = block.forward(&x.to_device(block.device()), false).out;
     }
     x
 }
@@ -174,7 +187,7 @@ pub fn eval_blocks(blocks: &mut [HiddenBlock], x: &Tensor) -> Tensor {
 pub fn train_local_blocks(blocks: &mut [HiddenBlock], x: &Tensor, targets: &Targets) -> Result<Tensor> {
     let mut x = x.shallow_clone();
     for block in blocks {
-        x = block.train_local(&x, targets)?;
+        x = block.train_local(&x, targets)?.output;
     }
     Ok(x)
 }
@@ -193,7 +206,7 @@ pub fn train_global(
     let mut total: Option<Tensor> = None;
     let mut local = Vec::new();
     for block in blocks.iter_mut() {
-        // Activations may cross devices inside one stage spread over several.
+        // Layers of one global stage may sit on several devices, run one after the other.
         let fwd = block.forward(&x.to_device(block.device()), true);
         if with_local {
             let losses = block.local_losses(&fwd.h, &targets.to_device(block.device()))?;
@@ -206,9 +219,9 @@ pub fn train_global(
         }
         x = fwd.out;
     }
-    let x = x.to_device(output.device());
-    let logits = output.forward(&x);
-    let (scaled, ce) = output.loss(&logits, &targets.labels);
+    let logits = output.forward(&x.to_device(output.device()));
+    let labels = targets.labels.to_device(output.device());
+    let (scaled, ce) = output.loss(&logits, &labels);
     let total = match total {
         None => scaled,
         Some(t) => t + scaled,
@@ -227,9 +240,8 @@ pub fn train_global(
     }
     output.optimizer.step(rest);
     for (block, losses) in blocks.iter_mut().zip(&local) {
-        let labels = targets.labels.to_device(block.device());
-        block.record_stats(losses, &labels);
+        block.record_stats(losses, &targets.labels.to_device(block.device()));
     }
-    output.record(&logits, &ce, &targets.labels);
+    output.record(&logits, &ce, &labels);
     Ok(logits.detach())
 }

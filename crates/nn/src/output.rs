@@ -83,14 +83,15 @@ impl OutputLayer {
         (scaled, ce)
     }
 
-    /// One local step on a detached input; returns the logits (before the update).
-    pub fn train_local(&mut self, x: &Tensor, labels: &Tensor) -> Tensor {
+    /// One local step on a detached input; returns the logits (before the update) and the
+    /// loss descended, both detached.
+    pub fn train_local(&mut self, x: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
         let logits = self.forward(&x.detach());
         let (scaled, ce) = self.loss(&logits, labels);
         let grads = Tensor::run_backward(&[&scaled], &self.optimizer.tensors(), false, false);
         self.optimizer.step(&grads);
         self.record(&logits, &ce, labels);
-        logits.detach()
+        (logits.detach(), scaled.detach())
     }
 
     pub fn record(&mut self, logits: &Tensor, ce: &Tensor, labels: &Tensor) {
@@ -111,6 +112,27 @@ impl OutputLayer {
     pub fn reset_stats(&mut self) {
         let _ = self.sums.zero_();
         self.examples = 0;
+    }
+
+    /// Parameters and optimizer state (`optim.*`).
+    pub fn state(&self) -> Vec<Named> {
+        let mut out = self.parameters();
+        out.extend(
+            self.optimizer
+                .state()
+                .into_iter()
+                .map(|(n, t)| (format!("optim.{n}"), t)),
+        );
+        out
+    }
+
+    pub fn load_state(&mut self, named: &[Named]) -> Result<()> {
+        self.load(named)?;
+        let optim: Vec<Named> = named
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix("optim.").map(|n| (n.to_string(), t.shallow_clone())))
+            .collect();
+        self.optimizer.load_state(&optim)
     }
 
     pub fn load(&mut self, named: &[Named]) -> Result<()> {

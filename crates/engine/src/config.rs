@@ -1,0 +1,230 @@
+//! The run configuration: one JSON document, parsed strictly (unknown keys are errors) into
+//! typed settings, with `--set key.path=value` overrides applied before parsing. Errors name
+//! the key by its dotted path and say what was expected.
+
+use std::path::Path;
+
+use layerwise_data::DataConfig;
+use layerwise_nn::{ModelConfig, OptimConfig};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{EngineError, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+    pub pipeline: PipelineConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Cap on training batches per epoch (quick runs); all batches when absent.
+    pub steps_per_epoch: Option<usize>,
+    /// Cap on evaluation batches (quick runs); the whole test set when absent.
+    pub eval_batches: Option<usize>,
+    pub eval_batch_size: usize,
+    /// Check each layer's loss for NaN/inf every this many steps (0: never). Each check
+    /// reads a value back from the device.
+    pub check_finite_every: u64,
+    /// Intra-op CPU threads in all (divided among CPU stages); the machine's cores when absent.
+    pub cpu_threads: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: 128,
+            seed: 1,
+            steps_per_epoch: None,
+            eval_batches: None,
+            eval_batch_size: 1000,
+            check_finite_every: 1,
+            cpu_threads: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineMode {
+    /// A thread per stage, activations streaming between them.
+    Pipelined,
+    /// One thread, layer after layer per batch (the reference's order).
+    Sequential,
+}
+
+/// Which layers run where: `"auto"`, `"per_layer"`, `"single"`, or an explicit list of
+/// stages `[{"layers": [0, 1], "device": "cuda:0"}, ...]`. Layer indices count the hidden
+/// layers from 0; the output layer is the index after the last hidden layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Placement {
+    Named(String),
+    Stages(Vec<StageSpec>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    pub layers: Vec<usize>,
+    pub device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    pub mode: PipelineMode,
+    pub placement: Placement,
+    /// Messages a link holds before its sender blocks: the backpressure bound.
+    pub channel_capacity: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            mode: PipelineMode::Pipelined,
+            placement: Placement::Named("auto".into()),
+            channel_capacity: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Take a checkpoint every this many steps (0: never by steps).
+    pub every_steps: u64,
+    /// Take a checkpoint every this many epochs (0: never by epochs).
+    pub every_epochs: usize,
+    /// Newest checkpoints kept (the best one is kept besides).
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            every_epochs: 1,
+            keep: 2,
+        }
+    }
+}
+
+/// Sets `path` (dotted) in a JSON document to `value` (parsed as JSON, else taken as a
+/// string), creating objects on the way.
+pub fn set_path(doc: &mut Value, path: &str, value: &str) -> Result<()> {
+    let parsed = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+    let mut node = doc;
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(EngineError::Config(format!(
+            "--set {path}={value}: expected a dotted key path such as train.epochs"
+        )));
+    }
+    for (i, part) in parts.iter().enumerate() {
+        let Value::Object(map) = node else {
+            return Err(EngineError::Config(format!(
+                "--set {path}: {} is not an object",
+                parts[..i].join(".")
+            )));
+        };
+        if i == parts.len() - 1 {
+            map.insert(part.to_string(), parsed);
+            return Ok(());
+        }
+        node = map
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+    unreachable!()
+}
+
+impl RunConfig {
+    /// Parses a document strictly; the error names the key path.
+    pub fn from_value(doc: Value, source: &str) -> Result<Self> {
+        serde_path_to_error::deserialize(doc).map_err(|e| {
+            let path = e.path().to_string();
+            EngineError::Config(format!(
+                "{source}: {}: {}",
+                if path == "." { "(top level)".into() } else { path },
+                e.inner()
+            ))
+        })
+    }
+
+    /// Reads a config file and applies `KEY=VALUE` overrides.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EngineError::Config(format!("{}: cannot read: {e}", path.display())))?;
+        let mut doc: Value = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Config(format!("{}: not valid JSON: {e}", path.display())))?;
+        for o in overrides {
+            let (k, v) = o
+                .split_once('=')
+                .ok_or_else(|| EngineError::Config(format!("--set {o}: expected KEY=VALUE")))?;
+            set_path(&mut doc, k.trim(), v.trim())?;
+        }
+        Self::from_value(doc, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_keys_are_named_by_path() {
+        let e = RunConfig::from_value(json!({"train": {"epoch": 3}}), "job.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("job.json") && e.contains("train.epoch") && e.contains("unknown field"),
+            "{e}"
+        );
+        let e = RunConfig::from_value(json!({"model": {"nonlin": "tanh"}}), "job.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.nonlin") && e.contains("relu"), "{e}");
+    }
+
+    #[test]
+    fn overrides_set_nested_keys_with_json_values() {
+        let mut doc = json!({"train": {"epochs": 3}});
+        set_path(&mut doc, "train.epochs", "1").unwrap();
+        set_path(&mut doc, "pipeline.mode", "sequential").unwrap();
+        set_path(&mut doc, "optim.milestones", "[1, 2]").unwrap();
+        let c = RunConfig::from_value(doc, "x").unwrap();
+        assert_eq!(c.train.epochs, 1);
+        assert_eq!(c.pipeline.mode, PipelineMode::Sequential);
+        assert_eq!(c.optim.milestones, vec![1, 2]);
+        assert!(set_path(&mut json!({}), "train..epochs", "1").is_err());
+    }
+
+    #[test]
+    fn placement_is_a_name_or_a_list_of_stages() {
+        let c = RunConfig::from_value(
+            json!({"pipeline": {"placement": [{"layers": [0, 1], "device": "cpu"}]}}),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            c.pipeline.placement,
+            Placement::Stages(vec![StageSpec {
+                layers: vec![0, 1],
+                device: "cpu".into()
+            }])
+        );
+    }
+}

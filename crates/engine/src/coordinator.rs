@@ -1,0 +1,621 @@
+//! The coordinator: builds the stages from a validated plan, feeds stage 0 from the loader,
+//! applies the learning-rate schedule through the stream, runs evaluation after each
+//! epoch's last training batch, gathers the stages' reports into per-epoch metrics.
+
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver};
+use layerwise_data::batches::{BatchSource, Sampler, Transform};
+use layerwise_data::dataset;
+use layerwise_nn::arch::InputShape;
+use layerwise_nn::network::{build_layers, label_projection, train_local_blocks};
+use layerwise_nn::{Architecture, Named, Targets};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{PipelineMode, RunConfig};
+use crate::link::{in_process, LinkSender};
+use crate::message::{EvalSet, Message, Report, StageFailure};
+use crate::metrics::{EpochMetrics, LayerMetrics, StageMetrics};
+use crate::placement::{resolve, StagePlan};
+use crate::rundir::{RunDir, RunState};
+use crate::stage::{Fault, Stage};
+use crate::{EngineError, Result};
+
+/// Hooks for callers and tests.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Inject a fault into a layer at a step (failure-handling tests).
+    pub fault: Option<Fault>,
+    /// Called after every training batch is handed to stage 0: (epoch, step in epoch, steps in epoch).
+    pub on_step: Option<Box<dyn FnMut(usize, usize, usize)>>,
+}
+
+/// What a finished run gives back.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub epochs: Vec<EpochMetrics>,
+    /// The final training state of every layer (`layers.{i}.*`, `output.*`), on the CPU.
+    pub state: Vec<Named>,
+    pub plan: Vec<StagePlan>,
+    pub parameter_count: i64,
+}
+
+/// Runs one training job in `run_dir` and records its status there.
+pub fn run(config: &RunConfig, run_dir: &Path, options: RunOptions) -> Result<RunSummary> {
+    let dir = RunDir::create(run_dir)?;
+    dir.write_config(config)?;
+    dir.set_status(RunState::Running, "", 0, 0)?;
+    match run_inner(config, &dir, options) {
+        Ok(summary) => {
+            let step = summary.epochs.last().map_or(0, |e| e.step);
+            dir.set_status(RunState::Done, "", summary.epochs.len(), step)?;
+            Ok(summary)
+        }
+        Err(e) => {
+            let _ = dir.set_status(RunState::Failed, &e.to_string(), 0, 0);
+            Err(e)
+        }
+    }
+}
+
+/// The data of a run, read and split.
+struct Data {
+    train: BatchSource,
+    test: Vec<(Tensor, Tensor)>,
+    validation: Vec<(Tensor, Tensor)>,
+    input: InputShape,
+    num_classes: i64,
+}
+
+fn eval_batches(source: &mut BatchSource, limit: Option<usize>) -> Vec<(Tensor, Tensor)> {
+    let n = source.batches_per_epoch().min(limit.unwrap_or(usize::MAX));
+    (0..n)
+        .map(|i| source.batch(1, i))
+        .map(|b| (b.images, b.labels))
+        .collect()
+}
+
+fn load_data(config: &RunConfig) -> Result<Data> {
+    let splits = dataset::load(&config.data)?;
+    let (c, h, w) = splits.train.image_shape();
+    if h != w {
+        return Err(EngineError::Config(format!(
+            "data: images are {h}x{w}; expected square images"
+        )));
+    }
+    let transform = Transform::from_config(&config.data, c)?;
+    let num_classes = splits.train.num_classes;
+    let (train, validation) = splits
+        .train
+        .split_validation(config.data.validation_size, config.train.seed)?;
+    let sampler = Sampler {
+        batch_size: config.train.batch_size,
+        drop_last: config.data.drop_last,
+        classes_per_batch: config.data.classes_per_batch,
+        seed: config.train.seed,
+    };
+    let eb = config.train.eval_batch_size;
+    let mut test = BatchSource::evaluation(splits.test, transform.clone(), eb);
+    let validation = match validation {
+        Some(v) => eval_batches(
+            &mut BatchSource::evaluation(v, transform.clone(), eb),
+            config.train.eval_batches,
+        ),
+        None => vec![],
+    };
+    Ok(Data {
+        train: BatchSource::training(train, transform, sampler),
+        test: eval_batches(&mut test, config.train.eval_batches),
+        validation,
+        input: InputShape { channels: c, size: h },
+        num_classes,
+    })
+}
+
+fn validate(config: &RunConfig) -> Result<()> {
+    let t = &config.train;
+    let bad = |key: &str, what: &str| Err(EngineError::Config(format!("{key}: {what}")));
+    if t.epochs == 0 {
+        return bad("train.epochs", "expected at least 1");
+    }
+    if t.batch_size == 0 || t.eval_batch_size == 0 {
+        return bad(
+            "train.batch_size",
+            "expected at least 1 (and train.eval_batch_size too)",
+        );
+    }
+    if t.steps_per_epoch == Some(0) {
+        return bad("train.steps_per_epoch", "expected at least 1, or leave it out");
+    }
+    if config.pipeline.channel_capacity == 0 {
+        return bad("pipeline.channel_capacity", "expected at least 1");
+    }
+    if !(config.optim.lr > 0.0 && config.optim.lr.is_finite()) {
+        return bad("optim.lr", "expected a positive number");
+    }
+    Ok(())
+}
+
+/// Short timed warm-up of every layer on `device`, for balancing an automatic placement.
+fn measure_layers(config: &RunConfig, arch: &Architecture, device: Device) -> Vec<f64> {
+    let devices = vec![device; arch.hidden.len() + 1];
+    let Ok((mut blocks, mut output)) = build_layers(&config.model, &config.optim, arch, config.train.seed, &devices)
+    else {
+        return vec![1.0; arch.hidden.len() + 1];
+    };
+    let b = config.train.batch_size.min(64) as i64;
+    let labels = Tensor::zeros([b], (Kind::Int64, device));
+    let projection = label_projection(&config.model, arch, config.train.seed);
+    let targets = Targets::new(&labels.to_device(Device::Cpu), arch.num_classes, projection.as_ref()).to_device(device);
+    let mut x = Tensor::randn(
+        [b, arch.input.channels, arch.input.size, arch.input.size],
+        (Kind::Float, device),
+    );
+    let mut costs = Vec::new();
+    for block in blocks.iter_mut() {
+        let mut best = f64::INFINITY;
+        let mut out = x.shallow_clone();
+        for _ in 0..3 {
+            let t = Instant::now();
+            out = train_local_blocks(std::slice::from_mut(block), &x, &targets).unwrap_or(out);
+            if device.is_cuda() {
+                tch::Cuda::synchronize(match device {
+                    Device::Cuda(i) => i as i64,
+                    _ => 0,
+                });
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        costs.push(best);
+        x = out;
+    }
+    let t = Instant::now();
+    let _ = output.train_local(&x, &labels);
+    costs.push(t.elapsed().as_secs_f64());
+    costs
+}
+
+/// The stream of training batches, produced ahead on a thread of its own.
+fn spawn_loader(
+    mut source: BatchSource,
+    epochs: usize,
+    steps: usize,
+    num_classes: i64,
+    projection: Option<Tensor>,
+    prefetch: usize,
+) -> (Receiver<(Tensor, Targets)>, JoinHandle<()>) {
+    let (tx, rx) = bounded(prefetch.max(1));
+    let handle = std::thread::Builder::new()
+        .name("loader".into())
+        .spawn(move || {
+            tch::set_num_threads(1);
+            for epoch in 1..=epochs {
+                for index in 0..steps {
+                    let batch = source.batch(epoch, index);
+                    let targets = Targets::new(&batch.labels, num_classes, projection.as_ref());
+                    if tx.send((batch.images, targets)).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("spawn loader thread");
+    (rx, handle)
+}
+
+/// Where messages go: a thread per stage, or all stages in this thread.
+enum Pipeline {
+    Threads {
+        head: Box<dyn LinkSender>,
+        workers: Vec<JoinHandle<Stage>>,
+    },
+    Inline {
+        stages: Vec<Stage>,
+    },
+}
+
+impl Pipeline {
+    /// Hands a message to stage 0 (pipelined) or through every stage (sequential).
+    fn feed(&mut self, msg: Message, reports: &Receiver<Report>) -> Result<()> {
+        match self {
+            Pipeline::Threads { head, .. } => head.send(msg).map_err(|_| first_failure(reports)),
+            Pipeline::Inline { stages } => {
+                let mut msg = Some(msg);
+                for stage in stages.iter_mut() {
+                    match msg.take() {
+                        Some(m) => msg = stage.process(m)?,
+                        None => break,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops the workers and gives the stages back.
+    fn finish(self) -> Vec<Stage> {
+        match self {
+            Pipeline::Threads { head, workers } => {
+                let _ = head.send(Message::Shutdown);
+                drop(head);
+                workers.into_iter().filter_map(|w| w.join().ok()).collect()
+            }
+            Pipeline::Inline { stages } => stages,
+        }
+    }
+}
+
+/// The failure a stage reported, once the pipeline has come apart.
+fn first_failure(reports: &Receiver<Report>) -> EngineError {
+    loop {
+        match reports.recv_timeout(Duration::from_secs(30)) {
+            Ok(Report::Failed(f)) => return EngineError::Stage(f),
+            Ok(_) => continue,
+            Err(_) => return EngineError::Other("the pipeline stopped without saying why".into()),
+        }
+    }
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Result<RunSummary> {
+    validate(config)?;
+    let data = load_data(config)?;
+    let arch = Architecture::new(&config.model, data.input, data.num_classes)?;
+    let num_layers = arch.hidden.len() + 1;
+    let cuda_count = tch::Cuda::device_count().max(0) as usize;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let plan = resolve(
+        &config.pipeline.placement,
+        num_layers,
+        config.model.training,
+        cuda_count,
+        cores,
+        |d| measure_layers(config, &arch, d),
+    )?;
+
+    let seed = config.train.seed;
+    let devices: Vec<Device> = plan.iter().flat_map(|p| p.devices.clone()).collect();
+    let (blocks, output) = build_layers(&config.model, &config.optim, &arch, seed, &devices)?;
+    let projection = label_projection(&config.model, &arch, seed);
+    let cpu_stages = plan.iter().filter(|p| p.device() == Device::Cpu).count().max(1);
+    let threads = (config.train.cpu_threads.unwrap_or(cores) / cpu_stages).max(1);
+    tracing::info!(
+        parameters = arch.parameter_count(config.model.batch_norm),
+        stages = plan.len(),
+        threads_per_stage = threads,
+        "model {} ({:?}, {:?}) on {} stage(s): {}",
+        config.model.arch,
+        config.model.training,
+        config.model.loss,
+        plan.len(),
+        plan.iter()
+            .map(|p| format!("{:?}@{}", p.layers, device_name(p.device())))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+
+    let (report_tx, reports) = unbounded();
+    let mut stages = Vec::new();
+    let mut blocks = blocks.into_iter();
+    let mut output = Some(output);
+    for p in &plan {
+        let n_hidden = p.layers.iter().filter(|&&l| l < num_layers - 1).count();
+        let mine: Vec<_> = blocks.by_ref().take(n_hidden).collect();
+        let out = if p.layers.contains(&(num_layers - 1)) {
+            output.take()
+        } else {
+            None
+        };
+        stages.push(Stage::new(
+            p.index,
+            p.device(),
+            mine,
+            out,
+            config.model.training,
+            threads,
+            config.train.check_finite_every,
+            report_tx.clone(),
+            options.fault,
+        ));
+    }
+    let stage_layers: Vec<Vec<usize>> = stages.iter().map(|s| s.layer_indices()).collect();
+    let mut pipeline = match config.pipeline.mode {
+        PipelineMode::Sequential => {
+            tch::set_num_threads(threads as i32);
+            Pipeline::Inline { stages }
+        }
+        PipelineMode::Pipelined => {
+            drop(report_tx);
+            let (head, mut rx) = in_process(config.pipeline.channel_capacity);
+            let n = stages.len();
+            let mut workers = Vec::new();
+            for (i, stage) in stages.into_iter().enumerate() {
+                let (tx_next, rx_next) = in_process(config.pipeline.channel_capacity);
+                let out: Option<Box<dyn LinkSender>> = (i + 1 < n).then(|| Box::new(tx_next) as Box<dyn LinkSender>);
+                let input = Box::new(std::mem::replace(&mut rx, rx_next));
+                workers.push(
+                    std::thread::Builder::new()
+                        .name(format!("stage-{i}"))
+                        .spawn(move || {
+                            let mut stage = stage;
+                            stage.run_loop(input, out);
+                            stage
+                        })
+                        .map_err(|e| EngineError::Other(format!("cannot start stage {i}: {e}")))?,
+                );
+            }
+            Pipeline::Threads {
+                head: Box::new(head),
+                workers,
+            }
+        }
+    };
+
+    let steps = config
+        .train
+        .steps_per_epoch
+        .map_or(data.train.batches_per_epoch(), |s| {
+            s.min(data.train.batches_per_epoch())
+        });
+    let train_examples = data.train.len();
+    let (batches, loader) = spawn_loader(
+        data.train,
+        config.train.epochs,
+        steps,
+        data.num_classes,
+        projection,
+        config.data.prefetch,
+    );
+    let result = train_epochs(
+        config,
+        dir,
+        &mut pipeline,
+        &batches,
+        &reports,
+        &data.test,
+        &data.validation,
+        steps,
+        &plan,
+        &mut options,
+    );
+    drop(batches);
+    let stages = pipeline.finish();
+    let _ = loader.join();
+    let epochs = result?;
+    let _ = train_examples;
+
+    let mut state = Vec::new();
+    for s in &stages {
+        for b in &s.blocks {
+            state.extend(
+                b.state()
+                    .into_iter()
+                    .map(|(n, t)| (format!("layers.{}.{n}", b.index), t.to_device(Device::Cpu))),
+            );
+        }
+        if let Some(o) = &s.output {
+            state.extend(
+                o.state()
+                    .into_iter()
+                    .map(|(n, t)| (format!("output.{n}"), t.to_device(Device::Cpu))),
+            );
+        }
+    }
+    if state.is_empty() || stage_layers.iter().map(|l| l.len()).sum::<usize>() != num_layers {
+        return Err(EngineError::Other("a stage did not come back from its thread".into()));
+    }
+    Ok(RunSummary {
+        epochs,
+        state,
+        plan,
+        parameter_count: arch.parameter_count(config.model.batch_norm),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_epochs(
+    config: &RunConfig,
+    dir: &RunDir,
+    pipeline: &mut Pipeline,
+    batches: &Receiver<(Tensor, Targets)>,
+    reports: &Receiver<Report>,
+    test: &[(Tensor, Tensor)],
+    validation: &[(Tensor, Tensor)],
+    steps: usize,
+    plan: &[StagePlan],
+    options: &mut RunOptions,
+) -> Result<Vec<EpochMetrics>> {
+    let mut all = Vec::new();
+    let mut step: u64 = 0;
+    for epoch in 1..=config.train.epochs {
+        let lr = config.optim.lr_at_epoch(epoch);
+        let start = Instant::now();
+        pipeline.feed(Message::SetLr { lr }, reports)?;
+        for index in 0..steps {
+            let (input, targets) = batches
+                .recv()
+                .map_err(|_| EngineError::Other("the data loader stopped".into()))?;
+            step += 1;
+            pipeline.feed(
+                Message::Train {
+                    epoch,
+                    step,
+                    input,
+                    targets,
+                },
+                reports,
+            )?;
+            if let Some(f) = options.on_step.as_mut() {
+                f(epoch, index + 1, steps);
+            }
+        }
+        for (set, batches) in [(EvalSet::Test, test), (EvalSet::Validation, validation)] {
+            for (index, (x, y)) in batches.iter().enumerate() {
+                let msg = Message::Eval {
+                    set,
+                    index,
+                    input: x.shallow_clone(),
+                    labels: y.shallow_clone(),
+                };
+                pipeline.feed(msg, reports)?;
+            }
+        }
+        pipeline.feed(Message::EpochEnd { epoch }, reports)?;
+        let metrics = collect_epoch(epoch, step, lr, start, reports, plan, test.len() + validation.len())?;
+        log_epoch(&metrics);
+        dir.append_metrics(&serde_json::to_value(&metrics).expect("metrics serialise"))?;
+        dir.set_status(RunState::Running, "", epoch, step)?;
+        all.push(metrics);
+    }
+    Ok(all)
+}
+
+/// Waits for every stage's end-of-epoch report and every evaluation result.
+fn collect_epoch(
+    epoch: usize,
+    step: u64,
+    lr: f64,
+    start: Instant,
+    reports: &Receiver<Report>,
+    plan: &[StagePlan],
+    eval_batches: usize,
+) -> Result<EpochMetrics> {
+    let (mut stats, mut evals) = (Vec::new(), Vec::new());
+    while stats.len() < plan.len() || evals.len() < eval_batches {
+        match reports.recv() {
+            Ok(Report::Failed(f)) => return Err(EngineError::Stage(f)),
+            Ok(r @ Report::EpochStats { .. }) => stats.push(r),
+            Ok(r @ Report::Eval { .. }) => evals.push(r),
+            Err(_) => {
+                return Err(EngineError::Stage(StageFailure {
+                    stage: 0,
+                    layer: None,
+                    step: Some(step),
+                    reason: "pipeline stopped".into(),
+                }))
+            }
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let (mut wrong, mut count, mut loss_sum) = ([0i64; 2], [0i64; 2], 0.0);
+    for r in &evals {
+        if let Report::Eval {
+            set,
+            wrong: w,
+            count: c,
+            loss_sum: l,
+            ..
+        } = r
+        {
+            let k = (*set == EvalSet::Validation) as usize;
+            wrong[k] += w;
+            count[k] += c;
+            if k == 0 {
+                loss_sum += l;
+            }
+        }
+    }
+    let mut layers = Vec::new();
+    let mut stages = Vec::new();
+    let (mut train_loss, mut train_error, mut train_done) = (f64::NAN, f64::NAN, start);
+    let mut train_examples = 0;
+    for r in &stats {
+        if let Report::EpochStats {
+            stage,
+            layers: ls,
+            output,
+            timing,
+            train_done: done,
+            ..
+        } = r
+        {
+            layers.extend(ls.iter().map(|l| LayerMetrics::from_report(l, *stage)));
+            let p = &plan[*stage];
+            stages.push(StageMetrics::from_timing(
+                *stage,
+                device_name(p.device()),
+                p.layers.clone(),
+                timing,
+                wall,
+            ));
+            if let Some((loss, err)) = output {
+                train_loss = *loss;
+                train_error = *err;
+                train_done = *done;
+                train_examples = timing.train_examples;
+            }
+        }
+    }
+    layers.sort_by_key(|l| l.layer);
+    stages.sort_by_key(|s| s.stage);
+    let train_seconds = (train_done - start).as_secs_f64();
+    let pct = |w: i64, c: i64| if c > 0 { 100.0 * w as f64 / c as f64 } else { f64::NAN };
+    Ok(EpochMetrics {
+        epoch,
+        step,
+        lr,
+        train_loss,
+        train_error,
+        test_loss: if count[0] > 0 {
+            loss_sum / count[0] as f64
+        } else {
+            f64::NAN
+        },
+        test_error: pct(wrong[0], count[0]),
+        validation_error: (count[1] > 0).then(|| pct(wrong[1], count[1])),
+        images_per_sec: if train_seconds > 0.0 {
+            train_examples as f64 / train_seconds
+        } else {
+            0.0
+        },
+        train_seconds,
+        epoch_seconds: wall,
+        layers,
+        stages,
+    })
+}
+
+fn log_epoch(m: &EpochMetrics) {
+    let utilisation: Vec<String> = m
+        .stages
+        .iter()
+        .map(|s| format!("{:.0}%", 100.0 * s.utilisation))
+        .collect();
+    tracing::info!(
+        epoch = m.epoch,
+        lr = m.lr,
+        train_error = m.train_error,
+        test_error = m.test_error,
+        images_per_sec = m.images_per_sec.round(),
+        "epoch {}: lr {:.2e}, train loss {:.4} error {:.2}%, test loss {:.4} error {:.2}%{}, {:.0} images/s, stage utilisation {}",
+        m.epoch,
+        m.lr,
+        m.train_loss,
+        m.train_error,
+        m.test_loss,
+        m.test_error,
+        m.validation_error.map(|v| format!(", validation error {v:.2}%")).unwrap_or_default(),
+        m.images_per_sec,
+        utilisation.join(" ")
+    );
+    for l in &m.layers {
+        tracing::info!(
+            epoch = m.epoch,
+            layer = l.layer,
+            "layer {}: loss_pred {:.4}, loss_sim {:.4}, local error {}",
+            l.layer,
+            l.loss_pred,
+            l.loss_sim,
+            l.error.map_or("-".into(), |e| format!("{e:.2}%"))
+        );
+    }
+}

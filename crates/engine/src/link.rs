@@ -1,0 +1,79 @@
+//! The link between two stages: one interface, so that stages in other processes or on
+//! other hosts (NCCL) can replace the in-process channel without the stage loop changing.
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::message::Message;
+
+/// The other end is gone (its stage stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
+pub trait LinkSender: Send {
+    /// Blocks while the link is full: the pipeline's backpressure.
+    fn send(&self, msg: Message) -> Result<(), Closed>;
+}
+
+pub trait LinkReceiver: Send {
+    fn recv(&self) -> Result<Message, Closed>;
+    /// Messages waiting now.
+    fn depth(&self) -> usize;
+}
+
+/// Within one process: a bounded crossbeam channel. Tensors move by reference; the
+/// receiving stage copies them to its device.
+pub fn in_process(capacity: usize) -> (ChannelSender, ChannelReceiver) {
+    let (tx, rx) = bounded(capacity.max(1));
+    (ChannelSender(tx), ChannelReceiver(rx))
+}
+
+pub struct ChannelSender(Sender<Message>);
+pub struct ChannelReceiver(Receiver<Message>);
+
+impl LinkSender for ChannelSender {
+    fn send(&self, msg: Message) -> Result<(), Closed> {
+        self.0.send(msg).map_err(|_| Closed)
+    }
+}
+
+impl LinkReceiver for ChannelReceiver {
+    fn recv(&self) -> Result<Message, Closed> {
+        self.0.recv().map_err(|_| Closed)
+    }
+
+    fn depth(&self) -> usize {
+        self.0.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_full_link_blocks_its_sender_until_the_receiver_takes() {
+        let (tx, rx) = in_process(2);
+        tx.send(Message::Shutdown).unwrap();
+        tx.send(Message::Shutdown).unwrap();
+        let t = std::thread::spawn(move || {
+            let start = Instant::now();
+            tx.send(Message::Shutdown).unwrap();
+            start.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(rx.depth(), 2);
+        rx.recv().unwrap();
+        assert!(t.join().unwrap() >= Duration::from_millis(90));
+    }
+
+    #[test]
+    fn a_dropped_receiver_releases_a_blocked_sender() {
+        let (tx, rx) = in_process(1);
+        tx.send(Message::Shutdown).unwrap();
+        let t = std::thread::spawn(move || tx.send(Message::Shutdown));
+        std::thread::sleep(Duration::from_millis(50));
+        drop(rx);
+        assert_eq!(t.join().unwrap(), Err(Closed));
+    }
+}
