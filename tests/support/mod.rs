@@ -117,3 +117,38 @@ pub fn assert_bit_identical(what: &str, actual: &Tensor, expected: &Tensor) {
         max_rel_error(actual, expected, 1e-30)
     );
 }
+
+/// Writes a small MNIST-format data set (gzip IDX files) to `dir`: 28x28 images whose
+/// class (0..9) decides where a bright bar sits, plus noise. Learnable in a few dozen steps.
+pub fn write_idx_dataset(dir: &Path, train: usize, test: usize) {
+    use layerwise_data::idx;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let mut pixels = vec![0u8; n * 784];
+        let mut labels = vec![0u8; n];
+        for i in 0..n {
+            let c = (next() % 10) as usize;
+            labels[i] = c as u8;
+            for p in 0..784 {
+                let (y, x) = (p / 28, p % 28);
+                let on = y >= 2 + 2 * c && y < 4 + 2 * c && (4..24).contains(&x);
+                let noise = (next() % 60) as u8;
+                pixels[i * 784 + p] = if on { 200u8.saturating_add(noise / 2) } else { noise };
+            }
+        }
+        idx::write(
+            &dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
+            &[n, 28, 28],
+            &pixels,
+            true,
+        )
+        .unwrap();
+        idx::write(&dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), &[n], &labels, true).unwrap();
+    }
+}

@@ -256,18 +256,20 @@ impl Stage {
     ) -> Result<Tensor, StageFailure> {
         for i in 0..self.blocks.len() {
             let layer = self.blocks[i].index;
-            x = self.inject(layer, step, x)?;
-            let result = self.guard(Some(layer), Some(step), |s| s.blocks[i].train_local(&x, targets))?;
-            let out = result.map_err(|e| self.fail(Some(layer), Some(step), e.to_string()))?;
+            let out = self.guard(Some(layer), Some(step), |s| {
+                let x = s.inject(layer, step, x)?;
+                s.blocks[i]
+                    .train_local(&x, targets)
+                    .map_err(|e| s.fail(Some(layer), Some(step), e.to_string()))
+            })??;
             self.check_finite(&out.loss, layer, step)?;
             x = out.output;
         }
-        if self.output.is_some() {
-            let layer = self.output.as_ref().unwrap().index;
-            x = self.inject(layer, step, x)?;
+        if let Some(layer) = self.output.as_ref().map(|o| o.index) {
             let loss = self.guard(Some(layer), Some(step), |s| {
-                s.output.as_mut().unwrap().train_local(&x, &targets.labels).1
-            })?;
+                let x = s.inject(layer, step, x.shallow_clone())?;
+                Ok(s.output.as_mut().expect("checked").train_local(&x, &targets.labels).1)
+            })??;
             self.check_finite(&loss, layer, step)?;
         }
         Ok(x)
@@ -280,13 +282,13 @@ impl Stage {
         step: u64,
     ) -> Result<Tensor, StageFailure> {
         let first = self.blocks.first().map_or(0, |b| b.index);
-        let x = self.inject(first, step, x.shallow_clone())?;
-        let training = self.training;
+        let with_local = self.training == Training::LocalGlobal;
         let logits = self.guard(None, Some(step), |s| {
+            let x = s.inject(first, step, x.shallow_clone())?;
             let output = s.output.as_mut().expect("a global stage holds the output layer");
-            train_global(&mut s.blocks, output, &x, targets, training == Training::LocalGlobal)
-        })?;
-        let logits = logits.map_err(|e| self.fail(None, Some(step), e.to_string()))?;
+            train_global(&mut s.blocks, output, &x, targets, with_local)
+                .map_err(|e| s.fail(None, Some(step), e.to_string()))
+        })??;
         if self.check_finite_every > 0 && step % self.check_finite_every == 0 {
             let v = logits.sum(Kind::Double).double_value(&[]);
             if !v.is_finite() {
@@ -344,7 +346,8 @@ impl Stage {
             self.timing.queue_depth += depth as f64;
             self.depth_samples += 1;
             let shutdown = matches!(msg, Message::Shutdown);
-            let handled = self.process(msg);
+            // Layers' work is guarded where the layer is known; this catches the rest.
+            let handled = self.guard(None, None, |s| s.process(msg)).and_then(|h| h);
             let t2 = Instant::now();
             match handled {
                 Err(failure) => {

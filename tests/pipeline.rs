@@ -1,0 +1,223 @@
+//! The pipeline engine: a pipelined run equals the sequential (reference-order) run bit for
+//! bit, whatever the placement; the reported test error is what the weights give; and a
+//! failing stage stops the whole pipeline promptly, saying where and why.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use layerwise_engine::config::{Placement, StageSpec};
+use layerwise_engine::message::StageFailure;
+use layerwise_engine::stage::{Fault, FaultKind};
+use layerwise_engine::{EngineError, PipelineMode, RunConfig, RunOptions, RunSummary};
+use layerwise_nn::arch::InputShape;
+use layerwise_nn::{Architecture, Network};
+use layerwise_tests::write_idx_dataset;
+use tch::{Device, Kind};
+
+fn data_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_idx_dataset(dir.path(), 600, 200);
+    dir
+}
+
+/// A small predsim model with dropout and batch norm, 2 epochs of 12 steps.
+fn config(data: &Path, arch: &str) -> RunConfig {
+    let mut c = RunConfig::default();
+    c.data.root = Some(data.to_path_buf());
+    c.data.cutout_holes = 1;
+    c.data.cutout_length = 6;
+    c.model.arch = arch.into();
+    c.model.num_layers = if arch == "mlp" { 3 } else { 1 };
+    c.model.num_hidden = 48;
+    c.model.feat_mult = 1.0 / 16.0;
+    c.model.dropout = 0.2;
+    c.model.dim_in_decoder = 128;
+    c.optim.lr = 2e-3;
+    c.optim.milestones = vec![1];
+    c.train.epochs = 2;
+    c.train.batch_size = 32;
+    c.train.steps_per_epoch = Some(12);
+    c.train.eval_batch_size = 50;
+    c.train.cpu_threads = Some(1);
+    c
+}
+
+fn run(config: &RunConfig) -> RunSummary {
+    let dir = tempfile::tempdir().unwrap();
+    layerwise_engine::run(config, dir.path(), RunOptions::default()).unwrap()
+}
+
+fn stages(groups: &[&[usize]]) -> Placement {
+    Placement::Stages(
+        groups
+            .iter()
+            .map(|g| StageSpec {
+                layers: g.to_vec(),
+                device: "cpu".into(),
+            })
+            .collect(),
+    )
+}
+
+fn assert_same_state(a: &RunSummary, b: &RunSummary, what: &str) {
+    assert_eq!(a.state.len(), b.state.len(), "{what}: same tensors");
+    for ((na, ta), (nb, tb)) in a.state.iter().zip(&b.state) {
+        assert_eq!(na, nb, "{what}: same names in the same order");
+        assert!(ta.equal(tb), "{what}: {na} differs");
+    }
+    for (ea, eb) in a.epochs.iter().zip(&b.epochs) {
+        assert_eq!(ea.test_error, eb.test_error, "{what}: test error");
+        assert_eq!(ea.train_loss.to_bits(), eb.train_loss.to_bits(), "{what}: train loss");
+        for (la, lb) in ea.layers.iter().zip(&eb.layers) {
+            assert_eq!(
+                la.loss_sim.to_bits(),
+                lb.loss_sim.to_bits(),
+                "{what}: layer {} sim loss",
+                la.layer
+            );
+        }
+    }
+}
+
+fn pipelined_equals_sequential(arch: &str, placements: Vec<Placement>) {
+    let data = data_dir();
+    let mut base = config(data.path(), arch);
+    base.pipeline.mode = PipelineMode::Sequential;
+    base.pipeline.placement = Placement::Named("single".into());
+    let reference = run(&base);
+    let names: Vec<&String> = reference.state.iter().map(|(n, _)| n).collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.ends_with("optim.layers") || n.contains(".optim.")),
+        "optimizer state is compared"
+    );
+    assert!(
+        names.iter().any(|n| n.ends_with("bn.running_var")),
+        "batch-norm buffers are compared"
+    );
+    assert!(names.iter().any(|n| n.ends_with(".rng")), "generator state is compared");
+    for placement in placements {
+        for mode in [PipelineMode::Pipelined, PipelineMode::Sequential] {
+            let mut c = base.clone();
+            c.pipeline.mode = mode;
+            c.pipeline.placement = placement.clone();
+            let summary = run(&c);
+            assert_same_state(&reference, &summary, &format!("{arch} {mode:?} {placement:?}"));
+        }
+    }
+}
+
+#[test]
+fn pipelined_mlp_equals_sequential_bit_for_bit_for_every_placement() {
+    let per_layer = Placement::Named("per_layer".into());
+    pipelined_equals_sequential(
+        "mlp",
+        vec![
+            per_layer,
+            stages(&[&[0, 1], &[2, 3]]),
+            Placement::Named("single".into()),
+        ],
+    );
+}
+
+#[test]
+fn pipelined_vgg_equals_sequential_bit_for_bit() {
+    // vgg6a: 4 conv blocks, 1 linear block, the output layer
+    pipelined_equals_sequential(
+        "vgg6a",
+        vec![Placement::Named("per_layer".into()), stages(&[&[0, 1, 2], &[3, 4, 5]])],
+    );
+}
+
+#[test]
+fn reported_test_error_equals_an_independent_evaluation_of_the_weights() {
+    let data = data_dir();
+    let mut c = config(data.path(), "mlp");
+    c.pipeline.placement = Placement::Named("per_layer".into());
+    c.train.steps_per_epoch = None;
+    let summary = run(&c);
+    let reported = summary.epochs.last().unwrap().test_error;
+
+    let arch = Architecture::new(&c.model, InputShape { channels: 1, size: 28 }, 10).unwrap();
+    let mut net = Network::new(&c.model, &c.optim, arch, 99, Device::Cpu).unwrap();
+    net.load(&summary.state).unwrap();
+    let splits = layerwise_data::dataset::load(&c.data).unwrap();
+    let x = (splits.test.images.to_kind(Kind::Float) / 255.0 - 0.286) / 0.353;
+    let wrong = net
+        .predict(&x)
+        .argmax(1, false)
+        .ne_tensor(&splits.test.labels)
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    let independent = 100.0 * wrong as f64 / splits.test.len() as f64;
+    assert_eq!(reported, independent);
+    assert!(reported < 60.0, "the model learned (chance is 90%): {reported}%");
+}
+
+#[test]
+fn training_in_backprop_and_local_global_runs_as_one_stage_and_learns() {
+    let data = data_dir();
+    for training in [layerwise_nn::Training::Backprop, layerwise_nn::Training::LocalGlobal] {
+        let mut c = config(data.path(), "mlp");
+        c.model.training = training;
+        c.pipeline.placement = Placement::Named("per_layer".into());
+        let s = run(&c);
+        assert_eq!(s.plan.len(), 1, "{training:?} runs as one stage");
+        assert!(s.epochs.last().unwrap().test_error < 50.0, "{training:?}");
+    }
+}
+
+fn failure(kind: FaultKind, layer: usize, mode: PipelineMode) -> (StageFailure, Duration, tempfile::TempDir) {
+    let data = data_dir();
+    let mut c = config(data.path(), "mlp");
+    c.pipeline.mode = mode;
+    c.pipeline.placement = Placement::Named("per_layer".into());
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let run_dir = dir.path().to_path_buf();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        let options = RunOptions {
+            fault: Some(Fault { layer, step: 7, kind }),
+            ..Default::default()
+        };
+        let _ = tx.send(layerwise_engine::run(&c, &run_dir, options).map(|_| ()));
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the run stops within 60 s");
+    let elapsed = start.elapsed();
+    match result {
+        Err(EngineError::Stage(f)) => (f, elapsed, dir),
+        other => panic!("expected a stage failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn each_kind_of_stage_failure_stops_the_pipeline_and_says_where_and_why() {
+    for (kind, layer, reason) in [
+        (FaultKind::Error, 1, "injected error"),
+        (FaultKind::Panic, 2, "injected panic"),
+        (FaultKind::NonFinite, 0, "non-finite loss"),
+        (FaultKind::OutOfMemory, 3, "out of memory"),
+    ] {
+        for mode in [PipelineMode::Pipelined, PipelineMode::Sequential] {
+            let (f, elapsed, dir) = failure(kind, layer, mode);
+            assert_eq!(
+                (f.stage, f.layer, f.step),
+                (layer, Some(layer), Some(7)),
+                "{kind:?} {mode:?}: {f}"
+            );
+            assert!(f.reason.contains(reason), "{kind:?}: {}", f.reason);
+            assert!(elapsed < Duration::from_secs(30), "{kind:?} took {elapsed:?}");
+            let status: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.path().join("status.json")).unwrap()).unwrap();
+            assert_eq!(status["state"], "failed");
+            assert!(
+                status["reason"].as_str().unwrap().contains(&format!("stage {layer}")),
+                "{status}"
+            );
+        }
+    }
+}
