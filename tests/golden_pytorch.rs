@@ -39,12 +39,7 @@ fn model_config(g: &Golden) -> ModelConfig {
     }
 }
 
-const MAX_POOL: Pool = Pool {
-    kind: PoolKind::Max,
-    kernel: 2,
-    stride: 2,
-    padding: 0,
-};
+const MAX_POOL: Pool = Pool { kind: PoolKind::Max, kernel: 2, stride: 2, padding: 0 };
 
 #[test]
 fn similarity_matrices_match_pytorch() {
@@ -56,13 +51,7 @@ fn similarity_matrices_match_pytorch() {
         ("conv_three_channels", "conv_three_channels.S", true),
         ("linear", "linear.S", true),
     ] {
-        assert_close(
-            key,
-            &similarity_matrix(g.get(input), use_std),
-            g.get(key),
-            RTOL_FORWARD,
-            FLOOR,
-        );
+        assert_close(key, &similarity_matrix(g.get(input), use_std), g.get(key), RTOL_FORWARD, FLOOR);
     }
 }
 
@@ -82,10 +71,7 @@ fn check_block(case: &str) {
             size_out: size,
             pool_after: Some(MAX_POOL),
         },
-        _ => LayerSpec::Linear {
-            in_features: cin,
-            out_features: cout,
-        },
+        _ => LayerSpec::Linear { in_features: cin, out_features: cout },
     };
     let mut block = HiddenBlock::new(0, &spec, classes, &model, &OptimConfig::default(), 0, Device::Cpu).unwrap();
     block.load(&g.with_prefix("init.")).unwrap();
@@ -106,13 +92,7 @@ fn check_block(case: &str) {
     assert_eq!(losses.sim.is_some(), g.has("loss.sim"), "sim loss present");
     if let Some(pred) = &losses.pred {
         assert_close("pred loss", pred, g.get("loss.pred"), RTOL_FORWARD, FLOOR);
-        assert_close(
-            "local logits",
-            losses.logits.as_ref().unwrap(),
-            g.get("logits"),
-            RTOL_FORWARD,
-            FLOOR,
-        );
+        assert_close("local logits", losses.logits.as_ref().unwrap(), g.get("logits"), RTOL_FORWARD, FLOOR);
     }
     if let Some(sim) = &losses.sim {
         assert_close("sim loss", sim, g.get("loss.sim"), RTOL_FORWARD, FLOOR);
@@ -129,13 +109,7 @@ fn check_block(case: &str) {
     let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
     let grads = Tensor::run_backward(&[&losses.total], &tensors, false, false);
     for ((name, _), grad) in params.iter().zip(&grads) {
-        assert_close(
-            &format!("{case}: grad of {name}"),
-            grad,
-            g.get(&format!("grad.{name}")),
-            RTOL_GRAD,
-            1e-5,
-        );
+        assert_close(&format!("{case}: grad of {name}"), grad, g.get(&format!("grad.{name}")), RTOL_GRAD, 1e-5);
     }
     for (name, t) in block.buffers() {
         if g.has(&format!("after.{name}")) {
@@ -244,14 +218,8 @@ fn check_network(case: &str) {
         "mlp" => (
             InputShape { channels: 12, size: 1 },
             vec![
-                LayerSpec::Linear {
-                    in_features: 12,
-                    out_features: 16,
-                },
-                LayerSpec::Linear {
-                    in_features: 16,
-                    out_features: 16,
-                },
+                LayerSpec::Linear { in_features: 12, out_features: 16 },
+                LayerSpec::Linear { in_features: 16, out_features: 16 },
             ],
         ),
         _ => {
@@ -267,36 +235,19 @@ fn check_network(case: &str) {
             };
             (
                 InputShape { channels: 3, size: 8 },
-                vec![
-                    conv(3, 4, 8),
-                    conv(4, 6, 4),
-                    LayerSpec::Linear {
-                        in_features: 24,
-                        out_features: 16,
-                    },
-                ],
+                vec![conv(3, 4, 8), conv(4, 6, 4), LayerSpec::Linear { in_features: 24, out_features: 16 }],
             )
         }
     };
-    let arch = Architecture {
-        input,
-        hidden,
-        output_in: 16,
-        num_classes: classes,
-    };
-    let optim = OptimConfig {
-        lr: g.f64("lr"),
-        ..Default::default()
-    };
+    let arch = Architecture { input, hidden, output_in: 16, num_classes: classes };
+    let optim = OptimConfig { lr: g.f64("lr"), ..Default::default() };
     let mut net = Network::new(&model, &optim, arch, 0, Device::Cpu).unwrap();
     net.load(&g.with_prefix("init.")).unwrap();
     if g.has("projection") {
         net.label_projection = Some(g.get("projection").shallow_clone());
     }
     for step in 0..g.i64("steps") {
-        let out = net
-            .train_step(g.get(&format!("x.{step}")), g.get(&format!("y.{step}")))
-            .unwrap();
+        let out = net.train_step(g.get(&format!("x.{step}")), g.get(&format!("y.{step}"))).unwrap();
         assert_close(
             &format!("{case}: logits of step {step}"),
             &out.logits,
@@ -308,18 +259,9 @@ fn check_network(case: &str) {
     let state = net.state();
     let mut compared = 0;
     for (name, expected) in g.with_prefix("final.") {
-        let (_, actual) = state
-            .iter()
-            .find(|(n, _)| *n == name)
-            .unwrap_or_else(|| panic!("{case}: no tensor {name}"));
+        let (_, actual) = state.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("{case}: no tensor {name}"));
         // Adam normalises the step, so parameters agree far better than raw gradients.
-        assert_close(
-            &format!("{case}: {name} after training"),
-            actual,
-            &expected,
-            RTOL_GRAD,
-            1e-5,
-        );
+        assert_close(&format!("{case}: {name} after training"), actual, &expected, RTOL_GRAD, 1e-5);
         compared += 1;
     }
     assert!(compared >= 8, "{case}: compared only {compared} tensors");

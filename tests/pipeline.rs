@@ -48,15 +48,7 @@ fn run(config: &RunConfig) -> RunSummary {
 }
 
 fn stages(groups: &[&[usize]]) -> Placement {
-    Placement::Stages(
-        groups
-            .iter()
-            .map(|g| StageSpec {
-                layers: g.to_vec(),
-                device: "cpu".into(),
-            })
-            .collect(),
-    )
+    Placement::Stages(groups.iter().map(|g| StageSpec { layers: g.to_vec(), device: "cpu".into() }).collect())
 }
 
 fn assert_same_state(a: &RunSummary, b: &RunSummary, what: &str) {
@@ -69,12 +61,7 @@ fn assert_same_state(a: &RunSummary, b: &RunSummary, what: &str) {
         assert_eq!(ea.test_error, eb.test_error, "{what}: test error");
         assert_eq!(ea.train_loss.to_bits(), eb.train_loss.to_bits(), "{what}: train loss");
         for (la, lb) in ea.layers.iter().zip(&eb.layers) {
-            assert_eq!(
-                la.loss_sim.to_bits(),
-                lb.loss_sim.to_bits(),
-                "{what}: layer {} sim loss",
-                la.layer
-            );
+            assert_eq!(la.loss_sim.to_bits(), lb.loss_sim.to_bits(), "{what}: layer {} sim loss", la.layer);
         }
     }
 }
@@ -86,16 +73,8 @@ fn pipelined_equals_sequential(arch: &str, placements: Vec<Placement>) {
     base.pipeline.placement = Placement::Named("single".into());
     let reference = run(&base);
     let names: Vec<&String> = reference.state.iter().map(|(n, _)| n).collect();
-    assert!(
-        names
-            .iter()
-            .any(|n| n.ends_with("optim.layers") || n.contains(".optim.")),
-        "optimizer state is compared"
-    );
-    assert!(
-        names.iter().any(|n| n.ends_with("bn.running_var")),
-        "batch-norm buffers are compared"
-    );
+    assert!(names.iter().any(|n| n.ends_with("optim.layers") || n.contains(".optim.")), "optimizer state is compared");
+    assert!(names.iter().any(|n| n.ends_with("bn.running_var")), "batch-norm buffers are compared");
     assert!(names.iter().any(|n| n.ends_with(".rng")), "generator state is compared");
     for placement in placements {
         for mode in [PipelineMode::Pipelined, PipelineMode::Sequential] {
@@ -111,23 +90,13 @@ fn pipelined_equals_sequential(arch: &str, placements: Vec<Placement>) {
 #[test]
 fn pipelined_mlp_equals_sequential_bit_for_bit_for_every_placement() {
     let per_layer = Placement::Named("per_layer".into());
-    pipelined_equals_sequential(
-        "mlp",
-        vec![
-            per_layer,
-            stages(&[&[0, 1], &[2, 3]]),
-            Placement::Named("single".into()),
-        ],
-    );
+    pipelined_equals_sequential("mlp", vec![per_layer, stages(&[&[0, 1], &[2, 3]]), Placement::Named("single".into())]);
 }
 
 #[test]
 fn pipelined_vgg_equals_sequential_bit_for_bit() {
     // vgg6a: 4 conv blocks, 1 linear block, the output layer
-    pipelined_equals_sequential(
-        "vgg6a",
-        vec![Placement::Named("per_layer".into()), stages(&[&[0, 1, 2], &[3, 4, 5]])],
-    );
+    pipelined_equals_sequential("vgg6a", vec![Placement::Named("per_layer".into()), stages(&[&[0, 1, 2], &[3, 4, 5]])]);
 }
 
 #[test]
@@ -144,12 +113,7 @@ fn reported_test_error_equals_an_independent_evaluation_of_the_weights() {
     net.load(&summary.state).unwrap();
     let splits = layerwise_data::dataset::load(&c.data).unwrap();
     let x = (splits.test.images.to_kind(Kind::Float) / 255.0 - 0.286) / 0.353;
-    let wrong = net
-        .predict(&x)
-        .argmax(1, false)
-        .ne_tensor(&splits.test.labels)
-        .sum(Kind::Int64)
-        .int64_value(&[]);
+    let wrong = net.predict(&x).argmax(1, false).ne_tensor(&splits.test.labels).sum(Kind::Int64).int64_value(&[]);
     let independent = 100.0 * wrong as f64 / splits.test.len() as f64;
     assert_eq!(reported, independent);
     assert!(reported < 60.0, "the model learned (chance is 90%): {reported}%");
@@ -178,15 +142,10 @@ fn failure(kind: FaultKind, layer: usize, mode: PipelineMode) -> (StageFailure, 
     let run_dir = dir.path().to_path_buf();
     let start = Instant::now();
     std::thread::spawn(move || {
-        let options = RunOptions {
-            fault: Some(Fault { layer, step: 7, kind }),
-            ..Default::default()
-        };
+        let options = RunOptions { fault: Some(Fault { layer, step: 7, kind }), ..Default::default() };
         let _ = tx.send(layerwise_engine::run(&c, &run_dir, options).map(|_| ()));
     });
-    let result = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the run stops within 60 s");
+    let result = rx.recv_timeout(Duration::from_secs(60)).expect("the run stops within 60 s");
     let elapsed = start.elapsed();
     match result {
         Err(EngineError::Stage(f)) => (f, elapsed, dir),
@@ -204,20 +163,13 @@ fn each_kind_of_stage_failure_stops_the_pipeline_and_says_where_and_why() {
     ] {
         for mode in [PipelineMode::Pipelined, PipelineMode::Sequential] {
             let (f, elapsed, dir) = failure(kind, layer, mode);
-            assert_eq!(
-                (f.stage, f.layer, f.step),
-                (layer, Some(layer), Some(7)),
-                "{kind:?} {mode:?}: {f}"
-            );
+            assert_eq!((f.stage, f.layer, f.step), (layer, Some(layer), Some(7)), "{kind:?} {mode:?}: {f}");
             assert!(f.reason.contains(reason), "{kind:?}: {}", f.reason);
             assert!(elapsed < Duration::from_secs(30), "{kind:?} took {elapsed:?}");
             let status: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(dir.path().join("status.json")).unwrap()).unwrap();
             assert_eq!(status["state"], "failed");
-            assert!(
-                status["reason"].as_str().unwrap().contains(&format!("stage {layer}")),
-                "{status}"
-            );
+            assert!(status["reason"].as_str().unwrap().contains(&format!("stage {layer}")), "{status}");
         }
     }
 }

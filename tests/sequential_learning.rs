@@ -30,9 +30,7 @@ fn blobs(n: i64, channels: i64, size: i64, seed: usize) -> (Tensor, Tensor) {
     let centres = normals(CLASSES * dim, &mut rng).view([CLASSES, dim]) * 2.5 / (dim as f64 / 16.0).sqrt();
     let mut rng = LayerRng::new(seed as u64, 0, Purpose::Data);
     let labels: Vec<i64> = (0..n).map(|_| (rng.next_u32() % CLASSES as u32) as i64).collect();
-    let signs: Vec<f32> = (0..n)
-        .map(|_| if rng.next_u32() % 2 == 0 { 1.0 } else { -1.0 })
-        .collect();
+    let signs: Vec<f32> = (0..n).map(|_| if rng.next_u32() % 2 == 0 { 1.0 } else { -1.0 }).collect();
     let labels = Tensor::from_slice(&labels);
     let signs = Tensor::from_slice(&signs).unsqueeze(1);
     let x = centres.index_select(0, &labels) * signs + normals(n * dim, &mut rng).view([n, dim]);
@@ -41,10 +39,7 @@ fn blobs(n: i64, channels: i64, size: i64, seed: usize) -> (Tensor, Tensor) {
 
 fn accuracy(net: &mut Network, x: &Tensor, y: &Tensor) -> f64 {
     let pred = net.predict(x).argmax(1, false);
-    pred.eq_tensor(y)
-        .to_kind(Kind::Double)
-        .mean(Kind::Double)
-        .double_value(&[])
+    pred.eq_tensor(y).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
 }
 
 fn train(arch: &str, training: Training, loss: LossKind) -> (f64, f64, f64) {
@@ -62,10 +57,7 @@ fn train(arch: &str, training: Training, loss: LossKind) -> (f64, f64, f64) {
         target_proj_size: 16,
         ..Default::default()
     };
-    let optim = OptimConfig {
-        lr: 3e-3,
-        ..Default::default()
-    };
+    let optim = OptimConfig { lr: 3e-3, ..Default::default() };
     let arch = Architecture::new(&model, InputShape { channels, size }, CLASSES).unwrap();
     let mut net = Network::new(&model, &optim, arch, 7, Device::Cpu).unwrap();
     let (train_x, train_y) = blobs(4096, channels, size, 1);
@@ -88,14 +80,8 @@ fn train(arch: &str, training: Training, loss: LossKind) -> (f64, f64, f64) {
 fn assert_learns(arch: &str, training: Training, loss: LossKind) {
     let (acc, first, last) = train(arch, training, loss);
     eprintln!("{arch} {training:?} {loss:?}: accuracy {acc:.3}, loss {first:.3} -> {last:.3}");
-    assert!(
-        acc >= 0.95,
-        "{arch} {training:?} {loss:?}: test accuracy {acc:.3} below 0.95"
-    );
-    assert!(
-        last < 0.5 * first,
-        "{arch} {training:?} {loss:?}: loss went from {first:.3} to {last:.3}"
-    );
+    assert!(acc >= 0.95, "{arch} {training:?} {loss:?}: test accuracy {acc:.3} below 0.95");
+    assert!(last < 0.5 * first, "{arch} {training:?} {loss:?}: loss went from {first:.3} to {last:.3}");
 }
 
 macro_rules! learning_tests {

@@ -25,24 +25,13 @@ impl Golden {
         let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).expect("safetensors header");
         let config = header["__metadata__"]["config"]
             .as_str()
-            .map_or(serde_json::Value::Null, |s| {
-                serde_json::from_str(s).expect("config metadata is JSON")
-            });
-        let tensors = Tensor::read_safetensors(&path)
-            .expect("golden file")
-            .into_iter()
-            .collect();
-        Golden {
-            case: case.to_string(),
-            tensors,
-            config,
-        }
+            .map_or(serde_json::Value::Null, |s| serde_json::from_str(s).expect("config metadata is JSON"));
+        let tensors = Tensor::read_safetensors(&path).expect("golden file").into_iter().collect();
+        Golden { case: case.to_string(), tensors, config }
     }
 
     pub fn get(&self, name: &str) -> &Tensor {
-        self.tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("{}: no tensor {name:?}", self.case))
+        self.tensors.get(name).unwrap_or_else(|| panic!("{}: no tensor {name:?}", self.case))
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -61,27 +50,19 @@ impl Golden {
     }
 
     pub fn str(&self, key: &str) -> &str {
-        self.config[key]
-            .as_str()
-            .unwrap_or_else(|| panic!("{}: config has no string {key:?}", self.case))
+        self.config[key].as_str().unwrap_or_else(|| panic!("{}: config has no string {key:?}", self.case))
     }
 
     pub fn f64(&self, key: &str) -> f64 {
-        self.config[key]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{}: config has no number {key:?}", self.case))
+        self.config[key].as_f64().unwrap_or_else(|| panic!("{}: config has no number {key:?}", self.case))
     }
 
     pub fn i64(&self, key: &str) -> i64 {
-        self.config[key]
-            .as_i64()
-            .unwrap_or_else(|| panic!("{}: config has no integer {key:?}", self.case))
+        self.config[key].as_i64().unwrap_or_else(|| panic!("{}: config has no integer {key:?}", self.case))
     }
 
     pub fn bool(&self, key: &str) -> bool {
-        self.config[key]
-            .as_bool()
-            .unwrap_or_else(|| panic!("{}: config has no bool {key:?}", self.case))
+        self.config[key].as_bool().unwrap_or_else(|| panic!("{}: config has no bool {key:?}", self.case))
     }
 }
 
@@ -142,13 +123,7 @@ pub fn write_idx_dataset(dir: &Path, train: usize, test: usize) {
                 pixels[i * 784 + p] = if on { 200u8.saturating_add(noise / 2) } else { noise };
             }
         }
-        idx::write(
-            &dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
-            &[n, 28, 28],
-            &pixels,
-            true,
-        )
-        .unwrap();
+        idx::write(&dir.join(format!("{prefix}-images-idx3-ubyte.gz")), &[n, 28, 28], &pixels, true).unwrap();
         idx::write(&dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), &[n], &labels, true).unwrap();
     }
 }

@@ -1,6 +1,8 @@
 //! `layerwise`: train neural networks with local error signals, layer by layer and
 //! pipeline-parallel across devices.
 
+mod bench;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,13 +46,26 @@ enum Command {
     },
     /// Print what this binary can see: libtorch, CUDA devices.
     Devices,
+    /// Measure and print figures (nothing is asserted).
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Loader throughput with augmentation: a config's data set, and CIFAR-shaped data.
+    Data {
+        /// Config whose data section to measure (default: Fashion-MNIST).
+        config: Option<PathBuf>,
+        /// Batches to time.
+        #[arg(long, default_value_t = 200)]
+        batches: usize,
+    },
 }
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().init(),
@@ -60,11 +75,7 @@ fn init_logs(format: LogFormat) {
 fn train(config: PathBuf, run_dir: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&config, &overrides)?;
     let run_dir = run_dir.unwrap_or_else(|| {
-        PathBuf::from("runs").join(
-            config
-                .file_stem()
-                .map_or("run".into(), |s| s.to_string_lossy().into_owned()),
-        )
+        PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
     });
     let summary = layerwise_engine::run(&cfg, &run_dir, RunOptions::default())
         .with_context(|| format!("run {} failed", run_dir.display()))?;
@@ -85,11 +96,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let result = match cli.command {
-        Command::Train {
-            config,
-            run_dir,
-            overrides,
-        } => train(config, run_dir, overrides),
+        Command::Train { config, run_dir, overrides } => train(config, run_dir, overrides),
+        Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
         Command::Devices => {
             println!("cuda available: {}", tch::Cuda::is_available());
             println!("cuda devices: {}", tch::Cuda::device_count());

@@ -52,9 +52,7 @@ impl Transform {
             )));
         }
         if std.len() != channels as usize || std.iter().any(|s| !(*s > 0.0)) {
-            return Err(DataError::Config(format!(
-                "data.std: expected {channels} positive values, got {std:?}"
-            )));
+            return Err(DataError::Config(format!("data.std: expected {channels} positive values, got {std:?}")));
         }
         let t = Transform {
             mean,
@@ -135,9 +133,7 @@ fn cutout_mask(cy: &[i64], cx: &[i64], length: i64, h: i64, w: i64) -> Tensor {
         pos.ge_tensor(&Tensor::from_slice(&lo).view([b, 1]))
             .logical_and(&pos.lt_tensor(&Tensor::from_slice(&hi).view([b, 1])))
     };
-    let inside = span(cy, h)
-        .view([b, 1, h, 1])
-        .logical_and(&span(cx, w).view([b, 1, 1, w]));
+    let inside = span(cy, h).view([b, 1, h, 1]).logical_and(&span(cx, w).view([b, 1, 1, w]));
     inside.logical_not().to_kind(Kind::Float)
 }
 
@@ -237,33 +233,14 @@ pub struct BatchSource {
 impl BatchSource {
     pub fn training(dataset: Dataset, transform: Transform, sampler: Sampler) -> Self {
         let labels = Vec::<i64>::try_from(&dataset.labels).unwrap_or_default();
-        Self {
-            dataset,
-            labels,
-            transform,
-            sampler,
-            augment: true,
-            cached: None,
-        }
+        Self { dataset, labels, transform, sampler, augment: true, cached: None }
     }
 
     /// Evaluation: in order, no shuffling, no augmentation, every example.
     pub fn evaluation(dataset: Dataset, transform: Transform, batch_size: usize) -> Self {
         let labels = Vec::<i64>::try_from(&dataset.labels).unwrap_or_default();
-        let sampler = Sampler {
-            batch_size,
-            drop_last: false,
-            classes_per_batch: 0,
-            seed: 0,
-        };
-        Self {
-            dataset,
-            labels,
-            transform,
-            sampler,
-            augment: false,
-            cached: None,
-        }
+        let sampler = Sampler { batch_size, drop_last: false, classes_per_batch: 0, seed: 0 };
+        Self { dataset, labels, transform, sampler, augment: false, cached: None }
     }
 
     pub fn len(&self) -> usize {
@@ -289,9 +266,7 @@ impl BatchSource {
             return (start..end).collect();
         }
         if self.cached.as_ref().map(|c| c.0) != Some(epoch) {
-            let order = self
-                .sampler
-                .epoch_order(&self.labels, self.dataset.num_classes as usize, epoch);
+            let order = self.sampler.epoch_order(&self.labels, self.dataset.num_classes as usize, epoch);
             self.cached = Some((epoch, order));
         }
         self.cached.as_ref().unwrap().1[index].clone()
@@ -304,17 +279,11 @@ impl BatchSource {
         let pixels = self.dataset.images.index_select(0, &idx);
         let labels = self.dataset.labels.index_select(0, &idx);
         let images = if self.augment {
-            self.transform
-                .augment(&pixels, &mut batch_rng(self.sampler.seed, epoch, index, 2))
+            self.transform.augment(&pixels, &mut batch_rng(self.sampler.seed, epoch, index, 2))
         } else {
             self.transform.normalise(&pixels)
         };
-        Batch {
-            epoch,
-            index,
-            images,
-            labels,
-        }
+        Batch { epoch, index, images, labels }
     }
 }
 
@@ -323,14 +292,7 @@ mod tests {
     use super::*;
 
     fn plain() -> Transform {
-        Transform {
-            mean: vec![0.0],
-            std: vec![1.0],
-            crop_padding: 0,
-            flip: false,
-            cutout_holes: 0,
-            cutout_length: 0,
-        }
+        Transform { mean: vec![0.0], std: vec![1.0], crop_padding: 0, flip: false, cutout_holes: 0, cutout_length: 0 }
     }
 
     fn numbered(b: i64, h: i64, w: i64) -> Tensor {
@@ -362,16 +324,8 @@ mod tests {
         let t = Transform { flip: true, ..plain() };
         let x = numbered(64, 2, 3) * (1.0 / 1000.0);
         let out = t.augment(&(&x * 255.0), &mut batch_rng(1, 1, 0, 2));
-        let same = out
-            .isclose(&x, 1e-4, 1e-4, false)
-            .all_dim(3, false)
-            .all_dim(2, false)
-            .squeeze();
-        let flipped = out
-            .isclose(&x.flip([3]), 1e-4, 1e-4, false)
-            .all_dim(3, false)
-            .all_dim(2, false)
-            .squeeze();
+        let same = out.isclose(&x, 1e-4, 1e-4, false).all_dim(3, false).all_dim(2, false).squeeze();
+        let flipped = out.isclose(&x.flip([3]), 1e-4, 1e-4, false).all_dim(3, false).all_dim(2, false).squeeze();
         let n_same = same.sum(Kind::Int64).int64_value(&[]);
         assert_eq!(n_same + flipped.sum(Kind::Int64).int64_value(&[]), 64);
         assert!(n_same > 16 && n_same < 48, "{n_same} of 64 unflipped");
@@ -381,42 +335,23 @@ mod tests {
     fn every_example_appears_once_per_epoch_and_the_last_partial_batch_is_kept() {
         let labels: Vec<i64> = (0..103).map(|i| i % 7).collect();
         for cpb in [0, 2] {
-            let s = Sampler {
-                batch_size: 10,
-                drop_last: false,
-                classes_per_batch: cpb,
-                seed: 3,
-            };
+            let s = Sampler { batch_size: 10, drop_last: false, classes_per_batch: cpb, seed: 3 };
             let batches = s.epoch_order(&labels, 7, 1);
             assert_eq!(batches.len(), 11);
             assert_eq!(batches.last().unwrap().len(), 3);
             let mut all: Vec<usize> = batches.concat();
             all.sort();
             assert_eq!(all, (0..103).collect::<Vec<_>>());
-            assert_ne!(
-                s.epoch_order(&labels, 7, 1),
-                s.epoch_order(&labels, 7, 2),
-                "epochs are shuffled differently"
-            );
+            assert_ne!(s.epoch_order(&labels, 7, 1), s.epoch_order(&labels, 7, 2), "epochs are shuffled differently");
         }
-        let s = Sampler {
-            batch_size: 10,
-            drop_last: true,
-            classes_per_batch: 0,
-            seed: 3,
-        };
+        let s = Sampler { batch_size: 10, drop_last: true, classes_per_batch: 0, seed: 3 };
         assert_eq!(s.epoch_order(&labels, 7, 1).len(), 10);
     }
 
     #[test]
     fn class_grouped_batches_hold_few_classes() {
         let labels: Vec<i64> = (0..1000).map(|i| i % 10).collect();
-        let s = Sampler {
-            batch_size: 20,
-            drop_last: false,
-            classes_per_batch: 2,
-            seed: 3,
-        };
+        let s = Sampler { batch_size: 20, drop_last: false, classes_per_batch: 2, seed: 3 };
         let batches = s.epoch_order(&labels, 10, 1);
         let few = batches
             .iter()
@@ -427,10 +362,51 @@ mod tests {
                 c.len() <= 2
             })
             .count();
-        assert!(
-            few >= batches.len() * 9 / 10,
-            "{few} of {} batches hold at most 2 classes",
-            batches.len()
-        );
+        assert!(few >= batches.len() * 9 / 10, "{few} of {} batches hold at most 2 classes", batches.len());
+    }
+
+    fn source(seed: u64) -> BatchSource {
+        let n = 300;
+        let images =
+            Tensor::arange(n * 64, (Kind::Int64, Device::Cpu)).remainder(251).to_kind(Kind::Uint8).view([n, 1, 8, 8]);
+        let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(10);
+        let set = Dataset { images, labels, num_classes: 10 };
+        let t = Transform { crop_padding: 2, flip: true, cutout_holes: 1, cutout_length: 3, ..plain() };
+        BatchSource::training(set, t, Sampler { batch_size: 32, drop_last: false, classes_per_batch: 0, seed })
+    }
+
+    #[test]
+    fn a_batch_is_a_pure_function_of_seed_epoch_and_index() {
+        let mut uninterrupted = source(5);
+        let mut seen = Vec::new();
+        for epoch in 1..=2 {
+            for i in 0..uninterrupted.batches_per_epoch() {
+                seen.push(uninterrupted.batch(epoch, i));
+            }
+        }
+        // a resumed source asked for batch 4 of epoch 2 directly
+        let mut resumed = source(5);
+        let b = resumed.batch(2, 4);
+        let same = &seen[uninterrupted.batches_per_epoch() + 4];
+        assert!(b.images.equal(&same.images) && b.labels.equal(&same.labels));
+        assert!(!source(6).batch(2, 4).images.equal(&b.images), "another seed, other batches");
+    }
+
+    #[test]
+    fn validation_split_is_seeded_and_disjoint() {
+        let n = 100;
+        let images = Tensor::arange(n, (Kind::Int64, Device::Cpu)).to_kind(Kind::Uint8).view([n, 1, 1, 1]);
+        let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(10);
+        let set = || Dataset { images: images.copy(), labels: labels.copy(), num_classes: 10 };
+        let (train, val) = set().split_validation(20, 3).unwrap();
+        let val = val.unwrap();
+        assert_eq!((train.len(), val.len()), (80, 20));
+        let mut ids: Vec<i64> = Vec::<i64>::try_from(&train.images.view([-1]).to_kind(Kind::Int64)).unwrap();
+        ids.extend(Vec::<i64>::try_from(&val.images.view([-1]).to_kind(Kind::Int64)).unwrap());
+        ids.sort();
+        assert_eq!(ids, (0..100).collect::<Vec<_>>());
+        let (_, again) = set().split_validation(20, 3).unwrap();
+        assert!(again.unwrap().images.equal(&val.images));
+        assert!(set().split_validation(100, 3).is_err());
     }
 }

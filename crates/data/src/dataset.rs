@@ -4,7 +4,7 @@ use rand::seq::SliceRandom;
 use tch::{Kind, Tensor};
 
 use crate::config::{DataConfig, DatasetKind};
-use crate::{idx, DataError, Result};
+use crate::{cifar, folder, idx, stl10, svhn, DataError, Result};
 
 #[derive(Debug)]
 pub struct Dataset {
@@ -69,11 +69,7 @@ impl Dataset {
         if images.dim() != 4 || images.kind() != Kind::Uint8 {
             return Err(DataError::file(
                 source,
-                format!(
-                    "expected uint8 images N x C x H x W, got {:?} {:?}",
-                    images.kind(),
-                    images.size()
-                ),
+                format!("expected uint8 images N x C x H x W, got {:?} {:?}", images.kind(), images.size()),
             ));
         }
         if images.size()[0] != labels.size()[0] {
@@ -87,19 +83,11 @@ impl Dataset {
             if min < 0 || max >= num_classes {
                 return Err(DataError::file(
                     source,
-                    format!(
-                        "label {} out of range: expected 0..{}",
-                        if min < 0 { min } else { max },
-                        num_classes - 1
-                    ),
+                    format!("label {} out of range: expected 0..{}", if min < 0 { min } else { max }, num_classes - 1),
                 ));
             }
         }
-        Ok(Self {
-            images,
-            labels,
-            num_classes,
-        })
+        Ok(Self { images, labels, num_classes })
     }
 }
 
@@ -116,23 +104,15 @@ pub struct Splits {
 pub fn load(config: &DataConfig) -> Result<Splits> {
     let root = config.root();
     if !root.is_dir() {
-        return Err(DataError::file(
-            &root,
-            format!("data root of {:?} not found: expected a folder", config.dataset),
-        ));
+        return Err(DataError::file(&root, format!("data root of {:?} not found: expected a folder", config.dataset)));
     }
     let (train, test) = match config.dataset {
         DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Kmnist => idx::load_splits(&root)?,
-        other => {
-            return Err(DataError::Config(format!(
-                "data.dataset: {other:?} is not readable yet"
-            )))
-        }
+        DatasetKind::Cifar10 => cifar::load_cifar10(&root)?,
+        DatasetKind::Cifar100 => cifar::load_cifar100(&root, config.cifar100_labels)?,
+        DatasetKind::Svhn => svhn::load(&root, config.svhn_extra)?,
+        DatasetKind::Stl10 => stl10::load(&root)?,
+        DatasetKind::ImageFolder => folder::load(&root, config.image_size, config.image_channels)?,
     };
-    Ok(Splits {
-        train,
-        test,
-        validation: None,
-        kind: config.dataset,
-    })
+    Ok(Splits { train, test, validation: None, kind: config.dataset })
 }

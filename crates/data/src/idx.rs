@@ -17,10 +17,7 @@ const UBYTE: u8 = 0x08;
 
 /// Reads a whole file, inflating it when it starts with the gzip magic.
 pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let raw = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::with_capacity(raw.len() * 4);
         GzDecoder::new(&raw[..])
@@ -38,10 +35,7 @@ pub fn parse(bytes: &[u8], dims: usize, path: &Path) -> Result<(Vec<usize>, Vec<
     if bytes.len() < header_len {
         return Err(DataError::file(
             path,
-            format!(
-                "truncated: {} bytes, expected an IDX header of {header_len}",
-                bytes.len()
-            ),
+            format!("truncated: {} bytes, expected an IDX header of {header_len}", bytes.len()),
         ));
     }
     let magic = &bytes[..4];
@@ -54,23 +48,15 @@ pub fn parse(bytes: &[u8], dims: usize, path: &Path) -> Result<(Vec<usize>, Vec<
             ),
         ));
     }
-    let shape: Vec<usize> = (0..dims)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
-        .collect();
+    let shape: Vec<usize> =
+        (0..dims).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
     let expected: usize = shape.iter().product();
     let data = &bytes[header_len..];
     if data.len() != expected {
-        let kind = if data.len() < expected {
-            "truncated"
-        } else {
-            "trailing bytes"
-        };
+        let kind = if data.len() < expected { "truncated" } else { "trailing bytes" };
         return Err(DataError::file(
             path,
-            format!(
-                "{kind}: {} data bytes, expected {expected} for shape {shape:?}",
-                data.len()
-            ),
+            format!("{kind}: {} data bytes, expected {expected} for shape {shape:?}", data.len()),
         ));
     }
     Ok((shape, data.to_vec()))
@@ -78,16 +64,12 @@ pub fn parse(bytes: &[u8], dims: usize, path: &Path) -> Result<(Vec<usize>, Vec<
 
 /// The first of `name.gz` and `name` that exists in `root`.
 fn find(root: &Path, name: &str) -> Result<PathBuf> {
-    [format!("{name}.gz"), name.to_string()]
-        .into_iter()
-        .map(|n| root.join(n))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            DataError::file(
-                root.join(format!("{name}.gz")),
-                format!("missing: expected {name}.gz or {name} in this folder"),
-            )
-        })
+    [format!("{name}.gz"), name.to_string()].into_iter().map(|n| root.join(n)).find(|p| p.is_file()).ok_or_else(|| {
+        DataError::file(
+            root.join(format!("{name}.gz")),
+            format!("missing: expected {name}.gz or {name} in this folder"),
+        )
+    })
 }
 
 /// Reads one split (`train` or `t10k`) of an MNIST-like data set with 10 classes.
@@ -99,19 +81,11 @@ pub fn load_split(root: &Path, prefix: &str) -> Result<Dataset> {
     if shape[0] != lshape[0] {
         return Err(DataError::file(
             &labels_path,
-            format!(
-                "{} labels, expected {} to match {}",
-                lshape[0],
-                shape[0],
-                images_path.display()
-            ),
+            format!("{} labels, expected {} to match {}", lshape[0], shape[0], images_path.display()),
         ));
     }
     if let Some(bad) = labels.iter().find(|&&l| l > 9) {
-        return Err(DataError::file(
-            &labels_path,
-            format!("label {bad} out of range: expected 0..9"),
-        ));
+        return Err(DataError::file(&labels_path, format!("label {bad} out of range: expected 0..9")));
     }
     let (n, h, w) = (shape[0] as i64, shape[1] as i64, shape[2] as i64);
     let images = Tensor::from_slice(&pixels).view([n, 1, h, w]);
@@ -153,13 +127,8 @@ mod tests {
             gz,
         )
         .unwrap();
-        write(
-            &dir.join(format!("{prefix}-labels-idx1-ubyte{}", if gz { ".gz" } else { "" })),
-            &[n],
-            &labels,
-            gz,
-        )
-        .unwrap();
+        write(&dir.join(format!("{prefix}-labels-idx1-ubyte{}", if gz { ".gz" } else { "" })), &[n], &labels, gz)
+            .unwrap();
     }
 
     #[test]

@@ -6,9 +6,13 @@
 //! is an error, never a silently smaller one.
 
 pub mod batches;
+pub mod cifar;
 pub mod config;
 pub mod dataset;
+pub mod folder;
 pub mod idx;
+pub mod stl10;
+pub mod svhn;
 
 pub use config::{DataConfig, DatasetKind};
 pub use dataset::{Dataset, Splits};
@@ -31,10 +35,7 @@ pub enum DataError {
 
 impl DataError {
     pub fn file(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
-        DataError::File {
-            path: path.into(),
-            what: what.into(),
-        }
+        DataError::File { path: path.into(), what: what.into() }
     }
 }
 

@@ -92,11 +92,7 @@ pub struct PipelineConfig {
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        Self {
-            mode: PipelineMode::Pipelined,
-            placement: Placement::Named("auto".into()),
-            channel_capacity: 2,
-        }
+        Self { mode: PipelineMode::Pipelined, placement: Placement::Named("auto".into()), channel_capacity: 2 }
     }
 }
 
@@ -113,11 +109,7 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self {
-            every_steps: 0,
-            every_epochs: 1,
-            keep: 2,
-        }
+        Self { every_steps: 0, every_epochs: 1, keep: 2 }
     }
 }
 
@@ -134,18 +126,13 @@ pub fn set_path(doc: &mut Value, path: &str, value: &str) -> Result<()> {
     }
     for (i, part) in parts.iter().enumerate() {
         let Value::Object(map) = node else {
-            return Err(EngineError::Config(format!(
-                "--set {path}: {} is not an object",
-                parts[..i].join(".")
-            )));
+            return Err(EngineError::Config(format!("--set {path}: {} is not an object", parts[..i].join("."))));
         };
         if i == parts.len() - 1 {
             map.insert(part.to_string(), parsed);
             return Ok(());
         }
-        node = map
-            .entry(part.to_string())
-            .or_insert_with(|| Value::Object(Default::default()));
+        node = map.entry(part.to_string()).or_insert_with(|| Value::Object(Default::default()));
     }
     unreachable!()
 }
@@ -170,9 +157,8 @@ impl RunConfig {
         let mut doc: Value = serde_json::from_str(&text)
             .map_err(|e| EngineError::Config(format!("{}: not valid JSON: {e}", path.display())))?;
         for o in overrides {
-            let (k, v) = o
-                .split_once('=')
-                .ok_or_else(|| EngineError::Config(format!("--set {o}: expected KEY=VALUE")))?;
+            let (k, v) =
+                o.split_once('=').ok_or_else(|| EngineError::Config(format!("--set {o}: expected KEY=VALUE")))?;
             set_path(&mut doc, k.trim(), v.trim())?;
         }
         Self::from_value(doc, &path.display().to_string())
@@ -186,16 +172,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_by_path() {
-        let e = RunConfig::from_value(json!({"train": {"epoch": 3}}), "job.json")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("job.json") && e.contains("train.epoch") && e.contains("unknown field"),
-            "{e}"
-        );
-        let e = RunConfig::from_value(json!({"model": {"nonlin": "tanh"}}), "job.json")
-            .unwrap_err()
-            .to_string();
+        let e = RunConfig::from_value(json!({"train": {"epoch": 3}}), "job.json").unwrap_err().to_string();
+        assert!(e.contains("job.json") && e.contains("train.epoch") && e.contains("unknown field"), "{e}");
+        let e = RunConfig::from_value(json!({"model": {"nonlin": "tanh"}}), "job.json").unwrap_err().to_string();
         assert!(e.contains("model.nonlin") && e.contains("relu"), "{e}");
     }
 
@@ -214,17 +193,11 @@ mod tests {
 
     #[test]
     fn placement_is_a_name_or_a_list_of_stages() {
-        let c = RunConfig::from_value(
-            json!({"pipeline": {"placement": [{"layers": [0, 1], "device": "cpu"}]}}),
-            "x",
-        )
-        .unwrap();
+        let c = RunConfig::from_value(json!({"pipeline": {"placement": [{"layers": [0, 1], "device": "cpu"}]}}), "x")
+            .unwrap();
         assert_eq!(
             c.pipeline.placement,
-            Placement::Stages(vec![StageSpec {
-                layers: vec![0, 1],
-                device: "cpu".into()
-            }])
+            Placement::Stages(vec![StageSpec { layers: vec![0, 1], device: "cpu".into() }])
         );
     }
 }

@@ -71,25 +71,18 @@ struct Data {
 
 fn eval_batches(source: &mut BatchSource, limit: Option<usize>) -> Vec<(Tensor, Tensor)> {
     let n = source.batches_per_epoch().min(limit.unwrap_or(usize::MAX));
-    (0..n)
-        .map(|i| source.batch(1, i))
-        .map(|b| (b.images, b.labels))
-        .collect()
+    (0..n).map(|i| source.batch(1, i)).map(|b| (b.images, b.labels)).collect()
 }
 
 fn load_data(config: &RunConfig) -> Result<Data> {
     let splits = dataset::load(&config.data)?;
     let (c, h, w) = splits.train.image_shape();
     if h != w {
-        return Err(EngineError::Config(format!(
-            "data: images are {h}x{w}; expected square images"
-        )));
+        return Err(EngineError::Config(format!("data: images are {h}x{w}; expected square images")));
     }
     let transform = Transform::from_config(&config.data, c)?;
     let num_classes = splits.train.num_classes;
-    let (train, validation) = splits
-        .train
-        .split_validation(config.data.validation_size, config.train.seed)?;
+    let (train, validation) = splits.train.split_validation(config.data.validation_size, config.train.seed)?;
     let sampler = Sampler {
         batch_size: config.train.batch_size,
         drop_last: config.data.drop_last,
@@ -99,10 +92,7 @@ fn load_data(config: &RunConfig) -> Result<Data> {
     let eb = config.train.eval_batch_size;
     let mut test = BatchSource::evaluation(splits.test, transform.clone(), eb);
     let validation = match validation {
-        Some(v) => eval_batches(
-            &mut BatchSource::evaluation(v, transform.clone(), eb),
-            config.train.eval_batches,
-        ),
+        Some(v) => eval_batches(&mut BatchSource::evaluation(v, transform.clone(), eb), config.train.eval_batches),
         None => vec![],
     };
     Ok(Data {
@@ -121,10 +111,7 @@ fn validate(config: &RunConfig) -> Result<()> {
         return bad("train.epochs", "expected at least 1");
     }
     if t.batch_size == 0 || t.eval_batch_size == 0 {
-        return bad(
-            "train.batch_size",
-            "expected at least 1 (and train.eval_batch_size too)",
-        );
+        return bad("train.batch_size", "expected at least 1 (and train.eval_batch_size too)");
     }
     if t.steps_per_epoch == Some(0) {
         return bad("train.steps_per_epoch", "expected at least 1, or leave it out");
@@ -149,10 +136,7 @@ fn measure_layers(config: &RunConfig, arch: &Architecture, device: Device) -> Ve
     let labels = Tensor::zeros([b], (Kind::Int64, device));
     let projection = label_projection(&config.model, arch, config.train.seed);
     let targets = Targets::new(&labels.to_device(Device::Cpu), arch.num_classes, projection.as_ref()).to_device(device);
-    let mut x = Tensor::randn(
-        [b, arch.input.channels, arch.input.size, arch.input.size],
-        (Kind::Float, device),
-    );
+    let mut x = Tensor::randn([b, arch.input.channels, arch.input.size, arch.input.size], (Kind::Float, device));
     let mut costs = Vec::new();
     for block in blocks.iter_mut() {
         let mut best = f64::INFINITY;
@@ -177,25 +161,35 @@ fn measure_layers(config: &RunConfig, arch: &Architecture, device: Device) -> Ve
     costs
 }
 
-/// The stream of training batches, produced ahead on a thread of its own.
-fn spawn_loader(
-    mut source: BatchSource,
-    epochs: usize,
-    steps: usize,
-    num_classes: i64,
-    projection: Option<Tensor>,
-    prefetch: usize,
-) -> (Receiver<(Tensor, Targets)>, JoinHandle<()>) {
-    let (tx, rx) = bounded(prefetch.max(1));
+/// The stream of training batches from `start` = (epoch, batch index) on, produced ahead on
+/// a thread of its own and left on `device` (stage 0's), with their targets.
+pub struct LoaderPlan {
+    pub start: (usize, usize),
+    pub epochs: usize,
+    pub steps: usize,
+    pub num_classes: i64,
+    pub projection: Option<Tensor>,
+    pub prefetch: usize,
+    pub device: Device,
+}
+
+fn spawn_loader(mut source: BatchSource, plan: LoaderPlan) -> (Receiver<(Tensor, Targets)>, JoinHandle<()>) {
+    let (tx, rx) = bounded(plan.prefetch.max(1));
     let handle = std::thread::Builder::new()
         .name("loader".into())
         .spawn(move || {
             tch::set_num_threads(1);
-            for epoch in 1..=epochs {
-                for index in 0..steps {
+            let (first_epoch, first_index) = plan.start;
+            for epoch in first_epoch..=plan.epochs {
+                let from = if epoch == first_epoch { first_index } else { 0 };
+                for index in from..plan.steps {
                     let batch = source.batch(epoch, index);
-                    let targets = Targets::new(&batch.labels, num_classes, projection.as_ref());
-                    if tx.send((batch.images, targets)).is_err() {
+                    let targets = Targets::new(&batch.labels, plan.num_classes, plan.projection.as_ref());
+                    let images = match plan.device {
+                        Device::Cpu => batch.images,
+                        d => batch.images.pin_memory(d).to_device_(d, Kind::Float, true, false),
+                    };
+                    if tx.send((images, targets.to_device(plan.device))).is_err() {
                         return;
                     }
                 }
@@ -207,13 +201,8 @@ fn spawn_loader(
 
 /// Where messages go: a thread per stage, or all stages in this thread.
 enum Pipeline {
-    Threads {
-        head: Box<dyn LinkSender>,
-        workers: Vec<JoinHandle<Stage>>,
-    },
-    Inline {
-        stages: Vec<Stage>,
-    },
+    Threads { head: Box<dyn LinkSender>, workers: Vec<JoinHandle<Stage>> },
+    Inline { stages: Vec<Stage> },
 }
 
 impl Pipeline {
@@ -273,14 +262,9 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
     let num_layers = arch.hidden.len() + 1;
     let cuda_count = tch::Cuda::device_count().max(0) as usize;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let plan = resolve(
-        &config.pipeline.placement,
-        num_layers,
-        config.model.training,
-        cuda_count,
-        cores,
-        |d| measure_layers(config, &arch, d),
-    )?;
+    let plan = resolve(&config.pipeline.placement, num_layers, config.model.training, cuda_count, cores, |d| {
+        measure_layers(config, &arch, d)
+    })?;
 
     let seed = config.train.seed;
     let devices: Vec<Device> = plan.iter().flat_map(|p| p.devices.clone()).collect();
@@ -297,10 +281,7 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
         config.model.training,
         config.model.loss,
         plan.len(),
-        plan.iter()
-            .map(|p| format!("{:?}@{}", p.layers, device_name(p.device())))
-            .collect::<Vec<_>>()
-            .join(" ")
+        plan.iter().map(|p| format!("{:?}@{}", p.layers, device_name(p.device()))).collect::<Vec<_>>().join(" ")
     );
 
     let (report_tx, reports) = unbounded();
@@ -310,11 +291,7 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
     for p in &plan {
         let n_hidden = p.layers.iter().filter(|&&l| l < num_layers - 1).count();
         let mine: Vec<_> = blocks.by_ref().take(n_hidden).collect();
-        let out = if p.layers.contains(&(num_layers - 1)) {
-            output.take()
-        } else {
-            None
-        };
+        let out = if p.layers.contains(&(num_layers - 1)) { output.take() } else { None };
         stages.push(Stage::new(
             p.index,
             p.device(),
@@ -353,28 +330,23 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
                         .map_err(|e| EngineError::Other(format!("cannot start stage {i}: {e}")))?,
                 );
             }
-            Pipeline::Threads {
-                head: Box::new(head),
-                workers,
-            }
+            Pipeline::Threads { head: Box::new(head), workers }
         }
     };
 
-    let steps = config
-        .train
-        .steps_per_epoch
-        .map_or(data.train.batches_per_epoch(), |s| {
-            s.min(data.train.batches_per_epoch())
-        });
+    let steps =
+        config.train.steps_per_epoch.map_or(data.train.batches_per_epoch(), |s| s.min(data.train.batches_per_epoch()));
     let train_examples = data.train.len();
-    let (batches, loader) = spawn_loader(
-        data.train,
-        config.train.epochs,
+    let loader_plan = LoaderPlan {
+        start: (1, 0),
+        epochs: config.train.epochs,
         steps,
-        data.num_classes,
+        num_classes: data.num_classes,
         projection,
-        config.data.prefetch,
-    );
+        prefetch: config.data.prefetch,
+        device: plan[0].devices[0],
+    };
+    let (batches, loader) = spawn_loader(data.train, loader_plan);
     let result = train_epochs(
         config,
         dir,
@@ -397,28 +369,17 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
     for s in &stages {
         for b in &s.blocks {
             state.extend(
-                b.state()
-                    .into_iter()
-                    .map(|(n, t)| (format!("layers.{}.{n}", b.index), t.to_device(Device::Cpu))),
+                b.state().into_iter().map(|(n, t)| (format!("layers.{}.{n}", b.index), t.to_device(Device::Cpu))),
             );
         }
         if let Some(o) = &s.output {
-            state.extend(
-                o.state()
-                    .into_iter()
-                    .map(|(n, t)| (format!("output.{n}"), t.to_device(Device::Cpu))),
-            );
+            state.extend(o.state().into_iter().map(|(n, t)| (format!("output.{n}"), t.to_device(Device::Cpu))));
         }
     }
     if state.is_empty() || stage_layers.iter().map(|l| l.len()).sum::<usize>() != num_layers {
         return Err(EngineError::Other("a stage did not come back from its thread".into()));
     }
-    Ok(RunSummary {
-        epochs,
-        state,
-        plan,
-        parameter_count: arch.parameter_count(config.model.batch_norm),
-    })
+    Ok(RunSummary { epochs, state, plan, parameter_count: arch.parameter_count(config.model.batch_norm) })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -441,31 +402,16 @@ fn train_epochs(
         let start = Instant::now();
         pipeline.feed(Message::SetLr { lr }, reports)?;
         for index in 0..steps {
-            let (input, targets) = batches
-                .recv()
-                .map_err(|_| EngineError::Other("the data loader stopped".into()))?;
+            let (input, targets) = batches.recv().map_err(|_| EngineError::Other("the data loader stopped".into()))?;
             step += 1;
-            pipeline.feed(
-                Message::Train {
-                    epoch,
-                    step,
-                    input,
-                    targets,
-                },
-                reports,
-            )?;
+            pipeline.feed(Message::Train { epoch, step, input, targets }, reports)?;
             if let Some(f) = options.on_step.as_mut() {
                 f(epoch, index + 1, steps);
             }
         }
         for (set, batches) in [(EvalSet::Test, test), (EvalSet::Validation, validation)] {
             for (index, (x, y)) in batches.iter().enumerate() {
-                let msg = Message::Eval {
-                    set,
-                    index,
-                    input: x.shallow_clone(),
-                    labels: y.shallow_clone(),
-                };
+                let msg = Message::Eval { set, index, input: x.shallow_clone(), labels: y.shallow_clone() };
                 pipeline.feed(msg, reports)?;
             }
         }
@@ -508,14 +454,7 @@ fn collect_epoch(
     let wall = start.elapsed().as_secs_f64();
     let (mut wrong, mut count, mut loss_sum) = ([0i64; 2], [0i64; 2], 0.0);
     for r in &evals {
-        if let Report::Eval {
-            set,
-            wrong: w,
-            count: c,
-            loss_sum: l,
-            ..
-        } = r
-        {
+        if let Report::Eval { set, wrong: w, count: c, loss_sum: l, .. } = r {
             let k = (*set == EvalSet::Validation) as usize;
             wrong[k] += w;
             count[k] += c;
@@ -529,24 +468,10 @@ fn collect_epoch(
     let (mut train_loss, mut train_error, mut train_done) = (f64::NAN, f64::NAN, start);
     let mut train_examples = 0;
     for r in &stats {
-        if let Report::EpochStats {
-            stage,
-            layers: ls,
-            output,
-            timing,
-            train_done: done,
-            ..
-        } = r
-        {
+        if let Report::EpochStats { stage, layers: ls, output, timing, train_done: done, .. } = r {
             layers.extend(ls.iter().map(|l| LayerMetrics::from_report(l, *stage)));
             let p = &plan[*stage];
-            stages.push(StageMetrics::from_timing(
-                *stage,
-                device_name(p.device()),
-                p.layers.clone(),
-                timing,
-                wall,
-            ));
+            stages.push(StageMetrics::from_timing(*stage, device_name(p.device()), p.layers.clone(), timing, wall));
             if let Some((loss, err)) = output {
                 train_loss = *loss;
                 train_error = *err;
@@ -565,18 +490,10 @@ fn collect_epoch(
         lr,
         train_loss,
         train_error,
-        test_loss: if count[0] > 0 {
-            loss_sum / count[0] as f64
-        } else {
-            f64::NAN
-        },
+        test_loss: if count[0] > 0 { loss_sum / count[0] as f64 } else { f64::NAN },
         test_error: pct(wrong[0], count[0]),
         validation_error: (count[1] > 0).then(|| pct(wrong[1], count[1])),
-        images_per_sec: if train_seconds > 0.0 {
-            train_examples as f64 / train_seconds
-        } else {
-            0.0
-        },
+        images_per_sec: if train_seconds > 0.0 { train_examples as f64 / train_seconds } else { 0.0 },
         train_seconds,
         epoch_seconds: wall,
         layers,
@@ -585,11 +502,7 @@ fn collect_epoch(
 }
 
 fn log_epoch(m: &EpochMetrics) {
-    let utilisation: Vec<String> = m
-        .stages
-        .iter()
-        .map(|s| format!("{:.0}%", 100.0 * s.utilisation))
-        .collect();
+    let utilisation: Vec<String> = m.stages.iter().map(|s| format!("{:.0}%", 100.0 * s.utilisation)).collect();
     tracing::info!(
         epoch = m.epoch,
         lr = m.lr,

@@ -16,19 +16,9 @@ pub enum EvalSet {
 #[derive(Debug)]
 pub enum Message {
     /// A training batch: each stage trains its layers on it and sends their output on.
-    Train {
-        epoch: usize,
-        step: u64,
-        input: Tensor,
-        targets: Targets,
-    },
+    Train { epoch: usize, step: u64, input: Tensor, targets: Targets },
     /// An evaluation batch: forward in eval mode; the last stage reports the errors.
-    Eval {
-        set: EvalSet,
-        index: usize,
-        input: Tensor,
-        labels: Tensor,
-    },
+    Eval { set: EvalSet, index: usize, input: Tensor, labels: Tensor },
     /// New learning rate for every optimizer, from the next training batch on.
     SetLr { lr: f64 },
     /// The epoch's last batch has passed: report statistics and reset them.

@@ -167,11 +167,7 @@ pub fn resolve(
         // device its stage named, run one after the other.
         let layers = (0..num_layers).collect();
         let devices = plans.iter().flat_map(|p| p.devices.clone()).collect();
-        plans = vec![StagePlan {
-            index: 0,
-            layers,
-            devices,
-        }];
+        plans = vec![StagePlan { index: 0, layers, devices }];
     }
     Ok(plans)
 }
@@ -190,73 +186,34 @@ mod tests {
 
     #[test]
     fn auto_on_cpu_splits_by_measured_cost_into_one_stage_per_core() {
-        let plans = resolve(&Placement::Named("auto".into()), 4, Training::Local, 0, 2, |_| {
-            vec![5.0, 1.0, 1.0, 1.0]
-        })
-        .unwrap();
-        assert_eq!(
-            plans.iter().map(|p| p.layers.clone()).collect::<Vec<_>>(),
-            vec![vec![0], vec![1, 2, 3]]
-        );
+        let plans =
+            resolve(&Placement::Named("auto".into()), 4, Training::Local, 0, 2, |_| vec![5.0, 1.0, 1.0, 1.0]).unwrap();
+        assert_eq!(plans.iter().map(|p| p.layers.clone()).collect::<Vec<_>>(), vec![vec![0], vec![1, 2, 3]]);
     }
 
     #[test]
     fn explicit_stages_must_cover_all_layers_in_order_on_present_devices() {
         let stages = |v: Vec<(Vec<usize>, &str)>| {
-            Placement::Stages(
-                v.into_iter()
-                    .map(|(layers, d)| StageSpec {
-                        layers,
-                        device: d.into(),
-                    })
-                    .collect(),
-            )
+            Placement::Stages(v.into_iter().map(|(layers, d)| StageSpec { layers, device: d.into() }).collect())
         };
-        let ok = resolve(
-            &stages(vec![(vec![0, 1], "cpu"), (vec![2], "cpu")]),
-            3,
-            Training::Local,
-            0,
-            2,
-            |_| vec![],
-        )
-        .unwrap();
+        let ok = resolve(&stages(vec![(vec![0, 1], "cpu"), (vec![2], "cpu")]), 3, Training::Local, 0, 2, |_| vec![])
+            .unwrap();
         assert_eq!(ok.len(), 2);
-        let e = resolve(&stages(vec![(vec![0, 2], "cpu")]), 3, Training::Local, 0, 2, |_| vec![])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("placement[0].layers[1]") && e.contains("expected layer 1"),
-            "{e}"
-        );
-        let e = resolve(&stages(vec![(vec![0, 1], "cpu")]), 3, Training::Local, 0, 2, |_| vec![])
-            .unwrap_err()
-            .to_string();
+        let e =
+            resolve(&stages(vec![(vec![0, 2], "cpu")]), 3, Training::Local, 0, 2, |_| vec![]).unwrap_err().to_string();
+        assert!(e.contains("placement[0].layers[1]") && e.contains("expected layer 1"), "{e}");
+        let e =
+            resolve(&stages(vec![(vec![0, 1], "cpu")]), 3, Training::Local, 0, 2, |_| vec![]).unwrap_err().to_string();
         assert!(e.contains("not placed"), "{e}");
-        let e = resolve(
-            &stages(vec![(vec![0, 1, 2], "cuda:1")]),
-            3,
-            Training::Local,
-            1,
-            2,
-            |_| vec![],
-        )
-        .unwrap_err()
-        .to_string();
+        let e = resolve(&stages(vec![(vec![0, 1, 2], "cuda:1")]), 3, Training::Local, 1, 2, |_| vec![])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("placement[0].device") && e.contains("1 CUDA device"), "{e}");
     }
 
     #[test]
     fn global_modes_run_as_one_stage_spread_over_the_named_devices() {
-        let plans = resolve(
-            &Placement::Named("per_layer".into()),
-            3,
-            Training::Backprop,
-            0,
-            2,
-            |_| vec![],
-        )
-        .unwrap();
+        let plans = resolve(&Placement::Named("per_layer".into()), 3, Training::Backprop, 0, 2, |_| vec![]).unwrap();
         assert_eq!(plans.len(), 1);
         assert_eq!(plans[0].layers, vec![0, 1, 2]);
     }

@@ -37,10 +37,7 @@ pub struct RunDir {
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
     let mut f = std::fs::File::create(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
     f.write_all(bytes).map_err(|e| EngineError::io(&tmp, e))?;
     f.sync_all().map_err(|e| EngineError::io(&tmp, e))?;
@@ -54,17 +51,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl RunDir {
     pub fn create(path: &Path) -> Result<Self> {
         std::fs::create_dir_all(path).map_err(|e| EngineError::io(path, e))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-        })
+        Ok(Self { path: path.to_path_buf() })
     }
 
     pub fn write_config(&self, config: &RunConfig) -> Result<()> {
@@ -73,17 +66,8 @@ impl RunDir {
     }
 
     pub fn set_status(&self, state: RunState, reason: &str, epoch: usize, step: u64) -> Result<()> {
-        let s = Status {
-            state,
-            reason: reason.to_string(),
-            epoch,
-            step,
-            updated: now(),
-        };
-        write_atomic(
-            &self.path.join("status.json"),
-            serde_json::to_string_pretty(&s).unwrap().as_bytes(),
-        )
+        let s = Status { state, reason: reason.to_string(), epoch, step, updated: now() };
+        write_atomic(&self.path.join("status.json"), serde_json::to_string_pretty(&s).unwrap().as_bytes())
     }
 
     pub fn status(&self) -> Option<Status> {
@@ -98,11 +82,8 @@ impl RunDir {
     /// Appends one JSON object as a line and syncs it.
     pub fn append_metrics(&self, line: &serde_json::Value) -> Result<()> {
         let path = self.metrics_path();
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| EngineError::io(&path, e))?;
+        let mut f =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| EngineError::io(&path, e))?;
         writeln!(f, "{line}").map_err(|e| EngineError::io(&path, e))?;
         f.sync_data().map_err(|e| EngineError::io(&path, e))
     }

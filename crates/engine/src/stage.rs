@@ -89,12 +89,7 @@ impl Stage {
     }
 
     fn fail(&self, layer: Option<usize>, step: Option<u64>, reason: impl Into<String>) -> StageFailure {
-        StageFailure {
-            stage: self.index,
-            layer,
-            step,
-            reason: reason.into(),
-        }
+        StageFailure { stage: self.index, layer, step, reason: reason.into() }
     }
 
     /// [`Stage::handle`], with the time it takes counted as busy.
@@ -109,12 +104,7 @@ impl Stage {
     pub fn handle(&mut self, msg: Message) -> Handled {
         let is_last = self.output.is_some();
         match msg {
-            Message::Train {
-                epoch,
-                step,
-                input,
-                targets,
-            } => {
+            Message::Train { epoch, step, input, targets } => {
                 let x = input.to_device(self.device);
                 let targets = targets.to_device(self.device);
                 let out = if matches!(self.training, Training::Backprop | Training::LocalGlobal) {
@@ -123,19 +113,9 @@ impl Stage {
                     self.train_local_step(x, &targets, step)?
                 };
                 self.timing.train_examples += targets.labels.size()[0] as u64;
-                Ok((!is_last).then(|| Message::Train {
-                    epoch,
-                    step,
-                    input: out,
-                    targets,
-                }))
+                Ok((!is_last).then(|| Message::Train { epoch, step, input: out, targets }))
             }
-            Message::Eval {
-                set,
-                index,
-                input,
-                labels,
-            } => {
+            Message::Eval { set, index, input, labels } => {
                 self.mark_train_done();
                 let x = input.to_device(self.device);
                 let out = self.guard(None, None, |s| {
@@ -147,29 +127,13 @@ impl Stage {
                 })?;
                 if is_last {
                     let labels = labels.to_device(out.device());
-                    let wrong = out
-                        .argmax(1, false)
-                        .ne_tensor(&labels)
-                        .sum(Kind::Int64)
-                        .int64_value(&[]);
-                    let loss_sum = out
-                        .cross_entropy_loss(&labels, None::<Tensor>, Reduction::Sum, -100, 0.0)
-                        .double_value(&[]);
-                    let _ = self.reports.send(Report::Eval {
-                        set,
-                        index,
-                        wrong,
-                        count: labels.size()[0],
-                        loss_sum,
-                    });
+                    let wrong = out.argmax(1, false).ne_tensor(&labels).sum(Kind::Int64).int64_value(&[]);
+                    let loss_sum =
+                        out.cross_entropy_loss(&labels, None::<Tensor>, Reduction::Sum, -100, 0.0).double_value(&[]);
+                    let _ = self.reports.send(Report::Eval { set, index, wrong, count: labels.size()[0], loss_sum });
                     Ok(None)
                 } else {
-                    Ok(Some(Message::Eval {
-                        set,
-                        index,
-                        input: out,
-                        labels,
-                    }))
+                    Ok(Some(Message::Eval { set, index, input: out, labels }))
                 }
             }
             Message::SetLr { lr } => {
@@ -208,12 +172,7 @@ impl Stage {
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "panicked".into());
             let reason = reason.lines().next().unwrap_or("panicked").to_string();
-            StageFailure {
-                stage: self.index,
-                layer,
-                step,
-                reason,
-            }
+            StageFailure { stage: self.index, layer, step, reason }
         })
     }
 
@@ -258,9 +217,7 @@ impl Stage {
             let layer = self.blocks[i].index;
             let out = self.guard(Some(layer), Some(step), |s| {
                 let x = s.inject(layer, step, x)?;
-                s.blocks[i]
-                    .train_local(&x, targets)
-                    .map_err(|e| s.fail(Some(layer), Some(step), e.to_string()))
+                s.blocks[i].train_local(&x, targets).map_err(|e| s.fail(Some(layer), Some(step), e.to_string()))
             })??;
             self.check_finite(&out.loss, layer, step)?;
             x = out.output;
@@ -323,14 +280,7 @@ impl Stage {
         timing.queue_depth /= self.depth_samples.max(1) as f64;
         self.depth_samples = 0;
         let train_done = self.train_done.take().unwrap_or_else(Instant::now);
-        let _ = self.reports.send(Report::EpochStats {
-            epoch,
-            stage: self.index,
-            layers,
-            output,
-            timing,
-            train_done,
-        });
+        let _ = self.reports.send(Report::EpochStats { epoch, stage: self.index, layers, output, timing, train_done });
     }
 
     /// The worker loop: until shutdown, or until a neighbour is gone, or a failure (reported

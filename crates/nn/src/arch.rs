@@ -37,12 +37,7 @@ impl Pool {
             "4" => (4, 4, 0),
             _ => return None,
         };
-        Some(Pool {
-            kind,
-            kernel,
-            stride,
-            padding,
-        })
+        Some(Pool { kind, kernel, stride, padding })
     }
 
     pub fn output_size(&self, d: i64) -> i64 {
@@ -76,16 +71,10 @@ impl LayerSpec {
     /// `model.parameters()` in backprop mode; heads not included.
     pub fn block_parameters(&self, batch_norm: bool) -> i64 {
         let (weights, out) = match *self {
-            LayerSpec::Conv {
-                in_channels,
-                out_channels,
-                kernel,
-                ..
-            } => (in_channels * out_channels * kernel * kernel, out_channels),
-            LayerSpec::Linear {
-                in_features,
-                out_features,
-            } => (in_features * out_features, out_features),
+            LayerSpec::Conv { in_channels, out_channels, kernel, .. } => {
+                (in_channels * out_channels * kernel * kernel, out_channels)
+            }
+            LayerSpec::Linear { in_features, out_features } => (in_features * out_features, out_features),
         };
         weights + out + if batch_norm { 2 * out } else { 0 }
     }
@@ -93,12 +82,7 @@ impl LayerSpec {
     /// Elements of the activation this block sends on, per example.
     pub fn output_numel(&self) -> i64 {
         match *self {
-            LayerSpec::Conv {
-                out_channels,
-                size_out,
-                pool_after,
-                ..
-            } => {
+            LayerSpec::Conv { out_channels, size_out, pool_after, .. } => {
                 let d = pool_after.map_or(size_out, |p| p.output_size(size_out));
                 out_channels * d * d
             }
@@ -109,17 +93,10 @@ impl LayerSpec {
     /// Multiply-adds of the block's forward pass, per example (for balancing placements).
     pub fn forward_macs(&self) -> i64 {
         match *self {
-            LayerSpec::Conv {
-                in_channels,
-                out_channels,
-                kernel,
-                size_out,
-                ..
-            } => in_channels * out_channels * kernel * kernel * size_out * size_out,
-            LayerSpec::Linear {
-                in_features,
-                out_features,
-            } => in_features * out_features,
+            LayerSpec::Conv { in_channels, out_channels, kernel, size_out, .. } => {
+                in_channels * out_channels * kernel * kernel * size_out * size_out
+            }
+            LayerSpec::Linear { in_features, out_features } => in_features * out_features,
         }
     }
 }
@@ -157,9 +134,8 @@ fn vgg_layers(name: &str) -> Option<&'static str> {
 }
 
 /// Names accepted for `model.arch`.
-pub const ARCH_NAMES: &[&str] = &[
-    "mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13", "vgg16", "vgg19",
-];
+pub const ARCH_NAMES: &[&str] =
+    &["mlp", "vgg6a", "vgg6b", "vgg8", "vgg8a", "vgg8b", "vgg11", "vgg11b", "vgg13", "vgg16", "vgg19"];
 
 impl Architecture {
     pub fn new(model: &ModelConfig, input: InputShape, num_classes: i64) -> Result<Self> {
@@ -177,9 +153,7 @@ impl Architecture {
         let mut features = input.channels * input.size * input.size;
         if model.arch == "mlp" {
             if model.num_layers == 0 {
-                return Err(NnError::Model(
-                    "model.num_layers: an mlp needs at least 1 hidden layer".into(),
-                ));
+                return Err(NnError::Model("model.num_layers: an mlp needs at least 1 hidden layer".into()));
             }
         } else {
             let layers = vgg_layers(&model.arch).ok_or_else(|| {
@@ -198,10 +172,7 @@ impl Architecture {
             let (mut channels, mut size) = (input.channels, input.size);
             for token in layers.split_whitespace() {
                 if let Some(pool) = Pool::parse(token) {
-                    let Some(LayerSpec::Conv {
-                        pool_after, size_out, ..
-                    }) = hidden.last_mut()
-                    else {
+                    let Some(LayerSpec::Conv { pool_after, size_out, .. }) = hidden.last_mut() else {
                         return Err(NnError::Model(format!("{}: pooling before any conv layer", model.arch)));
                     };
                     *pool_after = Some(pool);
@@ -216,11 +187,8 @@ impl Architecture {
                 }
                 let base: i64 = token.parse().expect("layer strings are ours");
                 let out_channels = ((base as f64) * model.feat_mult) as i64;
-                let (kernel, stride, padding) = if hidden.is_empty() && input.size > 64 {
-                    (7, 2, 3)
-                } else {
-                    (3, 1, 1)
-                };
+                let (kernel, stride, padding) =
+                    if hidden.is_empty() && input.size > 64 { (7, 2, 3) } else { (3, 1, 1) };
                 let size_out = (size + 2 * padding - kernel) / stride + 1;
                 hidden.push(LayerSpec::Conv {
                     in_channels: channels,
@@ -238,18 +206,10 @@ impl Architecture {
             features = channels * size * size;
         }
         for _ in 0..model.num_layers {
-            hidden.push(LayerSpec::Linear {
-                in_features: features,
-                out_features: num_hidden,
-            });
+            hidden.push(LayerSpec::Linear { in_features: features, out_features: num_hidden });
             features = num_hidden;
         }
-        Ok(Self {
-            input,
-            hidden,
-            output_in: features,
-            num_classes,
-        })
+        Ok(Self { input, hidden, output_in: features, num_classes })
     }
 
     /// Parameters of the network as the reference prints them in backprop mode.
@@ -286,11 +246,7 @@ mod tests {
     use super::*;
 
     fn arch(name: &str, ch: i64, size: i64) -> Architecture {
-        let m = ModelConfig {
-            arch: name.into(),
-            num_layers: if name == "mlp" { 3 } else { 1 },
-            ..Default::default()
-        };
+        let m = ModelConfig { arch: name.into(), num_layers: if name == "mlp" { 3 } else { 1 }, ..Default::default() };
         Architecture::new(&m, InputShape { channels: ch, size }, 10).unwrap()
     }
 
@@ -325,40 +281,16 @@ mod tests {
             let a = arch(name, 3, 96);
             assert!(!a.hidden.is_empty());
             if *name != "mlp" {
-                assert!(
-                    matches!(
-                        a.hidden[0],
-                        LayerSpec::Conv {
-                            kernel: 7,
-                            stride: 2,
-                            size_out: 48,
-                            ..
-                        }
-                    ),
-                    "{name}"
-                );
+                assert!(matches!(a.hidden[0], LayerSpec::Conv { kernel: 7, stride: 2, size_out: 48, .. }), "{name}");
             }
         }
-        assert!(matches!(
-            arch("vgg8b", 3, 32).hidden[0],
-            LayerSpec::Conv {
-                kernel: 3,
-                stride: 1,
-                size_out: 32,
-                ..
-            }
-        ));
+        assert!(matches!(arch("vgg8b", 3, 32).hidden[0], LayerSpec::Conv { kernel: 3, stride: 1, size_out: 32, .. }));
     }
 
     #[test]
     fn unknown_architecture_is_named_in_the_error() {
-        let m = ModelConfig {
-            arch: "vgg7".into(),
-            ..Default::default()
-        };
-        let e = Architecture::new(&m, InputShape { channels: 1, size: 28 }, 10)
-            .unwrap_err()
-            .to_string();
+        let m = ModelConfig { arch: "vgg7".into(), ..Default::default() };
+        let e = Architecture::new(&m, InputShape { channels: 1, size: 28 }, 10).unwrap_err().to_string();
         assert!(e.contains("model.arch") && e.contains("vgg7"), "{e}");
     }
 }

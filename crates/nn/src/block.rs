@@ -84,20 +84,14 @@ pub struct LayerStatsSnapshot {
 
 impl LayerStats {
     pub fn new(device: Device) -> Self {
-        Self {
-            sums: Tensor::zeros([3], (Kind::Double, device)),
-            examples: 0,
-        }
+        Self { sums: Tensor::zeros([3], (Kind::Double, device)), examples: 0 }
     }
 
     fn record(&mut self, losses: &LocalLosses, labels: &Tensor) {
         let _guard = tch::no_grad_guard();
         let b = labels.size()[0];
         let zero = || Tensor::zeros([], (Kind::Double, labels.device()));
-        let scaled = |t: &Option<Tensor>| {
-            t.as_ref()
-                .map_or_else(zero, |t| t.detach().to_kind(Kind::Double) * b as f64)
-        };
+        let scaled = |t: &Option<Tensor>| t.as_ref().map_or_else(zero, |t| t.detach().to_kind(Kind::Double) * b as f64);
         let wrong = match &losses.logits {
             Some(logits) if logits.size()[1] != 1 && labels.kind() == Kind::Int64 && logits.size().len() == 2 => {
                 logits.argmax(1, false).ne_tensor(labels).sum(Kind::Double)
@@ -156,28 +150,17 @@ impl HiddenBlock {
         device: Device,
     ) -> Result<Self> {
         if !(0.0..1.0).contains(&model.dropout) {
-            return Err(NnError::Model(format!(
-                "model.dropout: expected a value in [0, 1), got {}",
-                model.dropout
-            )));
+            return Err(NnError::Model(format!("model.dropout: expected a value in [0, 1), got {}", model.dropout)));
         }
         let mut rng = LayerRng::new(seed, index, Purpose::Init);
         let (weight, bias, out) = match *spec {
-            LayerSpec::Conv {
-                in_channels,
-                out_channels,
-                kernel,
-                ..
-            } => {
+            LayerSpec::Conv { in_channels, out_channels, kernel, .. } => {
                 let bound = init::default_bound(in_channels * kernel * kernel);
                 let w = init::uniform(&mut rng, &[out_channels, in_channels, kernel, kernel], bound, device);
                 let b = init::uniform(&mut rng, &[out_channels], bound, device);
                 (w, b, out_channels)
             }
-            LayerSpec::Linear {
-                in_features,
-                out_features,
-            } => {
+            LayerSpec::Linear { in_features, out_features } => {
                 let bound = init::default_bound(in_features);
                 let w = init::uniform(&mut rng, &[out_features, in_features], bound, device);
                 let b = init::uniform(&mut rng, &[out_features], bound, device);
@@ -192,9 +175,7 @@ impl HiddenBlock {
                 Tensor::ones([out], (Kind::Float, device)),
             )
         });
-        let heads = model
-            .has_local_heads()
-            .then(|| Heads::new(spec, num_classes, model, &mut rng, device));
+        let heads = model.has_local_heads().then(|| Heads::new(spec, num_classes, model, &mut rng, device));
         let mut block = Self {
             index,
             spec: spec.clone(),
@@ -257,9 +238,7 @@ impl HiddenBlock {
 
     /// Whether the block has a local classifier whose error means something.
     pub fn has_classifier(&self) -> bool {
-        self.heads
-            .as_ref()
-            .is_some_and(|h| h.decoder_weight.is_some() && !h.bio)
+        self.heads.as_ref().is_some_and(|h| h.decoder_weight.is_some() && !h.bio)
     }
 
     /// Forward with dropout noise drawn from this block's generator.
@@ -288,27 +267,15 @@ impl HiddenBlock {
 
     fn hidden(&self, x: &Tensor, train: bool) -> Tensor {
         let z = match self.spec {
-            LayerSpec::Conv { stride, padding, .. } => x.conv2d(
-                &self.weight,
-                Some(&self.bias),
-                [stride, stride],
-                [padding, padding],
-                [1, 1],
-                1,
-            ),
+            LayerSpec::Conv { stride, padding, .. } => {
+                x.conv2d(&self.weight, Some(&self.bias), [stride, stride], [padding, padding], [1, 1], 1)
+            }
             LayerSpec::Linear { .. } => x.flatten(1, -1).linear(&self.weight, Some(&self.bias)),
         };
         let z = match &self.bn {
-            Some((w, b, mean, var)) => z.batch_norm(
-                Some(w),
-                Some(b),
-                Some(mean),
-                Some(var),
-                train,
-                BN_MOMENTUM,
-                BN_EPS,
-                true,
-            ),
+            Some((w, b, mean, var)) => {
+                z.batch_norm(Some(w), Some(b), Some(mean), Some(var), train, BN_MOMENTUM, BN_EPS, true)
+            }
             None => z,
         };
         match self.nonlin {
@@ -323,19 +290,14 @@ impl HiddenBlock {
             None => h.shallow_clone(),
         };
         match &self.spec {
-            LayerSpec::Conv {
-                pool_after: Some(pool), ..
-            } => apply_pool(&dropped, pool),
+            LayerSpec::Conv { pool_after: Some(pool), .. } => apply_pool(&dropped, pool),
             _ => dropped,
         }
     }
 
     /// The local losses of this block on `h` (no-op heads in backprop mode give zero).
     pub fn local_losses(&self, h: &Tensor, targets: &Targets) -> Result<LocalLosses> {
-        let heads = self
-            .heads
-            .as_ref()
-            .ok_or_else(|| NnError::Model("backprop blocks have no local losses".into()))?;
+        let heads = self.heads.as_ref().ok_or_else(|| NnError::Model("backprop blocks have no local losses".into()))?;
         Ok(heads.losses(h, targets))
     }
 
@@ -349,10 +311,7 @@ impl HiddenBlock {
         let grads = Tensor::run_backward(&[&losses.total], &self.optimizer.tensors(), false, false);
         self.optimizer.step(&grads);
         self.stats.record(&losses, &targets.labels);
-        Ok(LocalStep {
-            output: fwd.out.detach(),
-            loss: losses.total.detach(),
-        })
+        Ok(LocalStep { output: fwd.out.detach(), loss: losses.total.detach() })
     }
 
     /// Records the statistics of losses computed outside (global modes).
@@ -365,12 +324,7 @@ impl HiddenBlock {
     pub fn state(&self) -> Vec<Named> {
         let mut out = self.parameters();
         out.extend(self.buffers());
-        out.extend(
-            self.optimizer
-                .state()
-                .into_iter()
-                .map(|(n, t)| (format!("optim.{n}"), t)),
-        );
+        out.extend(self.optimizer.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
         out.push(("rng".to_string(), self.rng.state()));
         out
     }
@@ -404,30 +358,21 @@ impl Heads {
         let wants_sim = matches!(model.loss, LossKind::Sim | LossKind::Predsim);
         let wants_pred = matches!(model.loss, LossKind::Pred | LossKind::Predsim);
         let (channels, dim_in, pool) = match *spec {
-            LayerSpec::Conv {
-                out_channels, size_out, ..
-            } => {
+            LayerSpec::Conv { out_channels, size_out, .. } => {
                 let (kernel, pad, n) = decoder_pool(out_channels, size_out, model.dim_in_decoder as i64);
                 (out_channels, n, (kernel != (1, 1)).then_some((kernel, pad)))
             }
             LayerSpec::Linear { out_features, .. } => (out_features, out_features, None),
         };
         let sim_transform = (wants_sim && !bio).then(|| match spec {
-            LayerSpec::Conv { .. } => init::uniform(
-                rng,
-                &[channels, channels, 3, 3],
-                init::default_bound(channels * 9),
-                device,
-            ),
+            LayerSpec::Conv { .. } => {
+                init::uniform(rng, &[channels, channels, 3, 3], init::default_bound(channels * 9), device)
+            }
             LayerSpec::Linear { .. } => {
                 init::uniform(rng, &[channels, channels], init::default_bound(channels), device)
             }
         });
-        let outputs = if bio {
-            model.target_proj_size as i64
-        } else {
-            num_classes
-        };
+        let outputs = if bio { model.target_proj_size as i64 } else { num_classes };
         let bound = init::default_bound(dim_in);
         let (decoder_weight, decoder_bias, feedback) = if wants_pred {
             let w = init::zeros(&[outputs, dim_in], device);
@@ -452,14 +397,9 @@ impl Heads {
 
     fn pooled(&self, h: &Tensor) -> Tensor {
         match self.pool {
-            Some((kernel, pad)) => h.avg_pool2d(
-                [kernel.0, kernel.1],
-                [kernel.0, kernel.1],
-                [pad.0, pad.1],
-                false,
-                true,
-                None,
-            ),
+            Some((kernel, pad)) => {
+                h.avg_pool2d([kernel.0, kernel.1], [kernel.0, kernel.1], [pad.0, pad.1], false, true, None)
+            }
             None => h.shallow_clone(),
         }
     }
@@ -494,12 +434,7 @@ impl Heads {
             (_, None, Some(s)) => s.shallow_clone(),
             _ => unreachable!("a block with heads has a pred or a sim loss"),
         };
-        LocalLosses {
-            total,
-            pred,
-            sim,
-            logits,
-        }
+        LocalLosses { total, pred, sim, logits }
     }
 }
 

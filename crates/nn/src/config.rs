@@ -136,11 +136,7 @@ impl OptimConfig {
     /// The learning rate of 1-based `epoch`: `lr * decay^(milestones <= epoch - 1)`,
     /// exactly as the reference's schedule.
     pub fn lr_at_epoch(&self, epoch: usize) -> f64 {
-        let passed = self
-            .milestones
-            .iter()
-            .filter(|&&m| m <= epoch.saturating_sub(1))
-            .count();
+        let passed = self.milestones.iter().filter(|&&m| m <= epoch.saturating_sub(1)).count();
         self.lr * self.lr_decay.powi(passed as i32)
     }
 }
@@ -151,12 +147,7 @@ mod tests {
 
     #[test]
     fn learning_rate_decays_after_each_milestone() {
-        let c = OptimConfig {
-            lr: 1.0,
-            milestones: vec![2, 4],
-            lr_decay: 0.5,
-            ..Default::default()
-        };
+        let c = OptimConfig { lr: 1.0, milestones: vec![2, 4], lr_decay: 0.5, ..Default::default() };
         let lrs: Vec<f64> = (1..=6).map(|e| c.lr_at_epoch(e)).collect();
         assert_eq!(lrs, vec![1.0, 1.0, 0.5, 0.5, 0.25, 0.25]);
     }

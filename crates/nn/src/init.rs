@@ -13,10 +13,7 @@ pub fn uniform(rng: &mut LayerRng, shape: &[i64], bound: f64, device: Device) ->
     let n: i64 = shape.iter().product();
     let b = bound as f32;
     let values: Vec<f32> = (0..n).map(|_| rng.uniform_f32(-b, b)).collect();
-    Tensor::from_slice(&values)
-        .view(shape)
-        .to_device(device)
-        .set_requires_grad(true)
+    Tensor::from_slice(&values).view(shape).to_device(device).set_requires_grad(true)
 }
 
 /// PyTorch's default bound for a layer with `fan_in` inputs per output.

@@ -37,11 +37,7 @@ pub enum NnError {
     #[error("state: {0}")]
     State(String),
     #[error("non-finite loss in layer {layer}: {what} = {value}")]
-    NonFinite {
-        layer: usize,
-        what: &'static str,
-        value: f64,
-    },
+    NonFinite { layer: usize, what: &'static str, value: f64 },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

@@ -41,13 +41,7 @@ impl Network {
         let devices = vec![device; arch.hidden.len() + 1];
         let (blocks, output) = build_layers(model, optim, &arch, seed, &devices)?;
         let label_projection = label_projection(model, &arch, seed).map(|p| p.to_device(device));
-        Ok(Self {
-            model: model.clone(),
-            arch,
-            blocks,
-            output,
-            label_projection,
-        })
+        Ok(Self { model: model.clone(), arch, blocks, output, label_projection })
     }
 
     pub fn targets(&self, labels: &Tensor) -> Targets {
@@ -89,11 +83,7 @@ impl Network {
     pub fn state(&self) -> Vec<Named> {
         let mut out = Vec::new();
         for b in &self.blocks {
-            out.extend(
-                b.state()
-                    .into_iter()
-                    .map(|(n, t)| (format!("layers.{}.{n}", b.index), t)),
-            );
+            out.extend(b.state().into_iter().map(|(n, t)| (format!("layers.{}.{n}", b.index), t)));
         }
         out.extend(self.output.state().into_iter().map(|(n, t)| (format!("output.{n}"), t)));
         out
@@ -116,10 +106,7 @@ impl Network {
 
 /// The tensors whose names start with `prefix`, with the prefix removed.
 pub fn strip_prefix(named: &[Named], prefix: &str) -> Vec<Named> {
-    named
-        .iter()
-        .filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_string(), t.shallow_clone())))
-        .collect()
+    named.iter().filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_string(), t.shallow_clone()))).collect()
 }
 
 /// Builds every layer of `arch`, layer `i` on `devices[i]` (the output layer last). Each
@@ -133,10 +120,7 @@ pub fn build_layers(
 ) -> Result<(Vec<HiddenBlock>, OutputLayer)> {
     assert_eq!(devices.len(), arch.hidden.len() + 1, "one device per layer");
     if !(0.0..=1.0).contains(&model.beta) {
-        return Err(NnError::Model(format!(
-            "model.beta: expected a value in [0, 1], got {}",
-            model.beta
-        )));
+        return Err(NnError::Model(format!("model.beta: expected a value in [0, 1], got {}", model.beta)));
     }
     let blocks = arch
         .hidden
@@ -145,15 +129,7 @@ pub fn build_layers(
         .map(|(i, spec)| HiddenBlock::new(i, spec, arch.num_classes, model, optim, seed, devices[i]))
         .collect::<Result<Vec<_>>>()?;
     let out_index = blocks.len();
-    let output = OutputLayer::new(
-        out_index,
-        arch.output_in,
-        arch.num_classes,
-        model,
-        optim,
-        seed,
-        devices[out_index],
-    );
+    let output = OutputLayer::new(out_index, arch.output_in, arch.num_classes, model, optim, seed, devices[out_index]);
     Ok((blocks, output))
 }
 
@@ -163,13 +139,8 @@ pub fn label_projection(model: &ModelConfig, arch: &Architecture, seed: u64) -> 
     (model.training == Training::Bio).then(|| {
         let mut rng = LayerRng::new(seed, arch.hidden.len() + 1, Purpose::Init);
         let c = arch.num_classes;
-        init::uniform(
-            &mut rng,
-            &[model.target_proj_size as i64, c],
-            init::default_bound(c),
-            Device::Cpu,
-        )
-        .set_requires_grad(false)
+        init::uniform(&mut rng, &[model.target_proj_size as i64, c], init::default_bound(c), Device::Cpu)
+            .set_requires_grad(false)
     })
 }
 

@@ -49,11 +49,7 @@ impl Optimizer {
                 momentum_buffer: None,
             })
             .collect();
-        Self {
-            config: config.clone(),
-            lr: config.lr,
-            params,
-        }
+        Self { config: config.clone(), lr: config.lr, params }
     }
 
     pub fn lr(&self) -> f64 {
@@ -154,11 +150,7 @@ impl Optimizer {
 
     /// Copies parameter values from named tensors (used when loading a model).
     pub fn load_parameters(&self, named: &[Named], owner: &str) -> Result<()> {
-        let params: Vec<Named> = self
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.param.shallow_clone()))
-            .collect();
+        let params: Vec<Named> = self.params.iter().map(|p| (p.name.clone(), p.param.shallow_clone())).collect();
         load_into(&params, named, owner)
     }
 }
@@ -201,11 +193,7 @@ fn sgd_update(state: &mut ParamState, grad: Tensor, c: &OptimConfig, lr: f64) {
                 buf
             }
         };
-        let g = if c.nesterov {
-            add_scaled(&grad, &buf, c.momentum)
-        } else {
-            buf.shallow_clone()
-        };
+        let g = if c.nesterov { add_scaled(&grad, &buf, c.momentum) } else { buf.shallow_clone() };
         state.momentum_buffer = Some(buf);
         g
     } else {

@@ -42,10 +42,7 @@ impl OutputLayer {
             // The reference zeroes the output weight when training locally.
             weight = init::zeros(&[num_classes, in_features], device);
         }
-        let params = vec![
-            ("weight".to_string(), weight.shallow_clone()),
-            ("bias".to_string(), bias.shallow_clone()),
-        ];
+        let params = vec![("weight".to_string(), weight.shallow_clone()), ("bias".to_string(), bias.shallow_clone())];
         Self {
             index,
             weight,
@@ -62,10 +59,7 @@ impl OutputLayer {
     }
 
     pub fn parameters(&self) -> Vec<Named> {
-        vec![
-            ("weight".into(), self.weight.shallow_clone()),
-            ("bias".into(), self.bias.shallow_clone()),
-        ]
+        vec![("weight".into(), self.weight.shallow_clone()), ("bias".into(), self.bias.shallow_clone())]
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -75,11 +69,7 @@ impl OutputLayer {
     /// The loss the output layer descends (scaled for predsim) and the plain cross-entropy.
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
         let ce = pred_loss(logits, labels);
-        let scaled = if self.loss_scale != 1.0 {
-            &ce * self.loss_scale
-        } else {
-            ce.shallow_clone()
-        };
+        let scaled = if self.loss_scale != 1.0 { &ce * self.loss_scale } else { ce.shallow_clone() };
         (scaled, ce)
     }
 
@@ -117,12 +107,7 @@ impl OutputLayer {
     /// Parameters and optimizer state (`optim.*`).
     pub fn state(&self) -> Vec<Named> {
         let mut out = self.parameters();
-        out.extend(
-            self.optimizer
-                .state()
-                .into_iter()
-                .map(|(n, t)| (format!("optim.{n}"), t)),
-        );
+        out.extend(self.optimizer.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
         out
     }
 

@@ -58,10 +58,7 @@ impl LayerRng {
         let threshold = ((1.0 - p) * 4_294_967_296.0) as u64;
         let mut words = vec![0u32; n as usize];
         self.inner.fill(&mut words[..]);
-        let mask: Vec<f32> = words
-            .iter()
-            .map(|&u| if (u as u64) < threshold { 1.0 } else { 0.0 })
-            .collect();
+        let mask: Vec<f32> = words.iter().map(|&u| if (u as u64) < threshold { 1.0 } else { 0.0 }).collect();
         let mut noise = Tensor::from_slice(&mask).view(shape).to_device(device);
         let _ = noise.g_div_scalar_(1.0 - p);
         noise
@@ -85,10 +82,7 @@ impl LayerRng {
             )));
         }
         let mut bytes = vec![0u8; STATE_BYTES];
-        state
-            .to_device(Device::Cpu)
-            .contiguous()
-            .copy_data(&mut bytes, STATE_BYTES);
+        state.to_device(Device::Cpu).contiguous().copy_data(&mut bytes, STATE_BYTES);
         let seed: [u8; 32] = bytes[..32].try_into().unwrap();
         let stream = u64::from_le_bytes(bytes[32..40].try_into().unwrap());
         let pos = u128::from_le_bytes(bytes[40..56].try_into().unwrap());

@@ -20,11 +20,7 @@ impl Targets {
         let onehot = labels.onehot(num_classes).to_kind(Kind::Float);
         let _guard = tch::no_grad_guard();
         match projection {
-            None => Targets {
-                labels: labels.shallow_clone(),
-                sim: similarity_matrix(&onehot, true),
-                bce: None,
-            },
+            None => Targets { labels: labels.shallow_clone(), sim: similarity_matrix(&onehot, true), bce: None },
             Some(p) => {
                 let projected = onehot.linear(p, None::<Tensor>);
                 Targets {
