@@ -11,36 +11,9 @@ use layerwise_engine::stage::{Fault, FaultKind};
 use layerwise_engine::{EngineError, PipelineMode, RunConfig, RunOptions, RunSummary};
 use layerwise_nn::arch::InputShape;
 use layerwise_nn::{Architecture, Network};
-use layerwise_tests::write_idx_dataset;
 use tch::{Device, Kind};
 
-fn data_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    write_idx_dataset(dir.path(), 600, 200);
-    dir
-}
-
-/// A small predsim model with dropout and batch norm, 2 epochs of 12 steps.
-fn config(data: &Path, arch: &str) -> RunConfig {
-    let mut c = RunConfig::default();
-    c.data.root = Some(data.to_path_buf());
-    c.data.cutout_holes = 1;
-    c.data.cutout_length = 6;
-    c.model.arch = arch.into();
-    c.model.num_layers = if arch == "mlp" { 3 } else { 1 };
-    c.model.num_hidden = 48;
-    c.model.feat_mult = 1.0 / 16.0;
-    c.model.dropout = 0.2;
-    c.model.dim_in_decoder = 128;
-    c.optim.lr = 2e-3;
-    c.optim.milestones = vec![1];
-    c.train.epochs = 2;
-    c.train.batch_size = 32;
-    c.train.steps_per_epoch = Some(12);
-    c.train.eval_batch_size = 50;
-    c.train.cpu_threads = Some(1);
-    c
-}
+use layerwise_tests::{assert_same_run, data_dir, small_run_config as config};
 
 fn run(config: &RunConfig) -> RunSummary {
     let dir = tempfile::tempdir().unwrap();
@@ -49,21 +22,6 @@ fn run(config: &RunConfig) -> RunSummary {
 
 fn stages(groups: &[&[usize]]) -> Placement {
     Placement::Stages(groups.iter().map(|g| StageSpec { layers: g.to_vec(), device: "cpu".into() }).collect())
-}
-
-fn assert_same_state(a: &RunSummary, b: &RunSummary, what: &str) {
-    assert_eq!(a.state.len(), b.state.len(), "{what}: same tensors");
-    for ((na, ta), (nb, tb)) in a.state.iter().zip(&b.state) {
-        assert_eq!(na, nb, "{what}: same names in the same order");
-        assert!(ta.equal(tb), "{what}: {na} differs");
-    }
-    for (ea, eb) in a.epochs.iter().zip(&b.epochs) {
-        assert_eq!(ea.test_error, eb.test_error, "{what}: test error");
-        assert_eq!(ea.train_loss.to_bits(), eb.train_loss.to_bits(), "{what}: train loss");
-        for (la, lb) in ea.layers.iter().zip(&eb.layers) {
-            assert_eq!(la.loss_sim.to_bits(), lb.loss_sim.to_bits(), "{what}: layer {} sim loss", la.layer);
-        }
-    }
 }
 
 fn pipelined_equals_sequential(arch: &str, placements: Vec<Placement>) {
@@ -82,7 +40,7 @@ fn pipelined_equals_sequential(arch: &str, placements: Vec<Placement>) {
             c.pipeline.mode = mode;
             c.pipeline.placement = placement.clone();
             let summary = run(&c);
-            assert_same_state(&reference, &summary, &format!("{arch} {mode:?} {placement:?}"));
+            assert_same_run(&reference, &summary, &format!("{arch} {mode:?} {placement:?}"));
         }
     }
 }

@@ -127,3 +127,57 @@ pub fn write_idx_dataset(dir: &Path, train: usize, test: usize) {
         idx::write(&dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), &[n], &labels, true).unwrap();
     }
 }
+
+/// A temporary folder holding a small MNIST-format data set.
+pub fn data_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_idx_dataset(dir.path(), 600, 200);
+    dir
+}
+
+/// A small predsim run with dropout, batch norm, augmentation and cutout: 2 epochs of 12
+/// steps, a learning-rate milestone between them, one intra-op thread per stage.
+pub fn small_run_config(data: &Path, arch: &str) -> layerwise_engine::RunConfig {
+    let mut c = layerwise_engine::RunConfig::default();
+    c.data.root = Some(data.to_path_buf());
+    c.data.cutout_holes = 1;
+    c.data.cutout_length = 6;
+    c.model.arch = arch.into();
+    c.model.num_layers = if arch == "mlp" { 3 } else { 1 };
+    c.model.num_hidden = 48;
+    c.model.feat_mult = 1.0 / 16.0;
+    c.model.dropout = 0.2;
+    c.model.dim_in_decoder = 128;
+    c.optim.lr = 2e-3;
+    c.optim.milestones = vec![1];
+    c.train.epochs = 2;
+    c.train.batch_size = 32;
+    c.train.steps_per_epoch = Some(12);
+    c.train.eval_batch_size = 50;
+    c.train.cpu_threads = Some(1);
+    c
+}
+
+/// Asserts two runs ended in the same state, bit for bit: every tensor of every layer
+/// (parameters, buffers, optimizer, generator, statistics) and every epoch's figures.
+#[track_caller]
+pub fn assert_same_run(a: &layerwise_engine::RunSummary, b: &layerwise_engine::RunSummary, what: &str) {
+    assert_eq!(a.state.len(), b.state.len(), "{what}: same tensors");
+    for ((na, ta), (nb, tb)) in a.state.iter().zip(&b.state) {
+        assert_eq!(na, nb, "{what}: same names in the same order");
+        assert!(ta.equal(tb), "{what}: {na} differs");
+    }
+    assert_eq!(a.epochs.len(), b.epochs.len(), "{what}: epochs");
+    for (ea, eb) in a.epochs.iter().zip(&b.epochs) {
+        assert_eq!(ea.test_error.to_bits(), eb.test_error.to_bits(), "{what}: test error");
+        assert_eq!(ea.test_loss.to_bits(), eb.test_loss.to_bits(), "{what}: test loss");
+        assert_eq!(ea.train_loss.to_bits(), eb.train_loss.to_bits(), "{what}: train loss");
+        assert_eq!(ea.train_error.to_bits(), eb.train_error.to_bits(), "{what}: train error");
+        assert_eq!(ea.lr, eb.lr, "{what}: lr");
+        for (la, lb) in ea.layers.iter().zip(&eb.layers) {
+            assert_eq!(la.loss_sim.to_bits(), lb.loss_sim.to_bits(), "{what}: layer {} sim loss", la.layer);
+            assert_eq!(la.loss_pred.to_bits(), lb.loss_pred.to_bits(), "{what}: layer {} pred loss", la.layer);
+            assert_eq!(la.error.map(f64::to_bits), lb.error.map(f64::to_bits), "{what}: layer {} error", la.layer);
+        }
+    }
+}

@@ -2,7 +2,9 @@
 //! applies the learning-rate schedule through the stream, runs evaluation after each
 //! epoch's last training batch, gathers the stages' reports into per-epoch metrics.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,7 @@ use layerwise_nn::network::{build_layers, label_projection, train_local_blocks};
 use layerwise_nn::{Architecture, Named, Targets};
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpoint::{self, CoordinatorState, Manifest};
 use crate::config::{PipelineMode, RunConfig};
 use crate::link::{in_process, LinkSender};
 use crate::message::{EvalSet, Message, Report, StageFailure};
@@ -26,31 +29,48 @@ use crate::{EngineError, Result};
 /// Hooks for callers and tests.
 #[derive(Default)]
 pub struct RunOptions {
+    /// Resume from the newest verified checkpoint in the run directory, if there is one.
+    pub resume: bool,
+    /// Set from outside (a signal, a cancel request): take a checkpoint at the next step
+    /// boundary and stop.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Stop (with a checkpoint) after this step, as `stop` would (tests, tools).
+    pub stop_after_step: Option<u64>,
     /// Inject a fault into a layer at a step (failure-handling tests).
     pub fault: Option<Fault>,
     /// Called after every training batch is handed to stage 0: (epoch, step in epoch, steps in epoch).
     pub on_step: Option<Box<dyn FnMut(usize, usize, usize)>>,
 }
 
-/// What a finished run gives back.
+/// What a finished (or stopped) run gives back.
 #[derive(Debug)]
 pub struct RunSummary {
+    /// Metrics of every completed epoch, those before a resume included.
     pub epochs: Vec<EpochMetrics>,
     /// The final training state of every layer (`layers.{i}.*`, `output.*`), on the CPU.
     pub state: Vec<Named>,
     pub plan: Vec<StagePlan>,
     pub parameter_count: i64,
+    /// Steps taken in all.
+    pub step: u64,
+    /// Stopped early, with a checkpoint, by `stop` or `stop_after_step`.
+    pub stopped: bool,
+    /// The checkpoint the run resumed from.
+    pub resumed_from: Option<PathBuf>,
 }
 
 /// Runs one training job in `run_dir` and records its status there.
 pub fn run(config: &RunConfig, run_dir: &Path, options: RunOptions) -> Result<RunSummary> {
     let dir = RunDir::create(run_dir)?;
-    dir.write_config(config)?;
     dir.set_status(RunState::Running, "", 0, 0)?;
     match run_inner(config, &dir, options) {
         Ok(summary) => {
-            let step = summary.epochs.last().map_or(0, |e| e.step);
-            dir.set_status(RunState::Done, "", summary.epochs.len(), step)?;
+            let (state, reason) = if summary.stopped {
+                (RunState::Stopped, format!("stopped at step {} with a checkpoint; resume to continue", summary.step))
+            } else {
+                (RunState::Done, String::new())
+            };
+            dir.set_status(state, &reason, summary.epochs.len(), summary.step)?;
             Ok(summary)
         }
         Err(e) => {
@@ -257,6 +277,15 @@ fn device_name(d: Device) -> String {
 
 fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Result<RunSummary> {
     validate(config)?;
+    let checkpoints_root = dir.path.join("checkpoints");
+    let resumed = if options.resume { checkpoint::latest(&checkpoints_root)? } else { None };
+    if let Some(l) = &resumed {
+        checkpoint::check_compatible(&l.manifest, config, &l.dir)?;
+        tracing::info!(step = l.manifest.step, "resuming from {}", l.dir.display());
+    } else if options.resume {
+        tracing::info!("no checkpoint in {}: starting from the beginning", checkpoints_root.display());
+    }
+    dir.write_config(config)?;
     let data = load_data(config)?;
     let arch = Architecture::new(&config.model, data.input, data.num_classes)?;
     let num_layers = arch.hidden.len() + 1;
@@ -268,7 +297,33 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
 
     let seed = config.train.seed;
     let devices: Vec<Device> = plan.iter().flat_map(|p| p.devices.clone()).collect();
-    let (blocks, output) = build_layers(&config.model, &config.optim, &arch, seed, &devices)?;
+    let (mut blocks, mut output) = build_layers(&config.model, &config.optim, &arch, seed, &devices)?;
+    let mut progress = Progress { step: 0, position: (1, 0), metrics: vec![] };
+    if let Some(l) = &resumed {
+        for b in &mut blocks {
+            let part = format!("layer-{:03}", b.index);
+            let named = l.layers.get(&part).ok_or_else(|| {
+                EngineError::Other(format!(
+                    "{}: no {} for layer {}",
+                    l.dir.display(),
+                    checkpoint::layer_file(&part),
+                    b.index
+                ))
+            })?;
+            b.load_state(named).map_err(|e| EngineError::Other(format!("{}: {e}", l.dir.display())))?;
+        }
+        let named = l
+            .layers
+            .get("output")
+            .ok_or_else(|| EngineError::Other(format!("{}: no output.safetensors", l.dir.display())))?;
+        output.load_state(named).map_err(|e| EngineError::Other(format!("{}: {e}", l.dir.display())))?;
+        progress = Progress {
+            step: l.coordinator.step,
+            position: l.coordinator.position,
+            metrics: l.coordinator.metrics.clone(),
+        };
+        dir.rewrite_metrics(&progress.metrics)?;
+    }
     let projection = label_projection(&config.model, &arch, seed);
     let cpu_stages = plan.iter().filter(|p| p.device() == Device::Cpu).count().max(1);
     let threads = (config.train.cpu_threads.unwrap_or(cores) / cpu_stages).max(1);
@@ -285,6 +340,8 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
     );
 
     let (report_tx, reports) = unbounded();
+    let (parts_tx, parts) = unbounded();
+    let mut writer = checkpoint::Writer::spawn(checkpoints_root, config.checkpoint.keep, parts);
     let mut stages = Vec::new();
     let mut blocks = blocks.into_iter();
     let mut output = Some(output);
@@ -301,10 +358,11 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
             threads,
             config.train.check_finite_every,
             report_tx.clone(),
+            parts_tx.clone(),
             options.fault,
         ));
     }
-    let stage_layers: Vec<Vec<usize>> = stages.iter().map(|s| s.layer_indices()).collect();
+    drop(parts_tx);
     let mut pipeline = match config.pipeline.mode {
         PipelineMode::Sequential => {
             tch::set_num_threads(threads as i32);
@@ -336,9 +394,8 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
 
     let steps =
         config.train.steps_per_epoch.map_or(data.train.batches_per_epoch(), |s| s.min(data.train.batches_per_epoch()));
-    let train_examples = data.train.len();
     let loader_plan = LoaderPlan {
-        start: (1, 0),
+        start: progress.position,
         epochs: config.train.epochs,
         steps,
         num_classes: data.num_classes,
@@ -347,23 +404,24 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
         device: plan[0].devices[0],
     };
     let (batches, loader) = spawn_loader(data.train, loader_plan);
-    let result = train_epochs(
+    let mut ctx = Training {
         config,
         dir,
-        &mut pipeline,
-        &batches,
-        &reports,
-        &data.test,
-        &data.validation,
+        batches: &batches,
+        reports: &reports,
+        test: &data.test,
+        validation: &data.validation,
         steps,
-        &plan,
-        &mut options,
-    );
+        plan: &plan,
+        writer: &mut writer,
+        stages: plan.len(),
+        last_checkpoint: resumed.as_ref().map(|l| l.manifest.step),
+        seq: 0,
+    };
+    let result = ctx.train(&mut pipeline, &mut progress, &mut options);
     drop(batches);
     let stages = pipeline.finish();
     let _ = loader.join();
-    let epochs = result?;
-    let _ = train_examples;
 
     let mut state = Vec::new();
     for s in &stages {
@@ -376,53 +434,154 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
             state.extend(o.state().into_iter().map(|(n, t)| (format!("output.{n}"), t.to_device(Device::Cpu))));
         }
     }
-    if state.is_empty() || stage_layers.iter().map(|l| l.len()).sum::<usize>() != num_layers {
+    let complete = stages.iter().map(|s| s.layer_indices().len()).sum::<usize>() == num_layers;
+    drop(stages);
+    let written = writer.finish();
+    let stopped = result?;
+    for w in written {
+        w?;
+    }
+    if !complete {
         return Err(EngineError::Other("a stage did not come back from its thread".into()));
     }
-    Ok(RunSummary { epochs, state, plan, parameter_count: arch.parameter_count(config.model.batch_norm) })
+    let epochs = progress.metrics.iter().filter_map(|m| serde_json::from_value(m.clone()).ok()).collect();
+    Ok(RunSummary {
+        epochs,
+        state,
+        plan,
+        parameter_count: arch.parameter_count(config.model.batch_norm),
+        step: progress.step,
+        stopped,
+        resumed_from: resumed.map(|l| l.dir),
+    })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_epochs(
-    config: &RunConfig,
-    dir: &RunDir,
-    pipeline: &mut Pipeline,
-    batches: &Receiver<(Tensor, Targets)>,
-    reports: &Receiver<Report>,
-    test: &[(Tensor, Tensor)],
-    validation: &[(Tensor, Tensor)],
+/// Where a run stands: what a checkpoint records of the coordinator.
+struct Progress {
+    step: u64,
+    /// Next (epoch, batch index) to train on.
+    position: (usize, usize),
+    metrics: Vec<serde_json::Value>,
+}
+
+/// The epoch loop and what it needs.
+struct Training<'a> {
+    config: &'a RunConfig,
+    dir: &'a RunDir,
+    batches: &'a Receiver<(Tensor, Targets)>,
+    reports: &'a Receiver<Report>,
+    test: &'a [(Tensor, Tensor)],
+    validation: &'a [(Tensor, Tensor)],
     steps: usize,
-    plan: &[StagePlan],
-    options: &mut RunOptions,
-) -> Result<Vec<EpochMetrics>> {
-    let mut all = Vec::new();
-    let mut step: u64 = 0;
-    for epoch in 1..=config.train.epochs {
-        let lr = config.optim.lr_at_epoch(epoch);
-        let start = Instant::now();
-        pipeline.feed(Message::SetLr { lr }, reports)?;
-        for index in 0..steps {
-            let (input, targets) = batches.recv().map_err(|_| EngineError::Other("the data loader stopped".into()))?;
-            step += 1;
-            pipeline.feed(Message::Train { epoch, step, input, targets }, reports)?;
-            if let Some(f) = options.on_step.as_mut() {
-                f(epoch, index + 1, steps);
+    plan: &'a [StagePlan],
+    writer: &'a mut checkpoint::Writer,
+    stages: usize,
+    /// Step of the last checkpoint taken (or resumed from).
+    last_checkpoint: Option<u64>,
+    seq: u64,
+}
+
+impl Training<'_> {
+    /// Trains from `progress` to the end (Ok(false)) or to a stop request (Ok(true)).
+    fn train(&mut self, pipeline: &mut Pipeline, progress: &mut Progress, options: &mut RunOptions) -> Result<bool> {
+        let (first_epoch, first_index) = progress.position;
+        for epoch in first_epoch..=self.config.train.epochs {
+            let lr = self.config.optim.lr_at_epoch(epoch);
+            let start = Instant::now();
+            pipeline.feed(Message::SetLr { lr }, self.reports)?;
+            let from = if epoch == first_epoch { first_index } else { 0 };
+            for index in from..self.steps {
+                let (input, targets) =
+                    self.batches.recv().map_err(|_| EngineError::Other("the data loader stopped".into()))?;
+                progress.step += 1;
+                let step = progress.step;
+                pipeline.feed(Message::Train { epoch, step, input, targets }, self.reports)?;
+                progress.position = (epoch, index + 1);
+                if let Some(f) = options.on_step.as_mut() {
+                    f(epoch, index + 1, self.steps);
+                }
+                self.poll_writer();
+                let every = self.config.checkpoint.every_steps;
+                let stop = options.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+                    || options.stop_after_step.is_some_and(|s| step >= s);
+                if stop || (every > 0 && step % every == 0) {
+                    self.checkpoint(pipeline, progress, None)?;
+                }
+                if stop {
+                    tracing::info!(step, "stopping with a checkpoint");
+                    return Ok(true);
+                }
+            }
+            for (set, batches) in [(EvalSet::Test, self.test), (EvalSet::Validation, self.validation)] {
+                for (index, (x, y)) in batches.iter().enumerate() {
+                    let msg = Message::Eval { set, index, input: x.shallow_clone(), labels: y.shallow_clone() };
+                    pipeline.feed(msg, self.reports)?;
+                }
+            }
+            pipeline.feed(Message::EpochEnd { epoch }, self.reports)?;
+            let n_eval = self.test.len() + self.validation.len();
+            let metrics = collect_epoch(epoch, progress.step, lr, start, self.reports, self.plan, n_eval)?;
+            log_epoch(&metrics);
+            let line = serde_json::to_value(&metrics).expect("metrics serialise");
+            self.dir.append_metrics(&line)?;
+            progress.metrics.push(line);
+            progress.position = (epoch + 1, 0);
+            self.dir.set_status(RunState::Running, "", epoch, progress.step)?;
+            let every = self.config.checkpoint.every_epochs;
+            let last = epoch == self.config.train.epochs;
+            if (every > 0 && epoch % every == 0) || last {
+                let error = metrics.validation_error.unwrap_or(metrics.test_error);
+                self.checkpoint(pipeline, progress, Some(error))?;
             }
         }
-        for (set, batches) in [(EvalSet::Test, test), (EvalSet::Validation, validation)] {
-            for (index, (x, y)) in batches.iter().enumerate() {
-                let msg = Message::Eval { set, index, input: x.shallow_clone(), labels: y.shallow_clone() };
-                pipeline.feed(msg, reports)?;
-            }
-        }
-        pipeline.feed(Message::EpochEnd { epoch }, reports)?;
-        let metrics = collect_epoch(epoch, step, lr, start, reports, plan, test.len() + validation.len())?;
-        log_epoch(&metrics);
-        dir.append_metrics(&serde_json::to_value(&metrics).expect("metrics serialise"))?;
-        dir.set_status(RunState::Running, "", epoch, step)?;
-        all.push(metrics);
+        Ok(false)
     }
-    Ok(all)
+
+    /// Inserts a checkpoint marker after the current step and hands the coordinator's part
+    /// to the writer; the stages send theirs as the marker reaches them.
+    fn checkpoint(&mut self, pipeline: &mut Pipeline, progress: &Progress, error: Option<f64>) -> Result<()> {
+        if self.last_checkpoint == Some(progress.step) && error.is_none() {
+            return Ok(()); // this cut exists already
+        }
+        self.seq += 1;
+        // At most one copy of the model waits for the writer besides the new one.
+        for r in self.writer.wait_below(1) {
+            log_written(r);
+        }
+        let coordinator =
+            CoordinatorState { step: progress.step, position: progress.position, metrics: progress.metrics.clone() };
+        let manifest = Manifest {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: progress.step,
+            position: progress.position,
+            epochs_done: progress.metrics.len(),
+            config_hash: checkpoint::config_hash(self.config),
+            model: self.config.model.clone(),
+            dataset: self.config.data.dataset,
+            error,
+            files: vec![],
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        };
+        self.writer.submit(checkpoint::Job { seq: self.seq, coordinator, manifest, stages: self.stages });
+        pipeline.feed(Message::Checkpoint { step: progress.step, seq: self.seq }, self.reports)?;
+        self.last_checkpoint = Some(progress.step);
+        Ok(())
+    }
+
+    fn poll_writer(&mut self) {
+        for r in self.writer.poll() {
+            log_written(r);
+        }
+    }
+}
+
+fn log_written(r: Result<PathBuf>) {
+    match r {
+        Ok(dir) => tracing::info!("checkpoint written: {}", dir.display()),
+        Err(e) => tracing::error!("checkpoint failed (training goes on; the previous one stays): {e}"),
+    }
 }
 
 /// Waits for every stage's end-of-epoch report and every evaluation result.

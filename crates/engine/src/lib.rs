@@ -6,6 +6,7 @@
 //! the coordinator. Nothing flows backwards; a full link blocks its sender, which keeps
 //! memory flat.
 
+pub mod checkpoint;
 pub mod config;
 pub mod coordinator;
 pub mod link;

@@ -23,6 +23,9 @@ pub enum Message {
     SetLr { lr: f64 },
     /// The epoch's last batch has passed: report statistics and reset them.
     EpochEnd { epoch: usize },
+    /// Every layer has trained on steps 1..=step: copy the state out for a checkpoint,
+    /// pass the marker on, go on training while the copy is written.
+    Checkpoint { step: u64, seq: u64 },
     /// Stop after passing this on.
     Shutdown,
 }
@@ -34,6 +37,7 @@ impl Message {
             Message::Eval { .. } => "eval",
             Message::SetLr { .. } => "set_lr",
             Message::EpochEnd { .. } => "epoch_end",
+            Message::Checkpoint { .. } => "checkpoint",
             Message::Shutdown => "shutdown",
         }
     }
@@ -59,6 +63,14 @@ pub struct StageTiming {
     /// Mean number of messages waiting on the input link when one was taken.
     pub queue_depth: f64,
     pub train_examples: u64,
+}
+
+/// A stage's share of a checkpoint, sent to the checkpoint writer.
+#[derive(Debug)]
+pub struct CheckpointPart {
+    /// Which checkpoint of the run (two may share a step: one mid-run, one at epoch end).
+    pub seq: u64,
+    pub layers: Vec<crate::checkpoint::LayerPart>,
 }
 
 /// What a stage sends to the coordinator.

@@ -1,11 +1,11 @@
 //! One epoch's figures, gathered from the stages' reports, as logged and as written to
 //! `metrics.jsonl`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::message::{LayerReport, StageTiming};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerMetrics {
     pub layer: usize,
     pub stage: usize,
@@ -15,7 +15,7 @@ pub struct LayerMetrics {
     pub error: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageMetrics {
     pub stage: usize,
     pub device: String,
@@ -29,7 +29,7 @@ pub struct StageMetrics {
     pub images_per_sec: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub step: u64,

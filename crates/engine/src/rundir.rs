@@ -18,6 +18,8 @@ pub enum RunState {
     Done,
     Failed,
     Cancelled,
+    /// Interrupted with a checkpoint (a signal, a stop request); resumable.
+    Stopped,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +88,13 @@ impl RunDir {
             std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| EngineError::io(&path, e))?;
         writeln!(f, "{line}").map_err(|e| EngineError::io(&path, e))?;
         f.sync_data().map_err(|e| EngineError::io(&path, e))
+    }
+
+    /// Replaces the metrics file with `lines` (on resume: the checkpoint's, dropping lines
+    /// of epochs after it).
+    pub fn rewrite_metrics(&self, lines: &[serde_json::Value]) -> Result<()> {
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        write_atomic(&self.metrics_path(), text.as_bytes())
     }
 
     /// Every metrics line written so far.

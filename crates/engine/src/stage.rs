@@ -9,8 +9,9 @@ use layerwise_nn::network::{eval_blocks, train_global};
 use layerwise_nn::{HiddenBlock, OutputLayer, Training};
 use tch::{Device, Kind, Reduction, Tensor};
 
+use crate::checkpoint::snapshot;
 use crate::link::{LinkReceiver, LinkSender};
-use crate::message::{LayerReport, Message, Report, StageFailure, StageTiming};
+use crate::message::{CheckpointPart, LayerReport, Message, Report, StageFailure, StageTiming};
 
 /// A fault to inject, for tests of failure handling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,7 @@ pub struct Stage {
     threads: usize,
     check_finite_every: u64,
     reports: Sender<Report>,
+    checkpoints: Sender<CheckpointPart>,
     timing: StageTiming,
     depth_samples: u64,
     train_done: Option<Instant>,
@@ -61,6 +63,7 @@ impl Stage {
         threads: usize,
         check_finite_every: u64,
         reports: Sender<Report>,
+        checkpoints: Sender<CheckpointPart>,
         fault: Option<Fault>,
     ) -> Self {
         Self {
@@ -72,6 +75,7 @@ impl Stage {
             threads,
             check_finite_every,
             reports,
+            checkpoints,
             timing: StageTiming::default(),
             depth_samples: 0,
             train_done: None,
@@ -150,8 +154,26 @@ impl Stage {
                 self.report_epoch(epoch);
                 Ok(Some(Message::EpochEnd { epoch }))
             }
+            Message::Checkpoint { step, seq } => {
+                let layers = self.snapshot();
+                self.checkpoints
+                    .send(CheckpointPart { seq, layers })
+                    .map_err(|_| self.fail(None, Some(step), "the checkpoint writer is gone"))?;
+                Ok(Some(Message::Checkpoint { step, seq }))
+            }
             Message::Shutdown => Ok(Some(Message::Shutdown)),
         }
+    }
+
+    /// Copies of every layer's state, on the CPU, named by layer (`layer-NNN`, `output`).
+    pub fn snapshot(&self) -> Vec<crate::checkpoint::LayerPart> {
+        let copy = |named: Vec<layerwise_nn::Named>| named.into_iter().map(|(n, t)| (n, snapshot(&t))).collect();
+        let mut parts: Vec<_> =
+            self.blocks.iter().map(|b| (format!("layer-{:03}", b.index), copy(b.state()))).collect();
+        if let Some(o) = &self.output {
+            parts.push(("output".to_string(), copy(o.state())));
+        }
+        parts
     }
 
     fn mark_train_done(&mut self) {

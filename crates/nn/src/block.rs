@@ -119,6 +119,40 @@ impl LayerStats {
         let _ = self.sums.zero_();
         self.examples = 0;
     }
+
+    /// The running sums as named tensors (`stats.sums`, `stats.examples`), so that an
+    /// epoch interrupted by a checkpoint reports the same figures when resumed.
+    pub fn state(&self) -> Vec<Named> {
+        stats_state(&self.sums, self.examples)
+    }
+
+    pub fn load_state(&mut self, named: &[Named]) -> Result<()> {
+        self.examples = load_stats(&mut self.sums, named)?;
+        Ok(())
+    }
+}
+
+pub(crate) fn stats_state(sums: &Tensor, examples: u64) -> Vec<Named> {
+    vec![
+        ("stats.sums".to_string(), sums.shallow_clone()),
+        ("stats.examples".to_string(), Tensor::from(examples as i64)),
+    ]
+}
+
+pub(crate) fn load_stats(sums: &mut Tensor, named: &[Named]) -> Result<u64> {
+    let find = |key: &str| {
+        named
+            .iter()
+            .find(|(n, _)| n == key)
+            .map(|(_, t)| t)
+            .ok_or_else(|| NnError::State(format!("missing tensor {key:?}")))
+    };
+    let s = find("stats.sums")?;
+    if s.size() != sums.size() {
+        return Err(NnError::State(format!("stats.sums has shape {:?}, expected {:?}", s.size(), sums.size())));
+    }
+    sums.copy_(&s.to_kind(Kind::Double));
+    Ok(find("stats.examples")?.int64_value(&[]) as u64)
 }
 
 /// One hidden block with its heads, generator, optimizer and statistics.
@@ -326,6 +360,7 @@ impl HiddenBlock {
         out.extend(self.buffers());
         out.extend(self.optimizer.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
         out.push(("rng".to_string(), self.rng.state()));
+        out.extend(self.stats.state());
         out
     }
 
@@ -337,6 +372,7 @@ impl HiddenBlock {
             .filter_map(|(n, t)| n.strip_prefix("optim.").map(|n| (n.to_string(), t.shallow_clone())))
             .collect();
         self.optimizer.load_state(&optim)?;
+        self.stats.load_state(named).map_err(|e| NnError::State(format!("layer {}: {e}", self.index)))?;
         let rng = named
             .iter()
             .find(|(n, _)| n == "rng")

@@ -2,7 +2,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::block::load_into;
+use crate::block::{load_into, load_stats, stats_state};
 use crate::config::{ModelConfig, OptimConfig};
 use crate::init;
 use crate::losses::pred_loss;
@@ -108,6 +108,7 @@ impl OutputLayer {
     pub fn state(&self) -> Vec<Named> {
         let mut out = self.parameters();
         out.extend(self.optimizer.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
+        out.extend(stats_state(&self.sums, self.examples));
         out
     }
 
@@ -117,7 +118,9 @@ impl OutputLayer {
             .iter()
             .filter_map(|(n, t)| n.strip_prefix("optim.").map(|n| (n.to_string(), t.shallow_clone())))
             .collect();
-        self.optimizer.load_state(&optim)
+        self.optimizer.load_state(&optim)?;
+        self.examples = load_stats(&mut self.sums, named)?;
+        Ok(())
     }
 
     pub fn load(&mut self, named: &[Named]) -> Result<()> {

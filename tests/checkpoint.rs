@@ -1,0 +1,139 @@
+//! Checkpoints and exact resume: a run stopped after step N and resumed ends bit-identical
+//! to the same run done in one go, under the same or another placement; damaged or
+//! incompatible checkpoints are never resumed from.
+
+use std::path::Path;
+
+use layerwise_engine::checkpoint;
+use layerwise_engine::config::Placement;
+use layerwise_engine::{PipelineMode, RunConfig, RunOptions, RunSummary};
+use layerwise_tests::{assert_same_run, data_dir, small_run_config};
+
+fn run(config: &RunConfig, dir: &Path, options: RunOptions) -> RunSummary {
+    layerwise_engine::run(config, dir, options).unwrap()
+}
+
+fn pipelined(data: &Path, placement: &str) -> RunConfig {
+    let mut c = small_run_config(data, "mlp");
+    c.pipeline.mode = PipelineMode::Pipelined;
+    c.pipeline.placement = Placement::Named(placement.into());
+    c
+}
+
+fn stop_at(step: u64) -> RunOptions {
+    RunOptions { stop_after_step: Some(step), ..Default::default() }
+}
+
+fn resume() -> RunOptions {
+    RunOptions { resume: true, ..Default::default() }
+}
+
+#[test]
+fn a_run_stopped_and_resumed_equals_the_run_done_in_one_go() {
+    let data = data_dir();
+    let config = pipelined(data.path(), "per_layer");
+    let whole = run(&config, tempfile::tempdir().unwrap().path(), RunOptions::default());
+    // mid-epoch 2; just after the last batch of epoch 1, before its evaluation; at step 1
+    for n in [17, 12, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let first = run(&config, dir.path(), stop_at(n));
+        assert!(first.stopped && first.step == n, "stopped at {n}");
+        let status: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("status.json")).unwrap()).unwrap();
+        assert_eq!(status["state"], "stopped");
+        let resumed = run(&config, dir.path(), resume());
+        assert!(resumed.resumed_from.is_some());
+        assert_same_run(&whole, &resumed, &format!("stopped at step {n}"));
+        let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 2, "metrics.jsonl holds each epoch once");
+    }
+}
+
+#[test]
+fn a_checkpoint_taken_under_one_placement_resumes_under_another() {
+    let data = data_dir();
+    let whole = run(&pipelined(data.path(), "per_layer"), tempfile::tempdir().unwrap().path(), RunOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    run(&pipelined(data.path(), "per_layer"), dir.path(), stop_at(9));
+    let mut single = pipelined(data.path(), "single");
+    single.pipeline.mode = PipelineMode::Sequential;
+    let mid = run(&single, dir.path(), RunOptions { resume: true, stop_after_step: Some(15), ..Default::default() });
+    assert!(mid.stopped);
+    let mut two = pipelined(data.path(), "per_layer");
+    two.pipeline.placement = Placement::Stages(vec![
+        layerwise_engine::config::StageSpec { layers: vec![0, 1], device: "cpu".into() },
+        layerwise_engine::config::StageSpec { layers: vec![2, 3], device: "cpu".into() },
+    ]);
+    let resumed = run(&two, dir.path(), resume());
+    assert_same_run(&whole, &resumed, "per-layer -> single sequential -> 2 stages");
+}
+
+#[test]
+fn checkpoints_are_verified_and_a_damaged_newest_one_is_skipped() {
+    let data = data_dir();
+    let mut config = pipelined(data.path(), "per_layer");
+    config.checkpoint.every_steps = 5;
+    config.checkpoint.keep = 3;
+    let dir = tempfile::tempdir().unwrap();
+    run(&config, dir.path(), stop_at(13));
+    let root = dir.path().join("checkpoints");
+    let dirs = checkpoint::list(&root);
+    let names: Vec<String> = dirs.iter().map(|d| d.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec!["step-0000000013", "step-0000000012", "step-0000000010"], "the newest 3 are kept");
+    for d in &dirs {
+        let m = checkpoint::verify(d).unwrap();
+        assert_eq!(m.files.len(), 5, "4 layers and the coordinator");
+    }
+    // flip a byte in the newest: it is refused and the previous one is used
+    let victim = dirs[0].join("layer-001.safetensors");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&victim, bytes).unwrap();
+    let e = checkpoint::verify(&dirs[0]).unwrap_err().to_string();
+    assert!(e.contains("layer-001.safetensors") && e.contains("damaged"), "{e}");
+    // a crash mid-write leaves a partial directory, never taken for a checkpoint
+    std::fs::create_dir_all(root.join("step-0000000099.partial")).unwrap();
+    let latest = checkpoint::latest(&root).unwrap().unwrap();
+    assert_eq!(latest.manifest.step, 12);
+
+    let whole = run(&config, tempfile::tempdir().unwrap().path(), RunOptions::default());
+    let resumed = run(&config, dir.path(), resume());
+    assert_eq!(resumed.resumed_from.as_deref(), Some(dirs[1].as_path()));
+    assert_same_run(&whole, &resumed, "resumed from the previous checkpoint");
+    assert!(!root.join("step-0000000099.partial").exists(), "partial directories are cleaned up");
+}
+
+#[test]
+fn a_checkpoint_of_another_model_is_refused_naming_what_differs() {
+    let data = data_dir();
+    let config = pipelined(data.path(), "per_layer");
+    let dir = tempfile::tempdir().unwrap();
+    run(&config, dir.path(), stop_at(3));
+    let mut other = config.clone();
+    other.model.num_hidden = 64;
+    let e = layerwise_engine::run(&other, dir.path(), resume()).unwrap_err().to_string();
+    assert!(e.contains("model.num_hidden") && e.contains("48") && e.contains("64"), "{e}");
+}
+
+#[test]
+fn the_best_checkpoint_is_kept_beside_the_newest() {
+    let data = data_dir();
+    let mut config = pipelined(data.path(), "per_layer");
+    config.train.epochs = 3;
+    config.checkpoint.keep = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let s = run(&config, dir.path(), RunOptions::default());
+    let root = dir.path().join("checkpoints");
+    let kept = checkpoint::list(&root);
+    let errors: Vec<f64> = s.epochs.iter().map(|e| e.test_error).collect();
+    let best_epoch = errors.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let newest = checkpoint::verify(&kept[0]).unwrap();
+    assert_eq!(newest.step, 36);
+    if best_epoch == 2 {
+        assert_eq!(kept.len(), 1);
+    } else {
+        assert_eq!(kept.len(), 2, "{errors:?}");
+        assert_eq!(checkpoint::verify(&kept[1]).unwrap().step, 12 * (best_epoch as u64 + 1));
+    }
+}
