@@ -67,6 +67,76 @@ fn demo_trains_on_real_fashion_mnist_and_writes_its_run_directory() {
         assert!(l["error"].as_f64().unwrap() < 50.0, "{l}");
     }
     assert_eq!(m["stages"].as_array().unwrap().len(), 4, "one stage per layer");
+
+    // eval agrees with the run's own figure; the export, run by PyTorch, predicts the same
+    let eval = Command::new(BIN)
+        .arg("eval")
+        .arg(&run)
+        .arg("--json")
+        .arg("--predictions")
+        .arg(dir.path().join("pred.txt"))
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(e["examples"], 10_000);
+    let model = dir.path().join("model.safetensors");
+    let export = Command::new(BIN).arg("export").arg(&run).arg("--out").arg(&model).output().unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let python = std::env::var("LAYERWISE_TORCH_VENV").map_or("python3".into(), |v| format!("{v}/bin/python3"));
+    let check = Command::new(python)
+        .args(["-W", "ignore"])
+        .arg(repo_root().join("scripts/export_check.py"))
+        .arg(&model)
+        .arg("/usr/share/datasets/fashion-mnist")
+        .arg(dir.path().join("pred.txt"))
+        .output()
+        .expect("run python3 scripts/export_check.py");
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "PyTorch disagrees with layerwise eval: {report}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert_eq!(r["same_predictions"], 10_000);
+    let pytorch_error = r["test_error"].as_f64().unwrap();
+    assert!((pytorch_error - e["test_error"].as_f64().unwrap()).abs() < 1e-3, "{r} vs {e}");
+
+    let inspect = Command::new(BIN).arg("inspect").arg(&run).output().unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success() && text.contains("step         150") && text.contains("layer-002"), "{text}");
+}
+
+/// `--resume` continues a run from its checkpoint to the same end as one uninterrupted run.
+#[test]
+fn train_resume_continues_from_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = ["train.steps_per_epoch=20", "train.eval_batches=1", "model.num_hidden=64", "train.epochs=2"];
+    let whole = dir.path().join("whole");
+    assert!(train(&whole, &sets).status.success());
+    let part = dir.path().join("part");
+    assert!(train(&part, &[&sets[..3], &["train.epochs=1"]].concat()).status.success());
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(repo_root()).args(["train", "configs/demo.json", "--resume", "--run-dir"]).arg(&part);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from"));
+    let lines = |d: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (a, b) = (lines(&whole), lines(&part));
+    assert_eq!(b.len(), 2);
+    for key in ["train_loss", "train_error", "test_error", "test_loss", "layers"] {
+        assert_eq!(a[1][key], b[1][key], "{key}");
+    }
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! pipeline-parallel across devices.
 
 mod bench;
+mod use_run;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -43,6 +44,32 @@ enum Command {
         /// Override a config key by its dotted path, e.g. --set train.epochs=1.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Resume from the newest verified checkpoint in the run directory (if any).
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Evaluate a run's newest checkpoint (or a given checkpoint) on the test set.
+    Eval {
+        /// A run directory or a checkpoint directory (run/checkpoints/step-N).
+        path: PathBuf,
+        /// Print one JSON object (with `test_error`, percent).
+        #[arg(long)]
+        json: bool,
+        /// Write the predicted class of every test example, one per line, to this file.
+        #[arg(long)]
+        predictions: Option<PathBuf>,
+    },
+    /// Write the trained network for inference: FILE.safetensors and FILE.json.
+    Export {
+        /// A run directory or a checkpoint directory.
+        path: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a checkpoint's manifest, metrics and layer shapes.
+    Inspect {
+        /// A run directory or a checkpoint directory.
+        path: PathBuf,
     },
     /// Print what this binary can see: libtorch, CUDA devices.
     Devices,
@@ -72,12 +99,12 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-fn train(config: PathBuf, run_dir: Option<PathBuf>, overrides: Vec<String>) -> anyhow::Result<()> {
+fn train(config: PathBuf, run_dir: Option<PathBuf>, overrides: Vec<String>, resume: bool) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&config, &overrides)?;
     let run_dir = run_dir.unwrap_or_else(|| {
         PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
     });
-    let summary = layerwise_engine::run(&cfg, &run_dir, RunOptions::default())
+    let summary = layerwise_engine::run(&cfg, &run_dir, RunOptions { resume, ..Default::default() })
         .with_context(|| format!("run {} failed", run_dir.display()))?;
     let last = summary.epochs.last().context("no epoch ran")?;
     println!(
@@ -96,7 +123,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let result = match cli.command {
-        Command::Train { config, run_dir, overrides } => train(config, run_dir, overrides),
+        Command::Train { config, run_dir, overrides, resume } => train(config, run_dir, overrides, resume),
+        Command::Eval { path, json, predictions } => use_run::eval(&path, json, predictions.as_deref()),
+        Command::Export { path, out } => use_run::export(&path, &out),
+        Command::Inspect { path } => use_run::inspect(&path),
         Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
         Command::Devices => {
             println!("cuda available: {}", tch::Cuda::is_available());

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod coordinator;
+pub mod evaluate;
 pub mod link;
 pub mod message;
 pub mod metrics;
