@@ -2,7 +2,8 @@
 # Set up what layerwise needs on this machine, once, and say what was done:
 #   - PyTorch 2.11.0 (the libtorch that tch 0.24 is built for) in a venv kept in a
 #     per-machine cache outside the clone, so fresh clones (CI) reuse it;
-#   - Debian's Fashion-MNIST package (the demo's and the end-to-end tests' data).
+#   - Debian's Fashion-MNIST package (the demo's and the end-to-end tests' data);
+#   - Debian's DejaVu fonts (the labels of `layerwise plot`).
 # Source it (`. scripts/setup.sh`) to get the build environment exported; running it
 # as a program just installs.
 set -euo pipefail
@@ -40,6 +41,17 @@ else
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
     say "installed Fashion-MNIST"
+fi
+
+FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+if [ -f "$FONT" ]; then
+    say "plot font already in $FONT"
+else
+    say "installing Debian package fonts-dejavu-core (labels of layerwise plot)"
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fonts-dejavu-core >/dev/null
 fi
 
 # Build environment: torch-sys finds libtorch through this venv's python.

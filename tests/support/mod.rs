@@ -103,6 +103,7 @@ pub fn assert_bit_identical(what: &str, actual: &Tensor, expected: &Tensor) {
 /// class (0..9) decides where a bright bar sits, plus noise. Learnable in a few dozen steps.
 pub fn write_idx_dataset(dir: &Path, train: usize, test: usize) {
     use layerwise_data::idx;
+    std::fs::create_dir_all(dir).unwrap();
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
         state ^= state << 13;

@@ -2,11 +2,13 @@
 //! pipeline-parallel across devices.
 
 mod bench;
+mod plot;
 mod use_run;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -71,6 +73,40 @@ enum Command {
         /// A run directory or a checkpoint directory.
         path: PathBuf,
     },
+    /// Run as a service: pick up job files from --jobs, run each in --runs/<job name>.
+    Serve {
+        /// Folder of job files (`NAME.json`; `NAME.cancel` cancels NAME).
+        #[arg(long)]
+        jobs: PathBuf,
+        /// Folder of run directories.
+        #[arg(long)]
+        runs: PathBuf,
+        /// Seconds between scans of the jobs folder (SIGHUP scans at once).
+        #[arg(long, default_value_t = 2.0)]
+        scan_every: f64,
+        /// Seconds running jobs get to checkpoint and stop after SIGTERM.
+        #[arg(long, default_value_t = 120.0)]
+        stop_timeout: f64,
+    },
+    /// Print the state of every run under a runs folder.
+    Status {
+        #[arg(long)]
+        runs: PathBuf,
+    },
+    /// Check config files without running them.
+    Validate {
+        configs: Vec<PathBuf>,
+        /// Do not check that the data files are present.
+        #[arg(long)]
+        no_data: bool,
+    },
+    /// Draw a run's learning curves (PNG or SVG, by the file's extension).
+    Plot {
+        run_dir: PathBuf,
+        /// Output file (default RUN_DIR/curves.png).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print what this binary can see: libtorch, CUDA devices.
     Devices,
     /// Measure and print figures (nothing is asserted).
@@ -104,7 +140,8 @@ fn train(config: PathBuf, run_dir: Option<PathBuf>, overrides: Vec<String>, resu
     let run_dir = run_dir.unwrap_or_else(|| {
         PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
     });
-    let summary = layerwise_engine::run(&cfg, &run_dir, RunOptions { resume, ..Default::default() })
+    let on_step = std::io::stderr().is_terminal().then(|| progress_bar(cfg.train.batch_size, cfg.train.epochs));
+    let summary = layerwise_engine::run(&cfg, &run_dir, RunOptions { resume, on_step, ..Default::default() })
         .with_context(|| format!("run {} failed", run_dir.display()))?;
     let last = summary.epochs.last().context("no epoch ran")?;
     println!(
@@ -119,6 +156,53 @@ fn train(config: PathBuf, run_dir: Option<PathBuf>, overrides: Vec<String>, resu
     Ok(())
 }
 
+/// A terminal progress bar: epoch, images, images/s, ETA of the epoch.
+#[allow(clippy::type_complexity)]
+fn progress_bar(batch_size: usize, epochs: usize) -> Box<dyn FnMut(usize, usize, usize)> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    Box::new(move |epoch, step, steps| {
+        if step == 1 {
+            bar.reset();
+            bar.set_length((steps * batch_size) as u64);
+            bar.set_message(format!("epoch {epoch}/{epochs}"));
+        }
+        bar.set_position((step * batch_size) as u64);
+        if step == steps {
+            bar.finish_and_clear();
+        }
+    })
+}
+
+fn status(runs: &std::path::Path) {
+    let rows = layerwise_daemon::jobs::status_rows(runs);
+    println!("{:<28} {:<10} {:>6} {:>9}  {}", "JOB", "STATE", "EPOCH", "STEP", "REASON");
+    for r in rows {
+        println!("{:<28} {:<10} {:>6} {:>9}  {}", r.name, r.state, r.epoch, r.step, r.reason);
+    }
+}
+
+fn validate(configs: &[PathBuf], check_data: bool) -> anyhow::Result<()> {
+    let mut bad = 0;
+    for path in configs {
+        match RunConfig::load(path, &[]).and_then(|c| layerwise_engine::validate::validate(&c, check_data)) {
+            Ok(()) => println!("{}: ok", path.display()),
+            Err(e) => {
+                bad += 1;
+                println!("{}: {e}", path.display());
+            }
+        }
+    }
+    if bad > 0 {
+        anyhow::bail!("{bad} of {} config(s) invalid", configs.len());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
@@ -128,6 +212,21 @@ fn main() -> ExitCode {
         Command::Export { path, out } => use_run::export(&path, &out),
         Command::Inspect { path } => use_run::inspect(&path),
         Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
+        Command::Serve { jobs, runs, scan_every, stop_timeout } => {
+            layerwise_daemon::serve(layerwise_daemon::ServeOptions {
+                jobs,
+                runs,
+                scan_every: Duration::from_secs_f64(scan_every.max(0.05)),
+                stop_timeout: Duration::from_secs_f64(stop_timeout),
+            })
+            .map_err(Into::into)
+        }
+        Command::Status { runs } => {
+            status(&runs);
+            Ok(())
+        }
+        Command::Validate { configs, no_data } => validate(&configs, !no_data),
+        Command::Plot { run_dir, out } => plot::plot(&run_dir, out).map(|p| println!("wrote {}", p.display())),
         Command::Devices => {
             println!("cuda available: {}", tch::Cuda::is_available());
             println!("cuda devices: {}", tch::Cuda::device_count());

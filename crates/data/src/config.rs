@@ -120,6 +120,74 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
+    /// (channels, height = width) of the data set's images, known without reading it.
+    pub fn input_shape(&self) -> (i64, i64) {
+        match self.dataset {
+            DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Kmnist => (1, 28),
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 | DatasetKind::Svhn => (3, 32),
+            DatasetKind::Stl10 => (3, 96),
+            DatasetKind::ImageFolder => (self.image_channels, self.image_size),
+        }
+    }
+
+    pub fn num_classes(&self) -> Option<i64> {
+        Some(match self.dataset {
+            DatasetKind::Cifar100 if self.cifar100_labels == Cifar100Labels::Coarse => 20,
+            DatasetKind::Cifar100 => 100,
+            DatasetKind::ImageFolder => return None,
+            _ => 10,
+        })
+    }
+
+    /// Checks, without reading them, that the data set's files are where the config says;
+    /// the error names the first missing one.
+    pub fn check_files(&self) -> crate::Result<()> {
+        let root = self.root();
+        if !root.is_dir() {
+            return Err(crate::DataError::file(
+                &root,
+                format!("data root of {:?} not found: expected a folder", self.dataset),
+            ));
+        }
+        let names: Vec<Vec<String>> = match self.dataset {
+            DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Kmnist => [
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            ]
+            .iter()
+            .map(|n| vec![format!("{n}.gz"), n.to_string()])
+            .collect(),
+            DatasetKind::Cifar10 => (1..=5)
+                .map(|i| format!("data_batch_{i}.bin"))
+                .chain(["test_batch.bin".to_string()])
+                .map(|n| vec![n])
+                .collect(),
+            DatasetKind::Cifar100 => vec![vec!["train.bin".into()], vec!["test.bin".into()]],
+            DatasetKind::Svhn => {
+                let mut v = vec![vec!["train_32x32.mat".to_string()], vec!["test_32x32.mat".to_string()]];
+                if self.svhn_extra {
+                    v.push(vec!["extra_32x32.mat".into()]);
+                }
+                v
+            }
+            DatasetKind::Stl10 => {
+                ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"].iter().map(|n| vec![n.to_string()]).collect()
+            }
+            DatasetKind::ImageFolder => vec![vec!["train".into()], vec!["test".into()]],
+        };
+        for alternatives in names {
+            if !alternatives.iter().any(|n| root.join(n).exists()) {
+                return Err(crate::DataError::file(
+                    root.join(&alternatives[0]),
+                    format!("missing: {:?} needs {}", self.dataset, alternatives.join(" or ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn root(&self) -> PathBuf {
         self.root.clone().unwrap_or_else(|| self.dataset.default_root())
     }

@@ -124,27 +124,6 @@ fn load_data(config: &RunConfig) -> Result<Data> {
     })
 }
 
-fn validate(config: &RunConfig) -> Result<()> {
-    let t = &config.train;
-    let bad = |key: &str, what: &str| Err(EngineError::Config(format!("{key}: {what}")));
-    if t.epochs == 0 {
-        return bad("train.epochs", "expected at least 1");
-    }
-    if t.batch_size == 0 || t.eval_batch_size == 0 {
-        return bad("train.batch_size", "expected at least 1 (and train.eval_batch_size too)");
-    }
-    if t.steps_per_epoch == Some(0) {
-        return bad("train.steps_per_epoch", "expected at least 1, or leave it out");
-    }
-    if config.pipeline.channel_capacity == 0 {
-        return bad("pipeline.channel_capacity", "expected at least 1");
-    }
-    if !(config.optim.lr > 0.0 && config.optim.lr.is_finite()) {
-        return bad("optim.lr", "expected a positive number");
-    }
-    Ok(())
-}
-
 /// Short timed warm-up of every layer on `device`, for balancing an automatic placement.
 fn measure_layers(config: &RunConfig, arch: &Architecture, device: Device) -> Vec<f64> {
     let devices = vec![device; arch.hidden.len() + 1];
@@ -276,7 +255,7 @@ fn device_name(d: Device) -> String {
 }
 
 fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Result<RunSummary> {
-    validate(config)?;
+    crate::validate::validate(config, true)?;
     let checkpoints_root = dir.path.join("checkpoints");
     let resumed = if options.resume { checkpoint::latest(&checkpoints_root)? } else { None };
     if let Some(l) = &resumed {

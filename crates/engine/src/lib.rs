@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod placement;
 pub mod rundir;
 pub mod stage;
+pub mod validate;
 
 pub use config::{PipelineMode, RunConfig};
 pub use coordinator::{run, RunOptions, RunSummary};

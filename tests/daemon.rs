@@ -1,0 +1,236 @@
+//! The service, driven through the real binary: jobs dropped into the jobs folder run to
+//! `done`; a bad job fails with its reason while the next one runs; a cancel file cancels
+//! after a checkpoint; SIGTERM mid-training checkpoints and exits 0, and a new `serve`
+//! resumes the job to the same final weights as an uninterrupted run. Every file in
+//! configs/ validates.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use layerwise_tests::{repo_root, write_idx_dataset};
+
+const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
+
+fn job(data: &Path, epochs: usize, steps: usize, hidden: usize) -> serde_json::Value {
+    serde_json::json!({
+        "data": {"dataset": "mnist", "root": data},
+        "model": {"arch": "mlp", "num_layers": 3, "num_hidden": hidden, "dropout": 0.1},
+        "optim": {"lr": 1e-3},
+        "train": {"epochs": epochs, "batch_size": 32, "steps_per_epoch": steps, "eval_batch_size": 100, "cpu_threads": 4},
+        "pipeline": {"placement": "per_layer"},
+        "checkpoint": {"every_epochs": 1, "keep": 2}
+    })
+}
+
+struct Service {
+    child: Child,
+    jobs: PathBuf,
+    runs: PathBuf,
+}
+
+impl Service {
+    fn start(root: &Path) -> Service {
+        let (jobs, runs) = (root.join("jobs"), root.join("runs"));
+        let child = Command::new(BIN)
+            .args(["serve", "--scan-every", "0.1", "--jobs"])
+            .arg(&jobs)
+            .arg("--runs")
+            .arg(&runs)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start layerwise serve");
+        Service { child, jobs, runs }
+    }
+
+    fn submit(&self, name: &str, job: &serde_json::Value) {
+        std::fs::create_dir_all(&self.jobs).unwrap();
+        let tmp = self.jobs.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, serde_json::to_string_pretty(job).unwrap()).unwrap();
+        std::fs::rename(tmp, self.jobs.join(format!("{name}.json"))).unwrap();
+    }
+
+    fn status(&self, name: &str) -> serde_json::Value {
+        std::fs::read_to_string(self.runs.join(name).join("status.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn wait_for(&self, name: &str, what: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let s = self.status(name);
+            if what(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "{name}: still {s} after 120 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    fn wait_exit(mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "serve did not exit within 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn state_is(s: &'static str) -> impl Fn(&serde_json::Value) -> bool {
+    move |v| v["state"] == s
+}
+
+#[test]
+fn jobs_run_to_done_and_a_bad_job_fails_without_stopping_the_next() {
+    let root = tempfile::tempdir().unwrap();
+    write_idx_dataset(&root.path().join("data"), 300, 100);
+    let service = Service::start(root.path());
+    let mut bad = job(&root.path().join("data"), 1, 3, 16);
+    bad["model"]["arch"] = "vgg7".into();
+    service.submit("a-bad", &bad);
+    let mut missing = job(&root.path().join("data"), 1, 3, 16);
+    missing["data"]["root"] = "/nonexistent/data".into();
+    service.submit("b-missing-data", &missing);
+    service.submit("c-good", &job(&root.path().join("data"), 2, 4, 16));
+
+    let s = service.wait_for("a-bad", state_is("failed"));
+    assert!(s["reason"].as_str().unwrap().contains("model.arch"), "{s}");
+    let s = service.wait_for("b-missing-data", state_is("failed"));
+    assert!(s["reason"].as_str().unwrap().contains("/nonexistent/data"), "{s}");
+    let s = service.wait_for("c-good", state_is("done"));
+    assert_eq!((s["epoch"].as_u64(), s["step"].as_u64()), (Some(2), Some(8)), "{s}");
+    let metrics = std::fs::read_to_string(service.runs.join("c-good/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2);
+
+    let table = Command::new(BIN).arg("status").arg("--runs").arg(&service.runs).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    for row in ["a-bad", "failed", "c-good", "done"] {
+        assert!(table.contains(row), "{table}");
+    }
+    service.signal("TERM");
+    assert!(service.wait_exit().success());
+}
+
+#[test]
+fn a_cancel_file_cancels_a_running_job_after_a_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    write_idx_dataset(&root.path().join("data"), 300, 100);
+    let service = Service::start(root.path());
+    service.submit("long", &job(&root.path().join("data"), 200, 9, 32));
+    service.wait_for("long", |s| s["state"] == "running" && s["epoch"].as_u64() >= Some(1));
+    std::fs::write(service.jobs.join("long.cancel"), "").unwrap();
+    let s = service.wait_for("long", state_is("cancelled"));
+    assert!(s["reason"].as_str().unwrap().contains("checkpoint"), "{s}");
+    let checkpoints = service.runs.join("long/checkpoints");
+    assert!(std::fs::read_dir(&checkpoints).unwrap().count() >= 1);
+    service.signal("TERM");
+    assert!(service.wait_exit().success());
+}
+
+/// Every tensor of every file of a run's final checkpoint.
+fn final_tensors(run: &Path) -> Vec<(String, tch::Tensor)> {
+    let root = run.join("checkpoints");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.sort();
+    let last = dirs.last().unwrap();
+    let mut out = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(last).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "safetensors")) {
+        let mut t = tch::Tensor::read_safetensors(f).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(t.into_iter().map(|(n, t)| (format!("{}/{n}", f.file_name().unwrap().to_string_lossy()), t)));
+    }
+    out
+}
+
+#[test]
+fn sigterm_checkpoints_and_a_new_serve_resumes_to_the_uninterrupted_result() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    write_idx_dataset(&data, 600, 100);
+    let spec = job(&data, 6, 12, 256);
+
+    // the uninterrupted run, with `layerwise train`
+    let config = root.path().join("job.json");
+    std::fs::write(&config, spec.to_string()).unwrap();
+    let whole = root.path().join("whole");
+    let out = Command::new(BIN).arg("train").arg(&config).arg("--run-dir").arg(&whole).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let service = Service::start(root.path());
+    service.submit("job", &spec);
+    service.wait_for("job", |s| s["state"] == "running" && s["epoch"].as_u64() >= Some(1));
+    service.signal("TERM");
+    assert!(service.wait_exit().success(), "serve exits 0 after SIGTERM");
+    let service = Service {
+        child: Command::new("true").spawn().unwrap(),
+        jobs: root.path().join("jobs"),
+        runs: root.path().join("runs"),
+    };
+    let s = service.status("job");
+    assert_eq!(s["state"], "stopped", "{s}");
+    let stopped_at = s["step"].as_u64().unwrap();
+    assert!(stopped_at < 72, "stopped mid-training, at step {stopped_at}");
+    drop(service);
+
+    let service = Service::start(root.path());
+    service.wait_for("job", state_is("done"));
+    service.signal("TERM");
+    assert!(service.wait_exit().success());
+
+    let (a, b) = (final_tensors(&whole), final_tensors(&root.path().join("runs/job")));
+    assert!(a.len() > 20);
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after SIGTERM and resume (stopped at step {stopped_at})");
+    }
+}
+
+#[test]
+fn every_config_in_configs_validates() {
+    let configs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("configs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    assert!(configs.len() >= 20, "the paper's recipes are there");
+    let out = Command::new(BIN).arg("validate").arg("--no-data").args(&configs).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    // the Fashion-MNIST ones fully, data files included (Debian's package is installed)
+    let fashion: Vec<&PathBuf> = configs
+        .iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("fashion") || p.ends_with("demo.json"))
+        .collect();
+    let out = Command::new(BIN).arg("validate").args(&fashion).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    // and a bad one is named with its key
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"optim": {"lr": -1}}"#).unwrap();
+    let out = Command::new(BIN).arg("validate").arg("--no-data").arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("optim.lr"));
+}
