@@ -2,7 +2,6 @@
 //! bit, whatever the placement; the reported test error is what the weights give; and a
 //! failing stage stops the whole pipeline promptly, saying where and why.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use layerwise_engine::config::{Placement, StageSpec};
@@ -130,4 +129,43 @@ fn each_kind_of_stage_failure_stops_the_pipeline_and_says_where_and_why() {
             assert!(status["reason"].as_str().unwrap().contains(&format!("stage {layer}")), "{status}");
         }
     }
+}
+
+/// Log lines of this test binary, captured by a global subscriber (the watchdog logs
+/// from a thread of its own).
+fn captured_logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs: &'static std::sync::Mutex<Vec<u8>> = Box::leak(Box::new(std::sync::Mutex::new(Vec::new())));
+        struct Sink(&'static std::sync::Mutex<Vec<u8>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || Sink(logs)).finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        logs
+    })
+}
+
+#[test]
+fn a_stalled_stage_is_reported_while_it_stalls() {
+    let logs = captured_logs();
+    let data = data_dir();
+    let mut c = config(data.path(), "mlp");
+    c.pipeline.placement = Placement::Named("per_layer".into());
+    c.train.epochs = 1;
+    c.train.stall_warning_s = 0.3;
+    let fault = Fault { layer: 2, step: 5, kind: FaultKind::Sleep(1200) };
+    let dir = tempfile::tempdir().unwrap();
+    layerwise_engine::run(&c, dir.path(), RunOptions { fault: Some(fault), ..Default::default() }).unwrap();
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let warning =
+        text.lines().find(|l| l.contains("stalled")).unwrap_or_else(|| panic!("no stall warning in:\n{text}"));
+    assert!(warning.contains("stage 2") && warning.contains("train message"), "{warning}");
 }

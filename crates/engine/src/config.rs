@@ -38,6 +38,8 @@ pub struct TrainConfig {
     pub check_finite_every: u64,
     /// Intra-op CPU threads in all (divided among CPU stages); the machine's cores when absent.
     pub cpu_threads: Option<usize>,
+    /// Warn when one message has held a stage this many seconds.
+    pub stall_warning_s: f64,
 }
 
 impl Default for TrainConfig {
@@ -51,6 +53,7 @@ impl Default for TrainConfig {
             eval_batch_size: 1000,
             check_finite_every: 1,
             cpu_threads: None,
+            stall_warning_s: 60.0,
         }
     }
 }

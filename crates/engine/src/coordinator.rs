@@ -342,6 +342,13 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
         ));
     }
     drop(parts_tx);
+    let watch = crate::watchdog::Watch::new(stages.len());
+    for s in &mut stages {
+        s.watch(watch.clone());
+    }
+    let stage_layers: Vec<Vec<usize>> = stages.iter().map(|s| s.layer_indices()).collect();
+    let _watchdog =
+        crate::watchdog::Watchdog::spawn(watch, Duration::from_secs_f64(config.train.stall_warning_s), stage_layers);
     let mut pipeline = match config.pipeline.mode {
         PipelineMode::Sequential => {
             tch::set_num_threads(threads as i32);
@@ -469,9 +476,12 @@ impl Training<'_> {
             let start = Instant::now();
             pipeline.feed(Message::SetLr { lr }, self.reports)?;
             let from = if epoch == first_epoch { first_index } else { 0 };
+            let mut data_wait = Duration::ZERO;
             for index in from..self.steps {
+                let waited = Instant::now();
                 let (input, targets) =
                     self.batches.recv().map_err(|_| EngineError::Other("the data loader stopped".into()))?;
+                data_wait += waited.elapsed();
                 progress.step += 1;
                 let step = progress.step;
                 pipeline.feed(Message::Train { epoch, step, input, targets }, self.reports)?;
@@ -499,7 +509,16 @@ impl Training<'_> {
             }
             pipeline.feed(Message::EpochEnd { epoch }, self.reports)?;
             let n_eval = self.test.len() + self.validation.len();
-            let metrics = collect_epoch(epoch, progress.step, lr, start, self.reports, self.plan, n_eval)?;
+            let mut metrics = collect_epoch(epoch, progress.step, lr, start, self.reports, self.plan, n_eval)?;
+            metrics.data_wait_s = data_wait.as_secs_f64();
+            if metrics.data_wait_s > 0.1 * metrics.train_seconds && metrics.data_wait_s > 0.5 {
+                tracing::warn!(
+                    epoch,
+                    "the data stream cannot keep up: training waited {:.1} s for batches in {:.1} s of training; raise data.prefetch or simplify augmentation",
+                    metrics.data_wait_s,
+                    metrics.train_seconds
+                );
+            }
             log_epoch(&metrics);
             let line = serde_json::to_value(&metrics).expect("metrics serialise");
             self.dir.append_metrics(&line)?;
@@ -632,6 +651,7 @@ fn collect_epoch(
         test_error: pct(wrong[0], count[0]),
         validation_error: (count[1] > 0).then(|| pct(wrong[1], count[1])),
         images_per_sec: if train_seconds > 0.0 { train_examples as f64 / train_seconds } else { 0.0 },
+        data_wait_s: 0.0,
         train_seconds,
         epoch_seconds: wall,
         layers,

@@ -17,6 +17,7 @@ pub mod placement;
 pub mod rundir;
 pub mod stage;
 pub mod validate;
+pub mod watchdog;
 
 pub use config::{PipelineMode, RunConfig};
 pub use coordinator::{run, RunOptions, RunSummary};

@@ -43,6 +43,9 @@ pub struct EpochMetrics {
     pub images_per_sec: f64,
     pub train_seconds: f64,
     pub epoch_seconds: f64,
+    /// Time the coordinator waited for the loader's batches during the epoch.
+    #[serde(default)]
+    pub data_wait_s: f64,
     pub layers: Vec<LayerMetrics>,
     pub stages: Vec<StageMetrics>,
 }

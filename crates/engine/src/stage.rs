@@ -24,6 +24,8 @@ pub enum FaultKind {
     NonFinite,
     /// The layer asks for more memory than any machine has.
     OutOfMemory,
+    /// The layer takes this many milliseconds longer (a stall).
+    Sleep(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,7 @@ pub struct Stage {
     depth_samples: u64,
     train_done: Option<Instant>,
     fault: Option<Fault>,
+    watch: Option<std::sync::Arc<crate::watchdog::Watch>>,
 }
 
 type Handled = Result<Option<Message>, StageFailure>;
@@ -80,6 +83,7 @@ impl Stage {
             depth_samples: 0,
             train_done: None,
             fault,
+            watch: None,
         }
     }
 
@@ -99,9 +103,20 @@ impl Stage {
     /// [`Stage::handle`], with the time it takes counted as busy.
     pub fn process(&mut self, msg: Message) -> Handled {
         let t = Instant::now();
+        if let Some(w) = &self.watch {
+            w.busy(self.index, msg.kind());
+        }
         let handled = self.handle(msg);
+        if let Some(w) = &self.watch {
+            w.idle(self.index);
+        }
         self.timing.busy += t.elapsed();
         handled
+    }
+
+    /// Lets a watchdog see when this stage is stuck on one message.
+    pub fn watch(&mut self, watch: std::sync::Arc<crate::watchdog::Watch>) {
+        self.watch = Some(watch);
     }
 
     /// Handles one message; returns what to pass on (None for the last stage's results).
@@ -204,6 +219,10 @@ impl Stage {
                 FaultKind::Error => Err(self.fail(Some(layer), Some(step), "injected error")),
                 FaultKind::Panic => panic!("injected panic"),
                 FaultKind::NonFinite => Ok(x * f64::NAN),
+                FaultKind::Sleep(ms) => {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                    Ok(x)
+                }
                 FaultKind::OutOfMemory => {
                     let huge = Tensor::f_empty([1 << 46], (Kind::Float, x.device())).map_err(|e| {
                         self.fail(

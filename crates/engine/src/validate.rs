@@ -42,6 +42,7 @@ pub fn validate(config: &RunConfig, check_data: bool) -> Result<()> {
     if t.cpu_threads == Some(0) {
         return Err(bad("train.cpu_threads", "expected at least 1, or leave it out"));
     }
+    in_range("train.stall_warning_s", t.stall_warning_s, 0.001, 1e9, "a positive number of seconds")?;
     if config.pipeline.channel_capacity == 0 {
         return Err(bad("pipeline.channel_capacity", "expected at least 1"));
     }
