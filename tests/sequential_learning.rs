@@ -30,7 +30,7 @@ fn blobs(n: i64, channels: i64, size: i64, seed: usize) -> (Tensor, Tensor) {
     let centres = normals(CLASSES * dim, &mut rng).view([CLASSES, dim]) * 2.5 / (dim as f64 / 16.0).sqrt();
     let mut rng = LayerRng::new(seed as u64, 0, Purpose::Data);
     let labels: Vec<i64> = (0..n).map(|_| (rng.next_u32() % CLASSES as u32) as i64).collect();
-    let signs: Vec<f32> = (0..n).map(|_| if rng.next_u32() % 2 == 0 { 1.0 } else { -1.0 }).collect();
+    let signs: Vec<f32> = (0..n).map(|_| if rng.next_u32().is_multiple_of(2) { 1.0 } else { -1.0 }).collect();
     let labels = Tensor::from_slice(&labels);
     let signs = Tensor::from_slice(&signs).unsqueeze(1);
     let x = centres.index_select(0, &labels) * signs + normals(n * dim, &mut rng).view([n, dim]);

@@ -180,7 +180,7 @@ fn progress_bar(batch_size: usize, epochs: usize) -> Box<dyn FnMut(usize, usize,
 
 fn status(runs: &std::path::Path) {
     let rows = layerwise_daemon::jobs::status_rows(runs);
-    println!("{:<28} {:<10} {:>6} {:>9}  {}", "JOB", "STATE", "EPOCH", "STEP", "REASON");
+    println!("{:<28} {:<10} {:>6} {:>9}  REASON", "JOB", "STATE", "EPOCH", "STEP");
     for r in rows {
         println!("{:<28} {:<10} {:>6} {:>9}  {}", r.name, r.state, r.epoch, r.step, r.reason);
     }

@@ -51,7 +51,7 @@ impl Transform {
                 mean.len()
             )));
         }
-        if std.len() != channels as usize || std.iter().any(|s| !(*s > 0.0)) {
+        if std.len() != channels as usize || std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             return Err(DataError::Config(format!("data.std: expected {channels} positive values, got {std:?}")));
         }
         let t = Transform {
@@ -98,7 +98,7 @@ impl Transform {
         for _ in 0..self.cutout_holes {
             let cy: Vec<i64> = (0..b).map(|_| rng.gen_range(0..h)).collect();
             let cx: Vec<i64> = (0..b).map(|_| rng.gen_range(0..w)).collect();
-            x = x * cutout_mask(&cy, &cx, self.cutout_length, h, w);
+            x *= cutout_mask(&cy, &cx, self.cutout_length, h, w);
         }
         x
     }

@@ -110,7 +110,7 @@ mod tests {
         let n = 3;
         let mut x = vec![0u8; 32 * 32 * 3 * n];
         // X(h=4, w=9, c=1, n=2), column-major
-        x[4 + 32 * 9 + 1024 * 1 + 3072 * 2] = 123;
+        x[4 + 32 * 9 + 1024 + 3072 * 2] = 123;
         write_mat(&dir.path().join("train_32x32.mat"), &[32, 32, 3, n], &x, &[10.0, 1.0, 5.0]).unwrap();
         write_mat(&dir.path().join("test_32x32.mat"), &[32, 32, 3, 1], &x[..3072], &[2.0]).unwrap();
         let (train, test) = load(dir.path(), false).unwrap();

@@ -26,6 +26,9 @@ use crate::rundir::{RunDir, RunState};
 use crate::stage::{Fault, Stage};
 use crate::{EngineError, Result};
 
+/// Called with (epoch, step in epoch, steps in epoch).
+pub type StepHook = Box<dyn FnMut(usize, usize, usize)>;
+
 /// Hooks for callers and tests.
 #[derive(Default)]
 pub struct RunOptions {
@@ -39,7 +42,7 @@ pub struct RunOptions {
     /// Inject a fault into a layer at a step (failure-handling tests).
     pub fault: Option<Fault>,
     /// Called after every training batch is handed to stage 0: (epoch, step in epoch, steps in epoch).
-    pub on_step: Option<Box<dyn FnMut(usize, usize, usize)>>,
+    pub on_step: Option<StepHook>,
 }
 
 /// What a finished (or stopped) run gives back.
@@ -493,7 +496,7 @@ impl Training<'_> {
                 let every = self.config.checkpoint.every_steps;
                 let stop = options.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
                     || options.stop_after_step.is_some_and(|s| step >= s);
-                if stop || (every > 0 && step % every == 0) {
+                if stop || (every > 0 && step.is_multiple_of(every)) {
                     self.checkpoint(pipeline, progress, None)?;
                 }
                 if stop {

@@ -239,7 +239,7 @@ impl Stage {
     }
 
     fn check_finite(&self, loss: &Tensor, layer: usize, step: u64) -> Result<(), StageFailure> {
-        if self.check_finite_every > 0 && step % self.check_finite_every == 0 {
+        if self.check_finite_every > 0 && step.is_multiple_of(self.check_finite_every) {
             let v = loss.double_value(&[]);
             if !v.is_finite() {
                 return Err(self.fail(Some(layer), Some(step), format!("non-finite loss {v}")));
@@ -287,7 +287,7 @@ impl Stage {
             train_global(&mut s.blocks, output, &x, targets, with_local)
                 .map_err(|e| s.fail(None, Some(step), e.to_string()))
         })??;
-        if self.check_finite_every > 0 && step % self.check_finite_every == 0 {
+        if self.check_finite_every > 0 && step.is_multiple_of(self.check_finite_every) {
             let v = logits.sum(Kind::Double).double_value(&[]);
             if !v.is_finite() {
                 return Err(self.fail(None, Some(step), "non-finite output"));

@@ -163,7 +163,7 @@ impl Architecture {
                     ARCH_NAMES.join(", ")
                 ))
             })?;
-            if !(model.feat_mult > 0.0) {
+            if model.feat_mult.is_nan() || model.feat_mult <= 0.0 {
                 return Err(NnError::Model(format!(
                     "model.feat_mult: expected a positive number, got {}",
                     model.feat_mult
