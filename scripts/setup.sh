@@ -5,61 +5,69 @@
 #   - Debian's Fashion-MNIST package (the demo's and the end-to-end tests' data);
 #   - Debian's DejaVu fonts (the labels of `layerwise plot`).
 # Source it (`. scripts/setup.sh`) to get the build environment exported; running it
-# as a program just installs.
-set -euo pipefail
+# as a program just installs. The installing runs in a subshell with strict options, so
+# that sourcing it leaves the caller's shell options alone.
 
 LAYERWISE_CACHE="${LAYERWISE_CACHE:-$HOME/.cache/layerwise}"
-TORCH_VERSION=2.11.0
-TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$TORCH_VERSION}"
-FASHION_DIR=/usr/share/datasets/fashion-mnist
+LAYERWISE_TORCH_VERSION=2.11.0
+LAYERWISE_TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$LAYERWISE_TORCH_VERSION}"
 
-say() { echo "setup: $*" >&2; }
+(
+    set -euo pipefail
+    TORCH_VENV="$LAYERWISE_TORCH_VENV"
+    TORCH_VERSION="$LAYERWISE_TORCH_VERSION"
+    FASHION_DIR=/usr/share/datasets/fashion-mnist
+    FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
-torch_ok() {
-    [ -x "$TORCH_VENV/bin/python3" ] &&
-        "$TORCH_VENV/bin/python3" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null
-}
+    say() { echo "setup: $*" >&2; }
 
-if torch_ok; then
-    say "torch $TORCH_VERSION already in $TORCH_VENV"
-else
-    say "installing torch $TORCH_VERSION into $TORCH_VENV (about 4.7 GB, once per machine)"
-    mkdir -p "$LAYERWISE_CACHE"
-    rm -rf "$TORCH_VENV"
-    python3 -m venv "$TORCH_VENV"
-    "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
-    torch_ok || { say "torch $TORCH_VERSION did not import from $TORCH_VENV"; exit 1; }
-    say "installed torch $TORCH_VERSION"
-fi
+    apt_install() {
+        local sudo=""
+        [ "$(id -u)" = 0 ] || sudo=sudo
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+    }
 
-if [ -f "$FASHION_DIR/train-images-idx3-ubyte.gz" ] && [ -f "$FASHION_DIR/t10k-labels-idx1-ubyte.gz" ]; then
-    say "Fashion-MNIST already in $FASHION_DIR"
-else
-    say "installing Debian package dataset-fashion-mnist into $FASHION_DIR"
-    SUDO=""
-    [ "$(id -u)" = 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
-    say "installed Fashion-MNIST"
-fi
+    torch_ok() {
+        [ -x "$TORCH_VENV/bin/python3" ] &&
+            "$TORCH_VENV/bin/python3" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null
+    }
 
-FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
-if [ -f "$FONT" ]; then
-    say "plot font already in $FONT"
-else
-    say "installing Debian package fonts-dejavu-core (labels of layerwise plot)"
-    SUDO=""
-    [ "$(id -u)" = 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fonts-dejavu-core >/dev/null
-fi
+    if torch_ok; then
+        say "torch $TORCH_VERSION already in $TORCH_VENV"
+    else
+        say "installing torch $TORCH_VERSION into $TORCH_VENV (about 4.7 GB, once per machine)"
+        mkdir -p "$(dirname "$TORCH_VENV")"
+        rm -rf "$TORCH_VENV"
+        python3 -m venv "$TORCH_VENV"
+        "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+        torch_ok || { say "torch $TORCH_VERSION did not import from $TORCH_VENV"; exit 1; }
+        say "installed torch $TORCH_VERSION"
+    fi
+
+    if [ -f "$FASHION_DIR/train-images-idx3-ubyte.gz" ] && [ -f "$FASHION_DIR/t10k-labels-idx1-ubyte.gz" ]; then
+        say "Fashion-MNIST already in $FASHION_DIR"
+    else
+        say "installing Debian package dataset-fashion-mnist into $FASHION_DIR"
+        apt_install dataset-fashion-mnist
+        say "installed Fashion-MNIST"
+    fi
+
+    if [ -f "$FONT" ]; then
+        say "plot font already in $FONT"
+    else
+        say "installing Debian package fonts-dejavu-core (labels of layerwise plot)"
+        apt_install fonts-dejavu-core
+        say "installed fonts-dejavu-core"
+    fi
+) || { echo "setup: failed" >&2; return 1 2>/dev/null || exit 1; }
 
 # Build environment: torch-sys finds libtorch through this venv's python.
 export LIBTORCH_USE_PYTORCH=1
-export LAYERWISE_TORCH_VENV="$TORCH_VENV"
-export PATH="$TORCH_VENV/bin:$PATH"
-say "build environment: LIBTORCH_USE_PYTORCH=1, python3 = $TORCH_VENV/bin/python3"
+export LAYERWISE_TORCH_VENV
+export PATH="$LAYERWISE_TORCH_VENV/bin:$PATH"
 # Test binaries of the library crates find libtorch through this; the `layerwise` binary
 # itself carries an rpath and needs nothing (a test checks that with ldd).
-TORCH_LIB="$("$TORCH_VENV/bin/python3" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
-export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+LAYERWISE_TORCH_LIB="$("$LAYERWISE_TORCH_VENV/bin/python3" -W ignore -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+export LD_LIBRARY_PATH="$LAYERWISE_TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "setup: build environment: LIBTORCH_USE_PYTORCH=1, python3 = $LAYERWISE_TORCH_VENV/bin/python3" >&2

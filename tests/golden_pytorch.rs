@@ -39,7 +39,20 @@ fn model_config(g: &Golden) -> ModelConfig {
     }
 }
 
-const MAX_POOL: Pool = Pool { kind: PoolKind::Max, kernel: 2, stride: 2, padding: 0 };
+/// A 3x3 conv block keeping its size, max-pooled 2x2 after (what the golden script builds).
+fn conv3x3(in_channels: i64, out_channels: i64, size: i64) -> LayerSpec {
+    let pool_after = Some(Pool { kind: PoolKind::Max, kernel: 2, stride: 2, padding: 0 });
+    LayerSpec::Conv {
+        in_channels,
+        out_channels,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+        size_in: size,
+        size_out: size,
+        pool_after,
+    }
+}
 
 #[test]
 fn similarity_matrices_match_pytorch() {
@@ -61,16 +74,7 @@ fn check_block(case: &str) {
     let model = model_config(&g);
     let (cin, cout, size, classes) = (g.i64("cin"), g.i64("cout"), g.i64("size"), g.i64("classes"));
     let spec = match g.str("kind") {
-        "conv" => LayerSpec::Conv {
-            in_channels: cin,
-            out_channels: cout,
-            kernel: 3,
-            stride: 1,
-            padding: 1,
-            size_in: size,
-            size_out: size,
-            pool_after: Some(MAX_POOL),
-        },
+        "conv" => conv3x3(cin, cout, size),
         _ => LayerSpec::Linear { in_features: cin, out_features: cout },
     };
     let mut block = HiddenBlock::new(0, &spec, classes, &model, &OptimConfig::default(), 0, Device::Cpu).unwrap();
@@ -223,16 +227,7 @@ fn check_network(case: &str) {
             ],
         ),
         _ => {
-            let conv = |cin, cout, size| LayerSpec::Conv {
-                in_channels: cin,
-                out_channels: cout,
-                kernel: 3,
-                stride: 1,
-                padding: 1,
-                size_in: size,
-                size_out: size,
-                pool_after: Some(MAX_POOL),
-            };
+            let conv = conv3x3;
             (
                 InputShape { channels: 3, size: 8 },
                 vec![conv(3, 4, 8), conv(4, 6, 4), LayerSpec::Linear { in_features: 24, out_features: 16 }],

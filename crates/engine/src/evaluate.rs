@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use layerwise_data::batches::{BatchSource, Transform};
 use layerwise_data::dataset;
 use layerwise_nn::arch::{InputShape, LayerSpec, PoolKind};
-use layerwise_nn::network::strip_prefix;
-use layerwise_nn::{Architecture, Named, Network};
+use layerwise_nn::{strip_prefix, Architecture, Named, Network};
 use serde_json::json;
 use tch::{Device, Kind, Reduction, Tensor};
 

@@ -13,7 +13,7 @@ use crate::losses::{feedback_alignment_linear, pred_loss, pred_loss_bce, sim_los
 use crate::optim::Optimizer;
 use crate::rng::{LayerRng, Purpose};
 use crate::targets::Targets;
-use crate::{Named, NnError, Result};
+use crate::{strip_prefix, Named, NnError, Result};
 
 const BN_MOMENTUM: f64 = 0.1;
 const BN_EPS: f64 = 1e-5;
@@ -367,11 +367,7 @@ impl HiddenBlock {
     /// Restores what [`HiddenBlock::state`] saved.
     pub fn load_state(&mut self, named: &[Named]) -> Result<()> {
         self.load(named)?;
-        let optim: Vec<Named> = named
-            .iter()
-            .filter_map(|(n, t)| n.strip_prefix("optim.").map(|n| (n.to_string(), t.shallow_clone())))
-            .collect();
-        self.optimizer.load_state(&optim)?;
+        self.optimizer.load_state(&strip_prefix(named, "optim."))?;
         self.stats.load_state(named).map_err(|e| NnError::State(format!("layer {}: {e}", self.index)))?;
         let rng = named
             .iter()

@@ -46,3 +46,8 @@ pub type Result<T> = std::result::Result<T, NnError>;
 
 /// A tensor with the name it is saved under (PyTorch-style dotted names).
 pub type Named = (String, tch::Tensor);
+
+/// The tensors whose names start with `prefix`, with the prefix removed.
+pub fn strip_prefix(named: &[Named], prefix: &str) -> Vec<Named> {
+    named.iter().filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_string(), t.shallow_clone()))).collect()
+}

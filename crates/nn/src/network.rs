@@ -11,7 +11,7 @@ use crate::init;
 use crate::output::OutputLayer;
 use crate::rng::{LayerRng, Purpose};
 use crate::targets::Targets;
-use crate::{Named, NnError, Result};
+use crate::{strip_prefix, Named, NnError, Result};
 
 #[derive(Debug)]
 pub struct Network {
@@ -102,11 +102,6 @@ impl Network {
     pub fn parameter_count(&self) -> i64 {
         self.arch.parameter_count(self.model.batch_norm)
     }
-}
-
-/// The tensors whose names start with `prefix`, with the prefix removed.
-pub fn strip_prefix(named: &[Named], prefix: &str) -> Vec<Named> {
-    named.iter().filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_string(), t.shallow_clone()))).collect()
 }
 
 /// Builds every layer of `arch`, layer `i` on `devices[i]` (the output layer last). Each

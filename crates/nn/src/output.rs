@@ -8,7 +8,7 @@ use crate::init;
 use crate::losses::pred_loss;
 use crate::optim::Optimizer;
 use crate::rng::{LayerRng, Purpose};
-use crate::{Named, Result};
+use crate::{strip_prefix, Named, Result};
 
 #[derive(Debug)]
 pub struct OutputLayer {
@@ -114,11 +114,7 @@ impl OutputLayer {
 
     pub fn load_state(&mut self, named: &[Named]) -> Result<()> {
         self.load(named)?;
-        let optim: Vec<Named> = named
-            .iter()
-            .filter_map(|(n, t)| n.strip_prefix("optim.").map(|n| (n.to_string(), t.shallow_clone())))
-            .collect();
-        self.optimizer.load_state(&optim)?;
+        self.optimizer.load_state(&strip_prefix(named, "optim."))?;
         self.examples = load_stats(&mut self.sums, named)?;
         Ok(())
     }
