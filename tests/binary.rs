@@ -147,3 +147,35 @@ fn a_bad_override_fails_naming_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("train.epoch") && stderr.contains("unknown field"), "{stderr}");
 }
+
+/// Ctrl-C (SIGINT) during `layerwise train`: a checkpoint at the next step, exit 0, and
+/// `--resume` carries on from there.
+#[test]
+fn sigint_stops_train_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut child = Command::new(BIN)
+        .current_dir(repo_root())
+        .args(["train", "configs/demo.json", "--set", "train.epochs=50", "--set", "train.steps_per_epoch=30"])
+        .args(["--set", "train.eval_batches=1", "--set", "model.num_hidden=64", "--run-dir"])
+        .arg(&run)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(true, |m| m.is_empty()) {
+        assert!(start.elapsed().as_secs() < 60, "no epoch finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}", out.status);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("status.json")).unwrap()).unwrap();
+    assert_eq!(status["state"], "stopped", "{status}");
+    let step = status["step"].as_u64().unwrap();
+    assert!(step < 1500, "stopped early, at step {step}");
+    assert!(run.join("checkpoints").join(format!("step-{step:010}")).join("manifest.json").is_file());
+}

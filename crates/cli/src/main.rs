@@ -8,6 +8,8 @@ mod use_run;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -141,8 +143,25 @@ fn train(config: PathBuf, run_dir: Option<PathBuf>, overrides: Vec<String>, resu
         PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
     });
     let on_step = std::io::stderr().is_terminal().then(|| progress_bar(cfg.train.batch_size, cfg.train.epochs));
-    let summary = layerwise_engine::run(&cfg, &run_dir, RunOptions { resume, on_step, ..Default::default() })
-        .with_context(|| format!("run {} failed", run_dir.display()))?;
+    // SIGINT or SIGTERM: checkpoint at the next step and stop; a second one ends at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let options = RunOptions { resume, on_step, stop: Some(stop), ..Default::default() };
+    let summary =
+        layerwise_engine::run(&cfg, &run_dir, options).with_context(|| format!("run {} failed", run_dir.display()))?;
+    if summary.stopped {
+        println!(
+            "{}: stopped at step {} with a checkpoint; continue with: layerwise train {} --run-dir {} --resume",
+            config.display(),
+            summary.step,
+            config.display(),
+            run_dir.display()
+        );
+        return Ok(());
+    }
     let last = summary.epochs.last().context("no epoch ran")?;
     println!(
         "{}: {} epoch(s), test error {:.2}%, train error {:.2}%, {:.0} images/s; files in {}",
