@@ -105,7 +105,10 @@ fn demo_trains_on_real_fashion_mnist_and_writes_its_run_directory() {
 
     let inspect = Command::new(BIN).arg("inspect").arg(&run).output().unwrap();
     let text = String::from_utf8_lossy(&inspect.stdout);
-    assert!(inspect.status.success() && text.contains("step         150") && text.contains("layer-002"), "{text}");
+    assert!(
+        inspect.status.success() && text.contains("step         150 (epoch 1)") && text.contains("layer-002"),
+        "{text}"
+    );
 }
 
 /// `--resume` continues a run from its checkpoint to the same end as one uninterrupted run.

@@ -133,7 +133,7 @@ fn jobs_run_to_done_and_a_bad_job_fails_without_stopping_the_next() {
 }
 
 #[test]
-fn a_cancel_file_cancels_a_running_job_after_a_checkpoint() {
+fn a_cancel_file_or_a_removed_job_file_cancels_a_running_job_after_a_checkpoint() {
     let root = tempfile::tempdir().unwrap();
     write_idx_dataset(&root.path().join("data"), 300, 100);
     let service = Service::start(root.path());
@@ -144,6 +144,13 @@ fn a_cancel_file_cancels_a_running_job_after_a_checkpoint() {
     assert!(s["reason"].as_str().unwrap().contains("checkpoint"), "{s}");
     let checkpoints = service.runs.join("long/checkpoints");
     assert!(std::fs::read_dir(&checkpoints).unwrap().count() >= 1);
+
+    // removing the job file cancels too
+    service.submit("long2", &job(&root.path().join("data"), 200, 9, 32));
+    service.wait_for("long2", |s| s["state"] == "running" && s["epoch"].as_u64() >= Some(1));
+    std::fs::remove_file(service.jobs.join("long2.json")).unwrap();
+    let s = service.wait_for("long2", state_is("cancelled"));
+    assert!(s["reason"].as_str().unwrap().contains("checkpoint"), "{s}");
     service.signal("TERM");
     assert!(service.wait_exit().success());
 }

@@ -188,8 +188,8 @@ fn progress_bar(batch_size: usize, epochs: usize) -> Box<dyn FnMut(usize, usize,
         if step == 1 {
             bar.reset();
             bar.set_length((steps * batch_size) as u64);
-            bar.set_message(format!("epoch {epoch}/{epochs}"));
         }
+        bar.set_message(format!("epoch {epoch}/{epochs} step {step}/{steps}"));
         bar.set_position((step * batch_size) as u64);
         if step == steps {
             bar.finish_and_clear();

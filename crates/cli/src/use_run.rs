@@ -55,7 +55,7 @@ pub fn inspect(path: &Path) -> anyhow::Result<()> {
     let m = &loaded.manifest;
     println!("checkpoint   {}", loaded.dir.display());
     println!("format       {}", m.format_version);
-    println!("step         {}", m.step);
+    println!("step         {} (epoch {})", m.step, m.epoch);
     println!("position     epoch {}, batch {}", m.position.0, m.position.1);
     println!("epochs done  {}", m.epochs_done);
     println!("error        {}", m.error.map_or("-".into(), |e| format!("{e:.2}%")));

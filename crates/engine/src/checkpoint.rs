@@ -34,6 +34,8 @@ pub struct Manifest {
     pub format_version: u32,
     /// Training steps taken by every layer.
     pub step: u64,
+    /// The epoch the last step belongs to (0 before any).
+    pub epoch: usize,
     /// Where the data stream resumes: (epoch from 1, batch index in it).
     pub position: (usize, usize),
     /// Epochs completed (evaluated and reported).

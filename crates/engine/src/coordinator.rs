@@ -554,6 +554,7 @@ impl Training<'_> {
         let manifest = Manifest {
             format_version: checkpoint::FORMAT_VERSION,
             step: progress.step,
+            epoch: if progress.position.1 == 0 { progress.position.0 - 1 } else { progress.position.0 },
             position: progress.position,
             epochs_done: progress.metrics.len(),
             config_hash: checkpoint::config_hash(self.config),
