@@ -86,15 +86,24 @@ pub fn run(config: &RunConfig, run_dir: &Path, options: RunOptions) -> Result<Ru
 /// The data of a run, read and split.
 struct Data {
     train: BatchSource,
-    test: Vec<(Tensor, Tensor)>,
-    validation: Vec<(Tensor, Tensor)>,
+    test: EvalSource,
+    validation: Option<EvalSource>,
     input: InputShape,
     num_classes: i64,
 }
 
-fn eval_batches(source: &mut BatchSource, limit: Option<usize>) -> Vec<(Tensor, Tensor)> {
-    let n = source.batches_per_epoch().min(limit.unwrap_or(usize::MAX));
-    (0..n).map(|i| source.batch(1, i)).map(|b| (b.images, b.labels)).collect()
+/// A held-out set, made into normalised batches only as each evaluation needs them, so that
+/// memory holds the set's bytes and not a float copy of it.
+struct EvalSource {
+    source: BatchSource,
+    batches: usize,
+}
+
+impl EvalSource {
+    fn new(source: BatchSource, limit: Option<usize>) -> Self {
+        let batches = source.batches_per_epoch().min(limit.unwrap_or(usize::MAX));
+        Self { source, batches }
+    }
 }
 
 fn load_data(config: &RunConfig) -> Result<Data> {
@@ -113,14 +122,12 @@ fn load_data(config: &RunConfig) -> Result<Data> {
         seed: config.train.seed,
     };
     let eb = config.train.eval_batch_size;
-    let mut test = BatchSource::evaluation(splits.test, transform.clone(), eb);
-    let validation = match validation {
-        Some(v) => eval_batches(&mut BatchSource::evaluation(v, transform.clone(), eb), config.train.eval_batches),
-        None => vec![],
-    };
+    let limit = config.train.eval_batches;
+    let test = EvalSource::new(BatchSource::evaluation(splits.test, transform.clone(), eb), limit);
+    let validation = validation.map(|v| EvalSource::new(BatchSource::evaluation(v, transform.clone(), eb), limit));
     Ok(Data {
         train: BatchSource::training(train, transform, sampler),
-        test: eval_batches(&mut test, config.train.eval_batches),
+        test,
         validation,
         input: InputShape { channels: c, size: h },
         num_classes,
@@ -268,7 +275,7 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
         tracing::info!("no checkpoint in {}: starting from the beginning", checkpoints_root.display());
     }
     dir.write_config(config)?;
-    let data = load_data(config)?;
+    let mut data = load_data(config)?;
     let arch = Architecture::new(&config.model, data.input, data.num_classes)?;
     let num_layers = arch.hidden.len() + 1;
     let cuda_count = tch::Cuda::device_count().max(0) as usize;
@@ -398,8 +405,8 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
         dir,
         batches: &batches,
         reports: &reports,
-        test: &data.test,
-        validation: &data.validation,
+        test: &mut data.test,
+        validation: data.validation.as_mut(),
         steps,
         plan: &plan,
         writer: &mut writer,
@@ -459,8 +466,8 @@ struct Training<'a> {
     dir: &'a RunDir,
     batches: &'a Receiver<(Tensor, Targets)>,
     reports: &'a Receiver<Report>,
-    test: &'a [(Tensor, Tensor)],
-    validation: &'a [(Tensor, Tensor)],
+    test: &'a mut EvalSource,
+    validation: Option<&'a mut EvalSource>,
     steps: usize,
     plan: &'a [StagePlan],
     writer: &'a mut checkpoint::Writer,
@@ -504,14 +511,17 @@ impl Training<'_> {
                     return Ok(true);
                 }
             }
-            for (set, batches) in [(EvalSet::Test, self.test), (EvalSet::Validation, self.validation)] {
-                for (index, (x, y)) in batches.iter().enumerate() {
-                    let msg = Message::Eval { set, index, input: x.shallow_clone(), labels: y.shallow_clone() };
-                    pipeline.feed(msg, self.reports)?;
+            let mut n_eval = 0;
+            let sets = [(EvalSet::Test, Some(&mut *self.test)), (EvalSet::Validation, self.validation.as_deref_mut())];
+            for (set, source) in sets {
+                let Some(source) = source else { continue };
+                for index in 0..source.batches {
+                    let b = source.source.batch(1, index);
+                    pipeline.feed(Message::Eval { set, index, input: b.images, labels: b.labels }, self.reports)?;
+                    n_eval += 1;
                 }
             }
             pipeline.feed(Message::EpochEnd { epoch }, self.reports)?;
-            let n_eval = self.test.len() + self.validation.len();
             let mut metrics = collect_epoch(epoch, progress.step, lr, start, self.reports, self.plan, n_eval)?;
             metrics.data_wait_s = data_wait.as_secs_f64();
             if metrics.data_wait_s > 0.1 * metrics.train_seconds && metrics.data_wait_s > 0.5 {
