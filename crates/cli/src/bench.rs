@@ -9,7 +9,8 @@ use std::time::Instant;
 use layerwise_data::batches::{BatchSource, Sampler, Transform};
 use layerwise_data::dataset::{self, Dataset};
 use layerwise_data::{DataConfig, DatasetKind};
-use layerwise_engine::RunConfig;
+use layerwise_engine::config::Placement;
+use layerwise_engine::{PipelineMode, RunConfig, RunOptions};
 use tch::{Kind, Tensor};
 
 fn measure(name: &str, mut source: BatchSource, batches: usize) {
@@ -50,5 +51,36 @@ pub fn data(config: Option<&Path>, batches: usize) -> anyhow::Result<()> {
         BatchSource::training(set, Transform::from_config(&cifar, 3)?, sampler),
         batches,
     );
+    Ok(())
+}
+
+/// Training throughput of a config, sequential (one stage, one thread of work per layer
+/// after layer) and pipelined under the config's placement and under one stage per layer:
+/// images/s of the measured epoch (the first, shorter one warms up).
+pub fn train(config: &Path, steps: usize, overrides: &[String]) -> anyhow::Result<()> {
+    let base = RunConfig::load(config, overrides)?;
+    let mut runs = vec![("sequential", PipelineMode::Sequential, Placement::Named("single".into()))];
+    runs.push(("pipelined", PipelineMode::Pipelined, base.pipeline.placement.clone()));
+    if base.pipeline.placement != Placement::Named("per_layer".into()) {
+        runs.push(("pipelined", PipelineMode::Pipelined, Placement::Named("per_layer".into())));
+    }
+    let mut first = None;
+    println!("{:<12} {:<36} {:>8} {:>12} {:>9}", "mode", "placement", "stages", "images/s", "vs first");
+    for (name, mode, placement) in runs {
+        let mut c = base.clone();
+        c.pipeline.mode = mode;
+        c.pipeline.placement = placement.clone();
+        c.train.epochs = 2;
+        c.train.steps_per_epoch = Some(steps);
+        c.train.eval_batches = Some(1);
+        c.checkpoint.every_epochs = 0;
+        c.checkpoint.every_steps = 0;
+        let dir = tempfile::tempdir()?;
+        let summary = layerwise_engine::run(&c, dir.path(), RunOptions::default())?;
+        let ips = summary.epochs.last().map_or(0.0, |e| e.images_per_sec);
+        let base_ips = *first.get_or_insert(ips);
+        let placement = serde_json::to_string(&placement)?;
+        println!("{name:<12} {placement:<36} {:>8} {ips:>12.0} {:>8.2}x", summary.plan.len(), ips / base_ips);
+    }
     Ok(())
 }

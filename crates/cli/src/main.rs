@@ -118,6 +118,15 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Training throughput: sequential against pipelined, for a config.
+    Train {
+        config: PathBuf,
+        /// Steps per measured epoch.
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Loader throughput with augmentation: a config's data set, and CIFAR-shaped data.
     Data {
         /// Config whose data section to measure (default: Fashion-MNIST).
@@ -231,6 +240,7 @@ fn main() -> ExitCode {
         Command::Export { path, out } => use_run::export(&path, &out),
         Command::Inspect { path } => use_run::inspect(&path),
         Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
+        Command::Bench(Bench::Train { config, steps, overrides }) => bench::train(&config, steps, &overrides),
         Command::Serve { jobs, runs, scan_every, stop_timeout } => {
             layerwise_daemon::serve(layerwise_daemon::ServeOptions {
                 jobs,
