@@ -143,6 +143,20 @@ fn train_resume_continues_from_the_checkpoint() {
 }
 
 #[test]
+fn a_fresh_start_in_a_run_directory_with_checkpoints_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let sets = ["train.steps_per_epoch=3", "train.eval_batches=1", "model.num_hidden=16"];
+    assert!(train(&run, &sets).status.success());
+    let again = train(&run, &sets);
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("--resume") && stderr.contains("checkpoints"), "{stderr}");
+    let status = std::fs::read_to_string(run.join("status.json")).unwrap();
+    assert!(status.contains("\"done\""), "the earlier run's status stays: {status}");
+}
+
+#[test]
 fn a_bad_override_fails_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let out = train(&dir.path().join("run"), &["train.epoch=1"]);
@@ -181,4 +195,73 @@ fn sigint_stops_train_with_a_checkpoint() {
     let step = status["step"].as_u64().unwrap();
     assert!(step < 1500, "stopped early, at step {step}");
     assert!(run.join("checkpoints").join(format!("step-{step:010}")).join("manifest.json").is_file());
+}
+
+/// Every tensor of the newest checkpoint of a run, by file and name.
+fn newest_checkpoint(run: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut dirs: Vec<std::path::PathBuf> =
+        std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.retain(|d| !d.to_string_lossy().ends_with(".partial"));
+    dirs.sort();
+    let dir = dirs.last().unwrap();
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "safetensors")) {
+        let mut t = tch::Tensor::read_safetensors(f).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(t.into_iter().map(|(n, t)| (format!("{}/{n}", f.file_name().unwrap().to_string_lossy()), t)));
+    }
+    out
+}
+
+/// kill -9 at arbitrary instants (checkpoints are taken every 2 steps, so some kills land
+/// while one is being written), then --resume: the run ends exactly where an uninterrupted
+/// one does.
+#[test]
+fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = [
+        "train.epochs=3",
+        "train.steps_per_epoch=40",
+        "train.eval_batches=1",
+        "model.num_hidden=256",
+        "checkpoint.every_steps=2",
+        "train.cpu_threads=4",
+    ];
+    let whole = dir.path().join("whole");
+    assert!(train(&whole, &sets).status.success());
+    let run = dir.path().join("killed");
+    for delay_ms in [500u64, 800, 1100] {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(repo_root()).args(["train", "configs/demo.json", "--resume", "--run-dir"]).arg(&run);
+        for s in sets {
+            cmd.arg("--set").arg(s);
+        }
+        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+    }
+    // the kills landed mid-training: some checkpoints exist, the last step is not there yet
+    let mut steps: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    steps.sort();
+    assert!(!steps.is_empty() && steps.last().unwrap() < &"step-0000000120".to_string(), "{steps:?}");
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(repo_root()).args(["train", "configs/demo.json", "--resume", "--run-dir"]).arg(&run);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("resuming from"), "the last start resumed: {log}");
+    let (a, b) = (newest_checkpoint(&whole), newest_checkpoint(&run));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after kill -9 and resume");
+    }
 }

@@ -64,6 +64,14 @@ pub struct RunSummary {
 
 /// Runs one training job in `run_dir` and records its status there.
 pub fn run(config: &RunConfig, run_dir: &Path, options: RunOptions) -> Result<RunSummary> {
+    // Refused before anything is written, so that the earlier run's files stay as they are.
+    let checkpoints_root = run_dir.join("checkpoints");
+    if !options.resume && !checkpoint::list(&checkpoints_root).is_empty() {
+        return Err(EngineError::Config(format!(
+            "{} holds checkpoints of an earlier run: resume it (--resume) or use another run directory",
+            checkpoints_root.display()
+        )));
+    }
     let dir = RunDir::create(run_dir)?;
     dir.set_status(RunState::Running, "", 0, 0)?;
     match run_inner(config, &dir, options) {
