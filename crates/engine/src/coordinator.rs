@@ -281,6 +281,7 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
         tracing::info!(step = l.manifest.step, "resuming from {}", l.dir.display());
     } else if options.resume {
         tracing::info!("no checkpoint in {}: starting from the beginning", checkpoints_root.display());
+        dir.rewrite_metrics(&[])?; // lines of a run that left no checkpoint are not this run's
     }
     dir.write_config(config)?;
     let mut data = load_data(config)?;
