@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 cargo build --release -p layerwise
-./target/release/layerwise train configs/demo.json --run-dir "${RUN_DIR:-runs/demo}" "$@"
+./target/release/layerwise train configs/demo.json --run-dir "${RUN_DIR:-runs/demo-$(date +%Y%m%d-%H%M%S)}" "$@"
