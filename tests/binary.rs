@@ -171,7 +171,7 @@ fn a_bad_override_fails_naming_the_key() {
 fn sigint_stops_train_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .current_dir(repo_root())
         .args(["train", "configs/demo.json", "--set", "train.epochs=50", "--set", "train.steps_per_epoch=30"])
         .args(["--set", "train.eval_batches=1", "--set", "model.num_hidden=64", "--run-dir"])
