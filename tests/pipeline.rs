@@ -111,6 +111,21 @@ fn failure(kind: FaultKind, layer: usize, mode: PipelineMode) -> (StageFailure, 
 }
 
 #[test]
+fn a_nan_is_reported_at_its_exact_step_when_losses_are_read_back_only_every_5_steps() {
+    let data = data_dir();
+    let mut c = config(data.path(), "mlp");
+    c.pipeline.placement = Placement::Named("per_layer".into());
+    c.train.check_finite_every = Some(5);
+    let dir = tempfile::tempdir().unwrap();
+    let fault = Fault { layer: 1, step: 7, kind: FaultKind::NonFinite };
+    let e = layerwise_engine::run(&c, dir.path(), RunOptions { fault: Some(fault), ..Default::default() }).unwrap_err();
+    match e {
+        EngineError::Stage(f) => assert_eq!((f.stage, f.layer, f.step), (1, Some(1), Some(7)), "{f}"),
+        other => panic!("expected a stage failure, got {other}"),
+    }
+}
+
+#[test]
 fn each_kind_of_stage_failure_stops_the_pipeline_and_says_where_and_why() {
     for (kind, layer, reason) in [
         (FaultKind::Error, 1, "injected error"),

@@ -354,7 +354,7 @@ fn run_inner(config: &RunConfig, dir: &RunDir, mut options: RunOptions) -> Resul
             out,
             config.model.training,
             threads,
-            config.train.check_finite_every,
+            config.train.check_finite_every.unwrap_or(if p.device().is_cuda() { 50 } else { 1 }),
             report_tx.clone(),
             parts_tx.clone(),
             options.fault,

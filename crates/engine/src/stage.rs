@@ -51,7 +51,12 @@ pub struct Stage {
     train_done: Option<Instant>,
     fault: Option<Fault>,
     watch: Option<std::sync::Arc<crate::watchdog::Watch>>,
+    /// First non-finite loss noted on the device: step * LAYER_SLOTS + layer, or -1.
+    first_bad: Option<Tensor>,
 }
+
+/// Layer indices a non-finite mark can hold (the last slot: "the whole stage").
+const LAYER_SLOTS: i64 = 1 << 16;
 
 type Handled = Result<Option<Message>, StageFailure>;
 
@@ -84,6 +89,7 @@ impl Stage {
             train_done: None,
             fault,
             watch: None,
+            first_bad: None,
         }
     }
 
@@ -165,11 +171,13 @@ impl Stage {
                 Ok(Some(Message::SetLr { lr }))
             }
             Message::EpochEnd { epoch } => {
+                self.read_first_bad()?; // nothing non-finite reaches an epoch's figures
                 self.mark_train_done();
                 self.report_epoch(epoch);
                 Ok(Some(Message::EpochEnd { epoch }))
             }
             Message::Checkpoint { step, seq } => {
+                self.read_first_bad()?; // nor a checkpoint
                 let layers = self.snapshot();
                 self.checkpoints
                     .send(CheckpointPart { seq, layers })
@@ -238,14 +246,34 @@ impl Stage {
         }
     }
 
-    fn check_finite(&self, loss: &Tensor, layer: usize, step: u64) -> Result<(), StageFailure> {
-        if self.check_finite_every > 0 && step.is_multiple_of(self.check_finite_every) {
-            let v = loss.double_value(&[]);
-            if !v.is_finite() {
-                return Err(self.fail(Some(layer), Some(step), format!("non-finite loss {v}")));
-            }
+    /// Notes, on the device and without waiting for it, the first (step, layer) whose loss
+    /// is not finite; reads that back every `check_finite_every` steps. So the failure names
+    /// the exact step while a GPU stage synchronises only once per interval.
+    fn check_finite(&mut self, loss: &Tensor, layer: Option<usize>, step: u64) -> Result<(), StageFailure> {
+        if self.check_finite_every == 0 {
+            return Ok(());
+        }
+        let _guard = tch::no_grad_guard();
+        let mark = step as i64 * LAYER_SLOTS + layer.map_or(LAYER_SLOTS - 1, |l| l as i64);
+        let first = self.first_bad.get_or_insert_with(|| Tensor::from(-1i64).to_device(loss.device()));
+        let keep = first.ge(0).logical_or(&loss.isfinite());
+        *first = first.where_scalarother(&keep, mark);
+        if step.is_multiple_of(self.check_finite_every) {
+            self.read_first_bad()?;
         }
         Ok(())
+    }
+
+    /// Fails if a non-finite loss was noted (read back from the device).
+    fn read_first_bad(&self) -> Result<(), StageFailure> {
+        let Some(first) = &self.first_bad else { return Ok(()) };
+        let v = first.int64_value(&[]);
+        if v < 0 {
+            return Ok(());
+        }
+        let (step, slot) = ((v / LAYER_SLOTS) as u64, v % LAYER_SLOTS);
+        let layer = (slot != LAYER_SLOTS - 1).then_some(slot as usize);
+        Err(self.fail(layer, Some(step), "non-finite loss (NaN or infinity)"))
     }
 
     fn train_local_step(
@@ -260,7 +288,7 @@ impl Stage {
                 let x = s.inject(layer, step, x)?;
                 s.blocks[i].train_local(&x, targets).map_err(|e| s.fail(Some(layer), Some(step), e.to_string()))
             })??;
-            self.check_finite(&out.loss, layer, step)?;
+            self.check_finite(&out.loss, Some(layer), step)?;
             x = out.output;
         }
         if let Some(layer) = self.output.as_ref().map(|o| o.index) {
@@ -268,7 +296,7 @@ impl Stage {
                 let x = s.inject(layer, step, x.shallow_clone())?;
                 Ok(s.output.as_mut().expect("checked").train_local(&x, &targets.labels).1)
             })??;
-            self.check_finite(&loss, layer, step)?;
+            self.check_finite(&loss, Some(layer), step)?;
         }
         Ok(x)
     }
@@ -287,12 +315,7 @@ impl Stage {
             train_global(&mut s.blocks, output, &x, targets, with_local)
                 .map_err(|e| s.fail(None, Some(step), e.to_string()))
         })??;
-        if self.check_finite_every > 0 && step.is_multiple_of(self.check_finite_every) {
-            let v = logits.sum(Kind::Double).double_value(&[]);
-            if !v.is_finite() {
-                return Err(self.fail(None, Some(step), "non-finite output"));
-            }
-        }
+        self.check_finite(&logits.sum(Kind::Float), None, step)?;
         Ok(logits)
     }
 
