@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Throughput yardstick: the demo's recipe (predsim mlp 3x1024, leakyrelu, dropout 0.1,
+Adam 5e-4, batch 128, Fashion-MNIST with crop 2 + flip) trained the way the paper's public
+PyTorch code trains it: one process, eager PyTorch, layer after layer per batch, one Adam
+per layer. Written by us from the method's spec, for comparing images/s with
+`layerwise bench train`; prints one JSON line. Its augmentation is lighter than a per-image
+pipeline (one crop offset per batch, in the training thread), which favours it.
+
+    . scripts/setup.sh && python3 scripts/torch_baseline.py [--steps 150] [--threads 2]
+"""
+import argparse
+import gzip
+import json
+import struct
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = "/usr/share/datasets/fashion-mnist"
+
+
+def read_idx(path):
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    dims = raw[3]
+    shape = struct.unpack(">" + "I" * dims, raw[4:4 + 4 * dims])
+    return torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8).reshape(shape)
+
+
+def sim_matrix(x):
+    x = x.reshape(x.shape[0], -1)
+    xc = x - x.mean(dim=1, keepdim=True)
+    xn = xc / (1e-8 + xc.pow(2).sum(dim=1, keepdim=True).sqrt())
+    return (xn @ xn.t()).clamp(-1, 1)
+
+
+class Block(nn.Module):
+    def __init__(self, d_in, d_out, classes, beta=0.99):
+        super().__init__()
+        self.encoder = nn.Linear(d_in, d_out)
+        self.bn = nn.BatchNorm1d(d_out)
+        self.sim_transform = nn.Linear(d_out, d_out, bias=False)
+        self.decoder = nn.Linear(d_out, classes)
+        self.decoder.weight.data.zero_()
+        self.beta = beta
+        self.opt = torch.optim.Adam(self.parameters(), lr=5e-4)
+
+    def train_step(self, x, y, sim_target):
+        h = F.leaky_relu(self.bn(self.encoder(x)), 0.01)
+        out = F.dropout(h, 0.1, True)
+        pred = F.cross_entropy(self.decoder(h), y)
+        sim = F.mse_loss(sim_matrix(self.sim_transform(h)), sim_target)
+        loss = (1 - self.beta) * pred + self.beta * sim
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return out.detach()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(1)
+    images = read_idx(f"{ROOT}/train-images-idx3-ubyte.gz")
+    labels = read_idx(f"{ROOT}/train-labels-idx1-ubyte.gz").long()
+    blocks = [Block(784, 1024, 10), Block(1024, 1024, 10), Block(1024, 1024, 10)]
+    out = nn.Linear(1024, 10)
+    out.weight.data.zero_()
+    out_opt = torch.optim.Adam(out.parameters(), lr=5e-4)
+    n, b = images.shape[0], 128
+    perm = torch.randperm(n)
+
+    def batch(i):
+        idx = perm[(i * b) % n:(i * b) % n + b]
+        x = F.pad(images[idx].float().unsqueeze(1), (2, 2, 2, 2))
+        dy, dx = torch.randint(0, 5, (2,))
+        x = x[:, :, dy:dy + 28, dx:dx + 28]
+        flip = torch.rand(len(idx)) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        x = (x / 255.0 - 0.286) / 0.353
+        return x.reshape(len(idx), -1), labels[idx]
+
+    def step(i):
+        x, y = batch(i)
+        sim_target = sim_matrix(F.one_hot(y, 10).float())
+        for blk in blocks:
+            x = blk.train_step(x, y, sim_target)
+        loss = 0.01 * F.cross_entropy(out(x), y)
+        out_opt.zero_grad()
+        loss.backward()
+        out_opt.step()
+
+    for i in range(10):  # warm-up
+        step(i)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(10 + i)
+    secs = time.perf_counter() - start
+    print(json.dumps({"recipe": "mlp 3x1024 predsim, batch 128", "threads": args.threads,
+                      "steps": args.steps, "images_per_sec": round(args.steps * b / secs)}))
+
+
+if __name__ == "__main__":
+    main()
