@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use layerwise_tests::repo_root;
+use layerwise_tests::{assert_same_newest_checkpoint, repo_root};
 
 const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
 
@@ -23,13 +23,21 @@ fn binary_keeps_libtorch_cuda_and_finds_torch_without_ld_library_path() {
     assert!(String::from_utf8_lossy(&run.stdout).contains("cuda devices"));
 }
 
-fn train(run_dir: &Path, sets: &[&str]) -> std::process::Output {
+/// `layerwise train configs/demo.json --run-dir RUN_DIR [--resume] --set ...`.
+fn train_command(run_dir: &Path, sets: &[&str], resume: bool) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.current_dir(repo_root()).arg("train").arg("configs/demo.json").arg("--run-dir").arg(run_dir);
+    if resume {
+        cmd.arg("--resume");
+    }
     for s in sets {
         cmd.arg("--set").arg(s);
     }
-    cmd.output().expect("run layerwise train")
+    cmd
+}
+
+fn train(run_dir: &Path, sets: &[&str]) -> std::process::Output {
+    train_command(run_dir, sets, false).output().expect("run layerwise train")
 }
 
 /// The README's demo, shortened: a predsim mlp, one stage per layer, pipelined, on real
@@ -120,12 +128,7 @@ fn train_resume_continues_from_the_checkpoint() {
     assert!(train(&whole, &sets).status.success());
     let part = dir.path().join("part");
     assert!(train(&part, &[&sets[..3], &["train.epochs=1"]].concat()).status.success());
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(repo_root()).args(["train", "configs/demo.json", "--resume", "--run-dir"]).arg(&part);
-    for s in sets {
-        cmd.arg("--set").arg(s);
-    }
-    let out = cmd.output().unwrap();
+    let out = train_command(&part, &sets, true).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from"));
     let lines = |d: &Path| -> Vec<serde_json::Value> {
@@ -171,11 +174,8 @@ fn a_bad_override_fails_naming_the_key() {
 fn sigint_stops_train_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let child = Command::new(BIN)
-        .current_dir(repo_root())
-        .args(["train", "configs/demo.json", "--set", "train.epochs=50", "--set", "train.steps_per_epoch=30"])
-        .args(["--set", "train.eval_batches=1", "--set", "model.num_hidden=64", "--run-dir"])
-        .arg(&run)
+    let sets = ["train.epochs=50", "train.steps_per_epoch=30", "train.eval_batches=1", "model.num_hidden=64"];
+    let child = train_command(&run, &sets, false)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -197,24 +197,6 @@ fn sigint_stops_train_with_a_checkpoint() {
     assert!(run.join("checkpoints").join(format!("step-{step:010}")).join("manifest.json").is_file());
 }
 
-/// Every tensor of the newest checkpoint of a run, by file and name.
-fn newest_checkpoint(run: &Path) -> Vec<(String, tch::Tensor)> {
-    let mut dirs: Vec<std::path::PathBuf> =
-        std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
-    dirs.retain(|d| !d.to_string_lossy().ends_with(".partial"));
-    dirs.sort();
-    let dir = dirs.last().unwrap();
-    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
-    let mut out = Vec::new();
-    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "safetensors")) {
-        let mut t = tch::Tensor::read_safetensors(f).unwrap();
-        t.sort_by(|a, b| a.0.cmp(&b.0));
-        out.extend(t.into_iter().map(|(n, t)| (format!("{}/{n}", f.file_name().unwrap().to_string_lossy()), t)));
-    }
-    out
-}
-
 /// kill -9 at arbitrary instants (checkpoints are taken every 2 steps, so some kills land
 /// while one is being written), then --resume: the run ends exactly where an uninterrupted
 /// one does.
@@ -233,12 +215,11 @@ fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
     assert!(train(&whole, &sets).status.success());
     let run = dir.path().join("killed");
     for delay_ms in [500u64, 800, 1100] {
-        let mut cmd = Command::new(BIN);
-        cmd.current_dir(repo_root()).args(["train", "configs/demo.json", "--resume", "--run-dir"]).arg(&run);
-        for s in sets {
-            cmd.arg("--set").arg(s);
-        }
-        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = train_command(&run, &sets, true)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
@@ -249,19 +230,9 @@ fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
         .unwrap_or_default();
     steps.sort();
     assert!(!steps.is_empty() && steps.last().unwrap() < &"step-0000000240".to_string(), "{steps:?}");
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(repo_root()).args(["train", "configs/demo.json", "--resume", "--run-dir"]).arg(&run);
-    for s in sets {
-        cmd.arg("--set").arg(s);
-    }
-    let out = cmd.output().unwrap();
+    let out = train_command(&run, &sets, true).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("resuming from"), "the last start resumed: {log}");
-    let (a, b) = (newest_checkpoint(&whole), newest_checkpoint(&run));
-    assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(ta.equal(tb), "{na} differs after kill -9 and resume");
-    }
+    assert_same_newest_checkpoint(&whole, &run, "after kill -9 and resume");
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use layerwise_tests::{repo_root, write_idx_dataset};
+use layerwise_tests::{assert_same_newest_checkpoint, repo_root, write_idx_dataset};
 
 const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
 
@@ -155,23 +155,6 @@ fn a_cancel_file_or_a_removed_job_file_cancels_a_running_job_after_a_checkpoint(
     assert!(service.wait_exit().success());
 }
 
-/// Every tensor of every file of a run's final checkpoint.
-fn final_tensors(run: &Path) -> Vec<(String, tch::Tensor)> {
-    let root = run.join("checkpoints");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
-    dirs.sort();
-    let last = dirs.last().unwrap();
-    let mut out = Vec::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(last).unwrap().map(|e| e.unwrap().path()).collect();
-    files.sort();
-    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "safetensors")) {
-        let mut t = tch::Tensor::read_safetensors(f).unwrap();
-        t.sort_by(|a, b| a.0.cmp(&b.0));
-        out.extend(t.into_iter().map(|(n, t)| (format!("{}/{n}", f.file_name().unwrap().to_string_lossy()), t)));
-    }
-    out
-}
-
 #[test]
 fn sigterm_checkpoints_and_a_new_serve_resumes_to_the_uninterrupted_result() {
     let root = tempfile::tempdir().unwrap();
@@ -207,13 +190,8 @@ fn sigterm_checkpoints_and_a_new_serve_resumes_to_the_uninterrupted_result() {
     service.signal("TERM");
     assert!(service.wait_exit().success());
 
-    let (a, b) = (final_tensors(&whole), final_tensors(&root.path().join("runs/job")));
-    assert!(a.len() > 20);
-    assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(ta.equal(tb), "{na} differs after SIGTERM and resume (stopped at step {stopped_at})");
-    }
+    let what = format!("after SIGTERM at step {stopped_at} and resume");
+    assert_same_newest_checkpoint(&whole, &root.path().join("runs/job"), &what);
 }
 
 #[test]

@@ -182,3 +182,33 @@ pub fn assert_same_run(a: &layerwise_engine::RunSummary, b: &layerwise_engine::R
         }
     }
 }
+
+/// Every tensor of a run's newest complete checkpoint, named `file/tensor`, in order.
+pub fn newest_checkpoint_tensors(run: &Path) -> Vec<(String, Tensor)> {
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
+    dirs.retain(|d| !d.to_string_lossy().ends_with(".partial"));
+    dirs.sort();
+    let dir = dirs.last().unwrap_or_else(|| panic!("{}: no checkpoint", run.display()));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "safetensors")) {
+        let mut t = Tensor::read_safetensors(f).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(t.into_iter().map(|(n, t)| (format!("{}/{n}", f.file_name().unwrap().to_string_lossy()), t)));
+    }
+    out
+}
+
+/// Asserts two runs' newest checkpoints hold the same tensors, bit for bit.
+#[track_caller]
+pub fn assert_same_newest_checkpoint(a: &Path, b: &Path, what: &str) {
+    let (a, b) = (newest_checkpoint_tensors(a), newest_checkpoint_tensors(b));
+    assert!(a.len() > 20, "{what}: {} tensors", a.len());
+    assert_eq!(a.len(), b.len(), "{what}: same tensors");
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb, "{what}: same names");
+        assert!(ta.equal(tb), "{na} differs {what}");
+    }
+}
