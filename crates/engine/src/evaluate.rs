@@ -88,9 +88,14 @@ pub fn evaluate(config: &RunConfig, loaded: &Loaded, device: Device) -> Result<E
 /// or `layers.{i}.linear.*`, `layers.{i}.bn.*`, `output.*`) and `out` with `.json`: the
 /// architecture, the input normalisation and what each layer computes.
 pub fn export(config: &RunConfig, loaded: &Loaded, out: &Path) -> Result<PathBuf> {
-    let splits = dataset::load(&config.data)?;
-    let (c, h, _) = splits.train.image_shape();
-    let num_classes = splits.train.num_classes;
+    // The shapes come from the config and the checkpoint; the data set is not read.
+    let (c, h) = config.data.input_shape();
+    let num_classes = loaded
+        .layers
+        .get("output")
+        .and_then(|o| o.iter().find(|(n, _)| n == "weight"))
+        .map(|(_, w)| w.size()[0])
+        .ok_or_else(|| EngineError::Other(format!("{}: no output layer weight", loaded.dir.display())))?;
     let transform = Transform::from_config(&config.data, c)?;
     let input = InputShape { channels: c, size: h };
     let arch = Architecture::new(&config.model, input, num_classes)?;
