@@ -197,9 +197,10 @@ fn sigint_stops_train_with_a_checkpoint() {
     assert!(run.join("checkpoints").join(format!("step-{step:010}")).join("manifest.json").is_file());
 }
 
-/// kill -9 at arbitrary instants (checkpoints are taken every 2 steps, so some kills land
-/// while one is being written), then --resume: the run ends exactly where an uninterrupted
-/// one does.
+/// kill -9 while training (checkpoints are taken every 2 steps, so kills also land while one
+/// is being written), then --resume: the run ends exactly where an uninterrupted one does.
+/// Each kill waits for an event, a newer checkpoint folder than the last kill saw, not for
+/// a time, so a slow machine only makes it slower.
 #[test]
 fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,22 +215,31 @@ fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
     let whole = dir.path().join("whole");
     assert!(train(&whole, &sets).status.success());
     let run = dir.path().join("killed");
-    for delay_ms in [500u64, 800, 1100] {
+    let newest = |run: &std::path::Path| -> String {
+        let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.retain(|n| n.starts_with("step-") && !n.ends_with(".partial"));
+        names.sort();
+        names.pop().unwrap_or_default()
+    };
+    let mut seen = String::new();
+    for _ in 0..3 {
         let mut child = train_command(&run, &sets, true)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        while newest(&run) <= seen {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before its next checkpoint");
+            std::thread::yield_now();
+        }
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
+        seen = newest(&run);
     }
-    // the kills landed mid-training: some checkpoints exist, the last step is not there yet
-    let mut steps: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
-        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    steps.sort();
-    assert!(!steps.is_empty() && steps.last().unwrap() < &"step-0000000240".to_string(), "{steps:?}");
+    // the kills landed mid-training: checkpoints exist, the last step is not there yet
+    assert!(!seen.is_empty() && *seen < *"step-0000000240", "{seen}");
     let out = train_command(&run, &sets, true).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = String::from_utf8_lossy(&out.stderr);
