@@ -7,7 +7,7 @@ use std::path::Path;
 use layerwise_engine::checkpoint;
 use layerwise_engine::config::Placement;
 use layerwise_engine::{PipelineMode, RunConfig, RunOptions, RunSummary};
-use layerwise_tests::{assert_same_run, data_dir, small_run_config};
+use layerwise_tests::{assert_same_run, data_dir, run_in_temp, small_run_config};
 
 fn run(config: &RunConfig, dir: &Path, options: RunOptions) -> RunSummary {
     layerwise_engine::run(config, dir, options).unwrap()
@@ -32,7 +32,7 @@ fn resume() -> RunOptions {
 fn a_run_stopped_and_resumed_equals_the_run_done_in_one_go() {
     let data = data_dir();
     let config = pipelined(data.path(), "per_layer");
-    let whole = run(&config, tempfile::tempdir().unwrap().path(), RunOptions::default());
+    let whole = run_in_temp(&config);
     // mid-epoch 2; just after the last batch of epoch 1, before its evaluation; at step 1
     for n in [17, 12, 1] {
         let dir = tempfile::tempdir().unwrap();
@@ -52,7 +52,7 @@ fn a_run_stopped_and_resumed_equals_the_run_done_in_one_go() {
 #[test]
 fn a_checkpoint_taken_under_one_placement_resumes_under_another() {
     let data = data_dir();
-    let whole = run(&pipelined(data.path(), "per_layer"), tempfile::tempdir().unwrap().path(), RunOptions::default());
+    let whole = run_in_temp(&pipelined(data.path(), "per_layer"));
     let dir = tempfile::tempdir().unwrap();
     run(&pipelined(data.path(), "per_layer"), dir.path(), stop_at(9));
     let mut single = pipelined(data.path(), "single");
@@ -94,10 +94,10 @@ fn checkpoints_are_verified_and_a_damaged_newest_one_is_skipped() {
     assert!(e.contains("layer-001.safetensors") && e.contains("damaged"), "{e}");
     // a crash mid-write leaves a partial directory, never taken for a checkpoint
     std::fs::create_dir_all(root.join("step-0000000099.partial")).unwrap();
-    let latest = checkpoint::latest(&root).unwrap().unwrap();
+    let latest = checkpoint::latest(&root).unwrap();
     assert_eq!(latest.manifest.step, 12);
 
-    let whole = run(&config, tempfile::tempdir().unwrap().path(), RunOptions::default());
+    let whole = run_in_temp(&config);
     let resumed = run(&config, dir.path(), resume());
     assert_eq!(resumed.resumed_from.as_deref(), Some(dirs[1].as_path()));
     assert_same_run(&whole, &resumed, "resumed from the previous checkpoint");
@@ -136,4 +136,63 @@ fn the_best_checkpoint_is_kept_beside_the_newest() {
         assert_eq!(kept.len(), 2, "{errors:?}");
         assert_eq!(checkpoint::verify(&kept[1]).unwrap().step, 12 * (best_epoch as u64 + 1));
     }
+}
+
+/// Collects what a stage reports, for tests that drive one stage by hand.
+#[derive(Default)]
+struct Collect(std::sync::Mutex<Vec<layerwise_engine::message::Report>>);
+
+impl layerwise_engine::link::ReportSender for Collect {
+    fn send(&self, r: layerwise_engine::message::Report) -> Result<(), layerwise_engine::link::Closed> {
+        self.0.lock().unwrap().push(r);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stage_resumes_from_its_own_files_alone_and_writes_its_own_part_of_a_checkpoint() {
+    use layerwise_engine::message::{Control, Message, Report};
+    use layerwise_engine::stage::{Stage, StageEnv};
+    use layerwise_engine::{Machine, Plan};
+    use std::sync::Arc;
+
+    let data = data_dir();
+    let config = pipelined(data.path(), "per_layer");
+    let dir = tempfile::tempdir().unwrap();
+    run(&config, dir.path(), stop_at(5));
+    let full = checkpoint::latest(&dir.path().join("checkpoints")).unwrap();
+    // All that stage 2 (layer 2 alone) may see: the manifest and its own layer's file.
+    let mine = tempfile::tempdir().unwrap();
+    for f in ["manifest.json", "layer-002.safetensors"] {
+        std::fs::copy(full.dir.join(f), mine.path().join(f)).unwrap();
+    }
+    let seen = checkpoint::Verified { dir: mine.path().to_path_buf(), ..full.clone() };
+    let plan = Plan::build(&config, Machine::detect()).unwrap();
+    let (out, reports) = (tempfile::tempdir().unwrap(), Arc::new(Collect::default()));
+    let env = |resume| StageEnv {
+        checkpoints: out.path().to_path_buf(),
+        resume: Some(resume),
+        reports: reports.clone(),
+        fault: None,
+        watch: None,
+    };
+    let mut stage = Stage::build(&plan, 2, env(seen.clone())).unwrap();
+    std::fs::create_dir_all(checkpoint::partial_dir(out.path(), 5, 1)).unwrap();
+    stage.handle(Message::control(Control::Checkpoint { step: 5, seq: 1 })).unwrap();
+    // The stage wrote its layer itself and said what it wrote: the same bytes it resumed from.
+    let reported = reports.0.lock().unwrap().clone();
+    match &reported[..] {
+        [Report::CheckpointPart { seq: 1, stage: 2, files: Ok(files) }] => {
+            assert_eq!(files, &vec![full.manifest.part("layer-002").unwrap().clone()]);
+            assert!(checkpoint::partial_dir(out.path(), 5, 1).join("layer-002.safetensors").is_file());
+        }
+        other => panic!("expected stage 2's checkpoint part, got {other:?}"),
+    }
+    // Its own file, damaged, is refused by name.
+    let victim = mine.path().join("layer-002.safetensors");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+    let e = Stage::build(&plan, 2, env(seen)).err().expect("a damaged layer file is refused");
+    assert!(e.layer == Some(2) && e.reason.contains("layer-002.safetensors") && e.reason.contains("damaged"), "{e}");
 }

@@ -7,16 +7,15 @@ use std::time::{Duration, Instant};
 use layerwise_engine::config::{Placement, StageSpec};
 use layerwise_engine::message::StageFailure;
 use layerwise_engine::stage::{Fault, FaultKind};
-use layerwise_engine::{EngineError, PipelineMode, RunConfig, RunOptions, RunSummary};
+use layerwise_engine::{EngineError, PipelineMode, RunConfig, RunOptions};
 use layerwise_nn::arch::InputShape;
 use layerwise_nn::{Architecture, Network};
 use tch::{Device, Kind};
 
-use layerwise_tests::{assert_same_run, data_dir, small_run_config as config};
+use layerwise_tests::{assert_same_run, data_dir, run_in_temp, small_run_config as config, Ran};
 
-fn run(config: &RunConfig) -> RunSummary {
-    let dir = tempfile::tempdir().unwrap();
-    layerwise_engine::run(config, dir.path(), RunOptions::default()).unwrap()
+fn run(config: &RunConfig) -> Ran {
+    run_in_temp(config)
 }
 
 fn stages(groups: &[&[usize]]) -> Placement {
@@ -29,7 +28,8 @@ fn pipelined_equals_sequential(arch: &str, placements: Vec<Placement>) {
     base.pipeline.mode = PipelineMode::Sequential;
     base.pipeline.placement = Placement::Named("single".into());
     let reference = run(&base);
-    let names: Vec<&String> = reference.state.iter().map(|(n, _)| n).collect();
+    let state = reference.state().unwrap();
+    let names: Vec<&String> = state.iter().map(|(n, _)| n).collect();
     assert!(names.iter().any(|n| n.ends_with("optim.layers") || n.contains(".optim.")), "optimizer state is compared");
     assert!(names.iter().any(|n| n.ends_with("bn.running_var")), "batch-norm buffers are compared");
     assert!(names.iter().any(|n| n.ends_with(".rng")), "generator state is compared");
@@ -67,7 +67,7 @@ fn reported_test_error_equals_an_independent_evaluation_of_the_weights() {
 
     let arch = Architecture::new(&c.model, InputShape { channels: 1, size: 28 }, 10).unwrap();
     let mut net = Network::new(&c.model, &c.optim, arch, 99, Device::Cpu).unwrap();
-    net.load(&summary.state).unwrap();
+    net.load(&summary.state().unwrap()).unwrap();
     let splits = layerwise_data::dataset::load(&c.data).unwrap();
     let x = (splits.test.images.to_kind(Kind::Float) / 255.0 - 0.286) / 0.353;
     let wrong = net.predict(&x).argmax(1, false).ne_tensor(&splits.test.labels).sum(Kind::Int64).int64_value(&[]);

@@ -159,12 +159,34 @@ pub fn small_run_config(data: &Path, arch: &str) -> layerwise_engine::RunConfig 
     c
 }
 
+/// A finished run and the folder that holds it: its final state is its last checkpoint,
+/// so the folder lives as long as the summary is used.
+pub struct Ran {
+    pub summary: layerwise_engine::RunSummary,
+    pub dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Ran {
+    type Target = layerwise_engine::RunSummary;
+    fn deref(&self) -> &Self::Target {
+        &self.summary
+    }
+}
+
+/// Runs `config` in a new temporary folder.
+pub fn run_in_temp(config: &layerwise_engine::RunConfig) -> Ran {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = layerwise_engine::run(config, dir.path(), Default::default()).unwrap();
+    Ran { summary, dir }
+}
+
 /// Asserts two runs ended in the same state, bit for bit: every tensor of every layer
 /// (parameters, buffers, optimizer, generator, statistics) and every epoch's figures.
 #[track_caller]
 pub fn assert_same_run(a: &layerwise_engine::RunSummary, b: &layerwise_engine::RunSummary, what: &str) {
-    assert_eq!(a.state.len(), b.state.len(), "{what}: same tensors");
-    for ((na, ta), (nb, tb)) in a.state.iter().zip(&b.state) {
+    let (sa, sb) = (a.state().unwrap(), b.state().unwrap());
+    assert_eq!(sa.len(), sb.len(), "{what}: same tensors");
+    for ((na, ta), (nb, tb)) in sa.iter().zip(&sb) {
         assert_eq!(na, nb, "{what}: same names in the same order");
         assert!(ta.equal(tb), "{what}: {na} differs");
     }

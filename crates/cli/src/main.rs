@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use layerwise_engine::{RunConfig, RunOptions};
+use layerwise_engine::{Machine, Plan, RunConfig, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -148,6 +148,7 @@ fn init_logs(format: LogFormat) {
 
 fn train(config: PathBuf, run_dir: Option<PathBuf>, overrides: Vec<String>, resume: bool) -> anyhow::Result<()> {
     let cfg = RunConfig::load(&config, &overrides)?;
+    let plan = Plan::build(&cfg, Machine::detect())?;
     let run_dir = run_dir.unwrap_or_else(|| {
         PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
     });
@@ -159,8 +160,8 @@ fn train(config: PathBuf, run_dir: Option<PathBuf>, overrides: Vec<String>, resu
         signal_hook::flag::register(sig, stop.clone())?;
     }
     let options = RunOptions { resume, on_step, stop: Some(stop), ..Default::default() };
-    let summary =
-        layerwise_engine::run(&cfg, &run_dir, options).with_context(|| format!("run {} failed", run_dir.display()))?;
+    let summary = layerwise_engine::run_plan(plan, &run_dir, options)
+        .with_context(|| format!("run {} failed", run_dir.display()))?;
     if summary.stopped {
         println!(
             "{}: stopped at step {} with a checkpoint; continue with: layerwise train {} --run-dir {} --resume",
@@ -217,8 +218,8 @@ fn status(runs: &std::path::Path) {
 fn validate(configs: &[PathBuf], check_data: bool) -> anyhow::Result<()> {
     let mut bad = 0;
     for path in configs {
-        match RunConfig::load(path, &[]).and_then(|c| layerwise_engine::validate::validate(&c, check_data)) {
-            Ok(()) => println!("{}: ok", path.display()),
+        match RunConfig::load(path, &[]).and_then(|c| Plan::check(&c, check_data)) {
+            Ok(plan) => println!("{}: ok ({} stage(s) here)", path.display(), plan.stages.len()),
             Err(e) => {
                 bad += 1;
                 println!("{}: {e}", path.display());

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use layerwise_engine::metrics::EpochMetrics;
+use layerwise_engine::rundir::RunDir;
 use plotters::prelude::*;
 
 /// Fonts tried for the labels (Debian's fonts-dejavu-core, installed by scripts/setup.sh).
@@ -28,28 +30,19 @@ struct Curve {
     points: Vec<(f64, f64)>,
 }
 
-fn curves(metrics: &[serde_json::Value]) -> Vec<Curve> {
-    let series = |name: &str, f: &dyn Fn(&serde_json::Value) -> Option<f64>| Curve {
+fn curves(metrics: &[EpochMetrics]) -> Vec<Curve> {
+    let series = |name: &str, f: &dyn Fn(&EpochMetrics) -> Option<f64>| Curve {
         name: name.to_string(),
-        points: metrics
-            .iter()
-            .filter_map(|m| Some((m["epoch"].as_f64()?, f(m)?)))
-            .filter(|p| p.1.is_finite())
-            .collect(),
+        points: metrics.iter().filter_map(|m| Some((m.epoch as f64, f(m)?))).filter(|p| p.1.is_finite()).collect(),
     };
     let mut out = vec![
-        series("train error", &|m| m["train_error"].as_f64()),
-        series("test error", &|m| m["test_error"].as_f64()),
+        series("train error", &|m| Some(m.train_error)),
+        series("test error", &|m| Some(m.test_error)),
+        series("validation error", &|m| m.validation_error),
     ];
-    if metrics.iter().any(|m| m["validation_error"].is_number()) {
-        out.push(series("validation error", &|m| m["validation_error"].as_f64()));
-    }
-    let layers = metrics.first().and_then(|m| m["layers"].as_array()).map_or(0, |l| l.len());
+    let layers = metrics.first().map_or(0, |m| m.layers.len());
     for i in 0..layers {
-        let c = series(&format!("layer {i} local error"), &|m| m["layers"][i]["error"].as_f64());
-        if !c.points.is_empty() {
-            out.push(c);
-        }
+        out.push(series(&format!("layer {i} local error"), &|m| m.layers.get(i)?.error));
     }
     out.retain(|c| !c.points.is_empty());
     out
@@ -106,9 +99,12 @@ where
 }
 
 pub fn plot(run_dir: &Path, out: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let path = run_dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: no metrics to plot", path.display()))?;
-    let metrics: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let dir = RunDir { path: run_dir.to_path_buf() };
+    let path = dir.metrics_path();
+    if !path.is_file() {
+        bail!("{}: no metrics to plot", path.display());
+    }
+    let metrics = dir.metrics();
     if metrics.is_empty() {
         bail!("{}: no complete epoch yet", path.display());
     }

@@ -16,8 +16,8 @@ fn device() -> Device {
 }
 
 pub fn eval(path: &Path, json: bool, predictions: Option<&Path>) -> anyhow::Result<()> {
-    let (config, loaded) = evaluate::open(path)?;
-    let e = evaluate::evaluate(&config, &loaded, device())?;
+    let (plan, loaded) = evaluate::open(path)?;
+    let e = evaluate::evaluate(&plan, &loaded, device())?;
     if let Some(p) = predictions {
         let mut f = std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("{}", p.display()))?);
         for c in &e.predictions {
@@ -44,8 +44,8 @@ pub fn eval(path: &Path, json: bool, predictions: Option<&Path>) -> anyhow::Resu
 }
 
 pub fn export(path: &Path, out: &Path) -> anyhow::Result<()> {
-    let (config, loaded) = evaluate::open(path)?;
-    let json = evaluate::export(&config, &loaded, out)?;
+    let (plan, loaded) = evaluate::open(path)?;
+    let json = evaluate::export(&plan, &loaded, out)?;
     println!("wrote {} and {}", out.display(), json.display());
     Ok(())
 }
@@ -64,16 +64,15 @@ pub fn inspect(path: &Path) -> anyhow::Result<()> {
     for line in &loaded.coordinator.metrics {
         println!(
             "epoch {:>4}   lr {:.2e}  train error {:>6.2}%  test error {:>6.2}%",
-            line["epoch"],
-            line["lr"].as_f64().unwrap_or(f64::NAN),
-            line["train_error"].as_f64().unwrap_or(f64::NAN),
-            line["test_error"].as_f64().unwrap_or(f64::NAN)
+            line.epoch, line.lr, line.train_error, line.test_error
         );
     }
     for f in &m.files {
-        println!("file         {} ({} bytes, sha256 {}..)", f.name, f.size, &f.sha256[..16]);
+        println!("file         {} ({} bytes, sha256 {}..)", f.name, f.size, f.sha256.get(..16).unwrap_or(&f.sha256));
     }
-    for (part, tensors) in &loaded.layers {
+    for f in m.files.iter().filter(|f| f.name.ends_with(".safetensors")) {
+        let part = f.name.trim_end_matches(".safetensors");
+        let tensors = loaded.part(part)?;
         for (name, t) in
             tensors.iter().filter(|(n, _)| !n.starts_with("optim.") && !n.starts_with("stats.") && n != "rng")
         {

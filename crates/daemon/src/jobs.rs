@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use layerwise_engine::config::Placement;
 use layerwise_engine::rundir::{RunDir, RunState};
-use layerwise_engine::{RunConfig, RunOptions};
+use layerwise_engine::{DeviceId, Plan, RunConfig, RunOptions};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// A job thread's end.
@@ -19,7 +18,7 @@ pub struct Finished {
 }
 
 struct Running {
-    devices: BTreeSet<String>,
+    devices: BTreeSet<DeviceId>,
     stop: Arc<AtomicBool>,
     /// Stop was asked for by a cancel (not by the daemon stopping).
     cancelled: bool,
@@ -27,7 +26,7 @@ struct Running {
 
 struct Queued {
     name: String,
-    config: RunConfig,
+    plan: Plan,
     resume: bool,
 }
 
@@ -39,20 +38,6 @@ pub struct JobTable {
     queue: VecDeque<Queued>,
     running: BTreeMap<String, Running>,
     done_tx: UnboundedSender<Finished>,
-}
-
-/// The devices a job's placement asks for (`cpu` counts as one device).
-pub fn devices_of(config: &RunConfig) -> BTreeSet<String> {
-    let cuda = tch::Cuda::device_count().max(0) as usize;
-    let all: BTreeSet<String> =
-        if cuda == 0 { ["cpu".to_string()].into() } else { (0..cuda).map(|i| format!("cuda:{i}")).collect() };
-    match &config.pipeline.placement {
-        Placement::Stages(stages) => {
-            stages.iter().map(|s| if s.device == "cuda" { "cuda:0".to_string() } else { s.device.clone() }).collect()
-        }
-        Placement::Named(n) if n == "single" => all.into_iter().take(1).collect(),
-        Placement::Named(_) => all,
-    }
 }
 
 impl JobTable {
@@ -142,32 +127,31 @@ impl JobTable {
             _ => {}
         }
         let path = self.jobs_dir.join(format!("{name}.json"));
-        let config =
-            RunConfig::load(&path, &[]).and_then(|c| layerwise_engine::validate::validate(&c, true).map(|_| c));
-        match config {
+        let plan = RunConfig::load(&path, &[]).and_then(|c| Plan::check(&c, true));
+        match plan {
             Err(e) => {
                 tracing::error!(job = name, "rejected: {e}");
                 self.set_status(name, RunState::Failed, &e.to_string());
             }
-            Ok(config) => {
+            Ok(plan) => {
                 let resume = matches!(previous, Some(RunState::Running | RunState::Stopped));
                 if !resume {
                     self.set_status(name, RunState::Queued, "");
                 }
                 tracing::info!(job = name, resume, "queued");
-                self.queue.push_back(Queued { name: name.to_string(), config, resume });
+                self.queue.push_back(Queued { name: name.to_string(), plan, resume });
             }
         }
     }
 
     /// Starts every queued job whose devices are free, in queue order.
     pub fn start_ready(&mut self) {
-        let mut busy: BTreeSet<String> = self.running.values().flat_map(|r| r.devices.iter().cloned()).collect();
+        let mut busy: BTreeSet<DeviceId> = self.running.values().flat_map(|r| r.devices.iter().copied()).collect();
         let mut waiting = VecDeque::new();
         while let Some(job) = self.queue.pop_front() {
-            let devices = devices_of(&job.config);
+            let devices = job.plan.devices();
             if devices.is_disjoint(&busy) {
-                busy.extend(devices.iter().cloned());
+                busy.extend(devices.iter().copied());
                 self.start(job, devices);
             } else {
                 waiting.push_back(job);
@@ -176,7 +160,7 @@ impl JobTable {
         self.queue = waiting;
     }
 
-    fn start(&mut self, job: Queued, devices: BTreeSet<String>) {
+    fn start(&mut self, job: Queued, devices: BTreeSet<DeviceId>) {
         let stop = Arc::new(AtomicBool::new(false));
         let run_dir = self.run_dir(&job.name).path;
         let (name, tx, flag) = (job.name.clone(), self.done_tx.clone(), stop.clone());
@@ -184,7 +168,7 @@ impl JobTable {
         let spawned = std::thread::Builder::new().name(format!("job-{name}")).spawn(move || {
             let options = RunOptions { resume: job.resume, stop: Some(flag), ..Default::default() };
             let span = tracing::info_span!("job", name = %job.name);
-            let result = span.in_scope(|| layerwise_engine::run(&job.config, &run_dir, options));
+            let result = span.in_scope(|| layerwise_engine::run_plan(job.plan, &run_dir, options));
             let _ = tx.send(Finished { name: job.name, result: result.map(|s| s.stopped).map_err(|e| e.to_string()) });
         });
         match spawned {

@@ -3,54 +3,42 @@
 
 use std::path::{Path, PathBuf};
 
-use layerwise_data::batches::{BatchSource, Transform};
+use layerwise_data::batches::BatchSource;
 use layerwise_data::dataset;
-use layerwise_nn::arch::{InputShape, LayerSpec, PoolKind};
-use layerwise_nn::{strip_prefix, Architecture, Named, Network};
+use layerwise_nn::arch::{LayerSpec, PoolKind};
+use layerwise_nn::{strip_prefix, Named, Network};
 use serde_json::json;
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::checkpoint::{self, Loaded};
+use crate::checkpoint::{self, Verified};
 use crate::config::RunConfig;
+use crate::plan::{Machine, Plan};
 use crate::{EngineError, Result};
 
-/// A run directory or a checkpoint directory, resolved to (config, verified checkpoint).
-pub fn open(path: &Path) -> Result<(RunConfig, Loaded)> {
-    let (run_dir, loaded) = if path.join("manifest.json").is_file() {
+/// A run directory or a checkpoint directory, resolved to (the run's plan on this machine,
+/// verified checkpoint).
+pub fn open(path: &Path) -> Result<(Plan, Verified)> {
+    let (run_dir, verified) = if path.join("manifest.json").is_file() {
         let run_dir = path.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-        (run_dir, checkpoint::load(path)?)
+        (run_dir, checkpoint::open(path)?)
     } else {
         let root = path.join("checkpoints");
-        let loaded = checkpoint::latest(&root)?.ok_or_else(|| {
+        let verified = checkpoint::latest(&root).ok_or_else(|| {
             EngineError::Other(format!("{}: no verified checkpoint in {}", path.display(), root.display()))
         })?;
-        (path.to_path_buf(), loaded)
+        (path.to_path_buf(), verified)
     };
-    let config_path = run_dir.join("config.json");
-    let config = RunConfig::load(&config_path, &[])?;
-    checkpoint::check_compatible(&loaded.manifest, &config, &loaded.dir)?;
-    Ok((config, loaded))
+    let config = RunConfig::load(&run_dir.join("config.json"), &[])?;
+    checkpoint::check_compatible(&verified.manifest, &config, &verified.dir)?;
+    Ok((Plan::build(&config, Machine::detect())?, verified))
 }
 
 /// The whole network of a checkpoint, on `device`, in one piece.
-pub fn network(
-    config: &RunConfig,
-    loaded: &Loaded,
-    input: InputShape,
-    num_classes: i64,
-    device: Device,
-) -> Result<Network> {
-    let arch = Architecture::new(&config.model, input, num_classes)?;
-    let mut net = Network::new(&config.model, &config.optim, arch, config.train.seed, device)?;
-    let mut named: Vec<Named> = Vec::new();
-    for (part, tensors) in &loaded.layers {
-        let prefix = match part.strip_prefix("layer-") {
-            Some(i) => format!("layers.{}", i.parse::<usize>().unwrap_or(usize::MAX)),
-            None => part.clone(),
-        };
-        named.extend(tensors.iter().map(|(n, t)| (format!("{prefix}.{n}"), t.shallow_clone())));
-    }
-    net.load(&named).map_err(|e| EngineError::Other(format!("{}: {e}", loaded.dir.display())))?;
+pub fn network(plan: &Plan, verified: &Verified, device: Device) -> Result<Network> {
+    let config = &plan.config;
+    let mut net = Network::new(&config.model, &config.optim, plan.arch.clone(), config.train.seed, device)?;
+    let named = verified.model_tensors()?;
+    net.load(&named).map_err(|e| EngineError::Other(format!("{}: {e}", verified.dir.display())))?;
     Ok(net)
 }
 
@@ -63,13 +51,11 @@ pub struct Evaluation {
 }
 
 /// Evaluates a checkpoint on its data set's whole test set.
-pub fn evaluate(config: &RunConfig, loaded: &Loaded, device: Device) -> Result<Evaluation> {
-    let splits = dataset::load(&config.data)?;
-    let (c, h, _) = splits.test.image_shape();
-    let transform = Transform::from_config(&config.data, c)?;
-    let num_classes = splits.test.num_classes;
-    let mut net = network(config, loaded, InputShape { channels: c, size: h }, num_classes, device)?;
-    let mut source = BatchSource::evaluation(splits.test, transform, config.train.eval_batch_size);
+pub fn evaluate(plan: &Plan, verified: &Verified, device: Device) -> Result<Evaluation> {
+    let splits = dataset::load(&plan.config.data)?;
+    plan.check_data(&splits)?;
+    let mut net = network(plan, verified, device)?;
+    let mut source = BatchSource::evaluation(splits.test, plan.transform.clone(), plan.config.train.eval_batch_size);
     let (mut wrong, mut loss, mut predictions) = (0i64, 0.0, Vec::new());
     for i in 0..source.batches_per_epoch() {
         let b = source.batch(1, i);
@@ -87,26 +73,14 @@ pub fn evaluate(config: &RunConfig, loaded: &Loaded, device: Device) -> Result<E
 /// Writes the network of a checkpoint for inference: `out` (safetensors; `layers.{i}.conv.*`
 /// or `layers.{i}.linear.*`, `layers.{i}.bn.*`, `output.*`) and `out` with `.json`: the
 /// architecture, the input normalisation and what each layer computes.
-pub fn export(config: &RunConfig, loaded: &Loaded, out: &Path) -> Result<PathBuf> {
-    // The shapes come from the config and the checkpoint; the data set is not read.
-    let (c, h) = config.data.input_shape();
-    let num_classes = loaded
-        .layers
-        .get("output")
-        .and_then(|o| o.iter().find(|(n, _)| n == "weight"))
-        .map(|(_, w)| w.size()[0])
-        .ok_or_else(|| EngineError::Other(format!("{}: no output layer weight", loaded.dir.display())))?;
-    let transform = Transform::from_config(&config.data, c)?;
-    let input = InputShape { channels: c, size: h };
-    let arch = Architecture::new(&config.model, input, num_classes)?;
+pub fn export(plan: &Plan, verified: &Verified, out: &Path) -> Result<PathBuf> {
+    // The shapes come from the plan; the data set is not read.
+    let (config, arch, transform) = (&plan.config, &plan.arch, &plan.transform);
+    let (c, h, num_classes) = (arch.input.channels, arch.input.size, arch.num_classes);
     let mut tensors: Vec<Named> = Vec::new();
     let mut layers = Vec::new();
     for (i, spec) in arch.hidden.iter().enumerate() {
-        let part = format!("layer-{i:03}");
-        let state = loaded
-            .layers
-            .get(&part)
-            .ok_or_else(|| EngineError::Other(format!("{}: no {part}", loaded.dir.display())))?;
+        let state = &verified.part(&checkpoint::part_name(i, plan.output_layer()))?;
         let kind = match spec {
             LayerSpec::Conv { .. } => "conv",
             LayerSpec::Linear { .. } => "linear",
@@ -138,11 +112,8 @@ pub fn export(config: &RunConfig, loaded: &Loaded, out: &Path) -> Result<PathBuf
         layer["nonlin"] = json!(config.model.nonlin);
         layers.push(layer);
     }
-    let output = loaded
-        .layers
-        .get("output")
-        .ok_or_else(|| EngineError::Other(format!("{}: no output", loaded.dir.display())))?;
-    for (name, t) in strip_prefix(output, "") {
+    let output = verified.part(&checkpoint::part_name(plan.output_layer(), plan.output_layer()))?;
+    for (name, t) in strip_prefix(&output, "") {
         if name == "weight" || name == "bias" {
             tensors.push((format!("output.{name}"), t));
         }
@@ -155,7 +126,7 @@ pub fn export(config: &RunConfig, loaded: &Loaded, out: &Path) -> Result<PathBuf
         "layers": layers,
         "output": {"in_features": arch.output_in, "out_features": num_classes},
         "leaky_relu_slope": 0.01,
-        "checkpoint": loaded.dir, "step": loaded.manifest.step,
+        "checkpoint": verified.dir, "step": verified.manifest.step,
     });
     let named: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.contiguous())).collect();
     Tensor::write_safetensors(&named, out)

@@ -1,6 +1,7 @@
-//! The pipeline engine: layers grouped into stages, each stage a worker thread bound to its
-//! device, stages connected by bounded links, and a coordinator that feeds data, applies the
-//! schedule, runs evaluation and reports metrics.
+//! The pipeline engine: a config becomes a validated [`Plan`]; the plan's stages, each a
+//! worker bound to its device that owns its layers, are connected by bounded links; the
+//! coordinator (`run.rs`, `training.rs`, `inbox.rs`) feeds data, applies the schedule, runs
+//! evaluation, completes checkpoints and reports metrics.
 //!
 //! Data flows one way: loader -> stage 0 -> ... -> last stage (output layer) -> reports to
 //! the coordinator. Nothing flows backwards; a full link blocks its sender, which keeps
@@ -8,19 +9,25 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod coordinator;
+pub mod cut;
 pub mod evaluate;
+pub mod inbox;
 pub mod link;
+pub mod loader;
 pub mod message;
 pub mod metrics;
+pub mod pipeline;
 pub mod placement;
+pub mod plan;
+pub mod run;
 pub mod rundir;
 pub mod stage;
-pub mod validate;
+pub mod training;
 pub mod watchdog;
 
 pub use config::{PipelineMode, RunConfig};
-pub use coordinator::{run, RunOptions, RunSummary};
+pub use plan::{DeviceId, Machine, Plan};
+pub use run::{run, run_plan, RunOptions, RunSummary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -1,9 +1,10 @@
-//! The link between two stages: one interface, so that stages in other processes or on
-//! other hosts (NCCL) can replace the in-process channel without the stage loop changing.
+//! The links of a stage: data in from the previous stage, data out to the next, reports out
+//! to the coordinator. One interface each, so that stages in other processes or on other
+//! hosts (TCP, NCCL) replace the in-process channels without the stage loop changing.
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::message::Message;
+use crate::message::{Message, Report};
 
 /// The other end is gone (its stage stopped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +19,19 @@ pub trait LinkReceiver: Send {
     fn recv(&self) -> Result<Message, Closed>;
     /// Messages waiting now.
     fn depth(&self) -> usize;
+}
+
+/// A stage's link to the coordinator.
+pub trait ReportSender: Send + Sync {
+    fn send(&self, report: Report) -> Result<(), Closed>;
+}
+
+/// Within one process: every stage holds a clone of the coordinator's unbounded channel
+/// (reports are few and small: one per evaluation batch, epoch and checkpoint).
+impl ReportSender for Sender<Report> {
+    fn send(&self, report: Report) -> Result<(), Closed> {
+        Sender::send(self, report).map_err(|_| Closed)
+    }
 }
 
 /// Within one process: a bounded crossbeam channel. Tensors move by reference; the
@@ -54,11 +68,11 @@ mod tests {
     #[test]
     fn a_full_link_blocks_its_sender_until_the_receiver_takes() {
         let (tx, rx) = in_process(2);
-        tx.send(Message::Shutdown).unwrap();
-        tx.send(Message::Shutdown).unwrap();
+        tx.send(Message::control(crate::message::Control::Shutdown)).unwrap();
+        tx.send(Message::control(crate::message::Control::Shutdown)).unwrap();
         let t = std::thread::spawn(move || {
             let start = Instant::now();
-            tx.send(Message::Shutdown).unwrap();
+            tx.send(Message::control(crate::message::Control::Shutdown)).unwrap();
             start.elapsed()
         });
         std::thread::sleep(Duration::from_millis(100));
@@ -70,8 +84,8 @@ mod tests {
     #[test]
     fn a_dropped_receiver_releases_a_blocked_sender() {
         let (tx, rx) = in_process(1);
-        tx.send(Message::Shutdown).unwrap();
-        let t = std::thread::spawn(move || tx.send(Message::Shutdown));
+        tx.send(Message::control(crate::message::Control::Shutdown)).unwrap();
+        let t = std::thread::spawn(move || tx.send(Message::control(crate::message::Control::Shutdown)));
         std::thread::sleep(Duration::from_millis(50));
         drop(rx);
         assert_eq!(t.join().unwrap(), Err(Closed));

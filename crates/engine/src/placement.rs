@@ -1,50 +1,36 @@
 //! Which layers run where. A placement is resolved into stages before any layer is built:
-//! contiguous runs of layers, each with its device(s).
+//! contiguous runs of layers, each with its typed device(s) and its share of the CPU
+//! threads. `auto` splits by each layer's cost, measured here on the device it will use.
 
-use layerwise_nn::Training;
-use tch::Device;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
 
-use crate::config::Placement;
+use layerwise_nn::network::label_projection;
+use layerwise_nn::{HiddenBlock, OutputLayer, Targets, Training};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::config::{PipelineMode, Placement, RunConfig};
+use crate::plan::{DeviceId, Machine, Plan};
 use crate::{EngineError, Result};
 
 /// One stage of a resolved placement.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StagePlan {
     pub index: usize,
     /// Layer indices, ascending and contiguous; the output layer is `num_hidden`.
     pub layers: Vec<usize>,
     /// The device of each of `layers` (one device for a local-loss stage).
-    pub devices: Vec<Device>,
+    pub devices: Vec<DeviceId>,
+    /// Intra-op CPU threads of the worker that runs the stage.
+    pub threads: usize,
+    /// Read back every this many steps whether a loss went non-finite.
+    pub check_finite_every: u64,
 }
 
 impl StagePlan {
-    pub fn device(&self) -> Device {
+    pub fn device(&self) -> DeviceId {
         self.devices[0]
-    }
-}
-
-/// `cpu`, `cuda` (device 0) or `cuda:N`, checked against the devices present.
-pub fn parse_device(s: &str, cuda_count: usize) -> std::result::Result<Device, String> {
-    let d = match s {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| format!("{s:?} is not a device: expected \"cpu\", \"cuda\" or \"cuda:N\""))?,
-    };
-    if d >= cuda_count {
-        return Err(format!("{s} is not present: {cuda_count} CUDA device(s) visible"));
-    }
-    Ok(Device::Cuda(d))
-}
-
-/// Visible devices for automatic placements: every CUDA device, else the CPU.
-fn visible(cuda_count: usize) -> Vec<Device> {
-    if cuda_count == 0 {
-        vec![Device::Cpu]
-    } else {
-        (0..cuda_count).map(Device::Cuda).collect()
     }
 }
 
@@ -85,97 +71,212 @@ pub fn balance(costs: &[f64], parts: usize) -> Vec<usize> {
     sizes
 }
 
-/// Resolves a placement for `num_layers` layers (hidden layers plus the output layer).
-/// `measure` gives each layer's cost on a device (a short timed warm-up); it is called only
-/// for `auto`.
+fn is_global(training: Training) -> bool {
+    matches!(training, Training::Backprop | Training::LocalGlobal)
+}
+
+/// How many stages `auto` makes: one per CUDA device, else one per CPU core.
+fn auto_parts(num_layers: usize, machine: &Machine) -> usize {
+    let devices = machine.visible();
+    let parts = if devices == [DeviceId::Cpu] { machine.cores } else { devices.len() };
+    parts.min(num_layers).max(1)
+}
+
+/// Whether an `auto` placement would split by measured costs.
+pub fn wants_measurement(config: &RunConfig, stages: usize, machine: &Machine) -> bool {
+    config.pipeline.placement == Placement::Named("auto".into())
+        && !is_global(config.model.training)
+        && stages > 1
+        && auto_parts(stages, machine) > 1
+}
+
+/// Resolves the config's placement for `num_layers` layers (hidden layers plus the output
+/// layer). `costs` (one per layer) balance an `auto` placement; without them it splits evenly.
 pub fn resolve(
-    placement: &Placement,
+    config: &RunConfig,
     num_layers: usize,
-    training: Training,
-    cuda_count: usize,
-    cpu_cores: usize,
-    measure: impl FnOnce(Device) -> Vec<f64>,
+    machine: &Machine,
+    costs: Option<&[f64]>,
 ) -> Result<Vec<StagePlan>> {
-    let global = matches!(training, Training::Backprop | Training::LocalGlobal);
-    let mut plans = match placement {
-        Placement::Named(name) => match name.as_str() {
-            "single" => vec![StagePlan { index: 0, layers: (0..num_layers).collect(), devices: vec![visible(cuda_count)[0]; num_layers] }],
-            "per_layer" => {
-                let devices = visible(cuda_count);
-                (0..num_layers)
-                    .map(|i| StagePlan { index: i, layers: vec![i], devices: vec![devices[i % devices.len()]] })
-                    .collect()
-            }
-            "auto" => {
-                let devices = visible(cuda_count);
-                let parts = if devices == [Device::Cpu] { cpu_cores.min(num_layers) } else { devices.len().min(num_layers) };
-                let costs = if global || parts == 1 { vec![1.0; num_layers] } else { measure(devices[0]) };
-                let mut next = 0;
-                balance(&costs, parts)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, size)| {
-                        let layers: Vec<usize> = (next..next + size).collect();
-                        next += size;
-                        let d = devices[i % devices.len()];
-                        StagePlan { index: i, devices: vec![d; layers.len()], layers }
-                    })
-                    .collect()
-            }
-            other => {
-                return Err(EngineError::Config(format!(
-                    "pipeline.placement: unknown placement {other:?}, expected \"auto\", \"per_layer\", \"single\" or a list of stages"
-                )))
-            }
-        },
-        Placement::Stages(specs) => {
-            if specs.is_empty() {
-                return Err(EngineError::Config("pipeline.placement: expected at least one stage".into()));
-            }
-            let mut expected = 0;
-            let mut plans = Vec::new();
-            for (i, spec) in specs.iter().enumerate() {
-                let device = parse_device(&spec.device, cuda_count)
-                    .map_err(|e| EngineError::Config(format!("pipeline.placement[{i}].device: {e}")))?;
-                if spec.layers.is_empty() {
-                    return Err(EngineError::Config(format!("pipeline.placement[{i}].layers: expected at least one layer")));
-                }
-                for (j, &l) in spec.layers.iter().enumerate() {
-                    if l != expected {
-                        return Err(EngineError::Config(format!(
-                            "pipeline.placement[{i}].layers[{j}]: expected layer {expected} (stages hold contiguous layers in order, 0..={}), got {l}",
-                            num_layers - 1
-                        )));
-                    }
-                    expected += 1;
-                }
-                plans.push(StagePlan { index: i, layers: spec.layers.clone(), devices: vec![device; spec.layers.len()] });
-            }
-            if expected != num_layers {
-                return Err(EngineError::Config(format!(
-                    "pipeline.placement: layers {expected}..={} are not placed (the model has {} hidden layers and the output layer {})",
-                    num_layers - 1,
-                    num_layers - 1,
-                    num_layers - 1
-                )));
-            }
-            plans
-        }
-    };
-    if global && plans.len() > 1 {
+    let groups = groups(&config.pipeline.placement, num_layers, machine, costs)?;
+    let mut groups: Vec<(Vec<usize>, Vec<DeviceId>)> = groups;
+    if is_global(config.model.training) && groups.len() > 1 {
         // Global gradients cross every layer: one worker holds them all, each layer on the
         // device its stage named, run one after the other.
         let layers = (0..num_layers).collect();
-        let devices = plans.iter().flat_map(|p| p.devices.clone()).collect();
-        plans = vec![StagePlan { index: 0, layers, devices }];
+        let devices = groups.iter().flat_map(|g| g.1.clone()).collect();
+        groups = vec![(layers, devices)];
     }
-    Ok(plans)
+    // The CPU threads: shared among CPU stages when they run at once, all of them to the
+    // one thread of a sequential run.
+    let budget = config.train.cpu_threads.unwrap_or(machine.cores).max(1);
+    let cpu_stages = groups.iter().filter(|g| g.1[0] == DeviceId::Cpu).count().max(1);
+    let threads = match config.pipeline.mode {
+        PipelineMode::Sequential => budget,
+        PipelineMode::Pipelined => (budget / cpu_stages).max(1),
+    };
+    Ok(groups
+        .into_iter()
+        .enumerate()
+        .map(|(index, (layers, devices))| {
+            let cuda = devices[0].is_cuda();
+            StagePlan {
+                index,
+                layers,
+                threads: if cuda { 1 } else { threads },
+                check_finite_every: config.train.check_finite_every.unwrap_or(if cuda { 50 } else { 1 }),
+                devices,
+            }
+        })
+        .collect())
+}
+
+type Group = (Vec<usize>, Vec<DeviceId>);
+
+fn groups(placement: &Placement, num_layers: usize, machine: &Machine, costs: Option<&[f64]>) -> Result<Vec<Group>> {
+    let visible = machine.visible();
+    let contiguous = |sizes: Vec<usize>| -> Vec<Group> {
+        let mut next = 0;
+        sizes
+            .into_iter()
+            .enumerate()
+            .map(|(i, size)| {
+                let layers: Vec<usize> = (next..next + size).collect();
+                next += size;
+                let d = visible[i % visible.len()];
+                (layers.clone(), vec![d; layers.len()])
+            })
+            .collect()
+    };
+    Ok(match placement {
+        Placement::Named(name) => match name.as_str() {
+            "single" => vec![((0..num_layers).collect(), vec![visible[0]; num_layers])],
+            "per_layer" => contiguous(vec![1; num_layers]),
+            "auto" => {
+                let parts = auto_parts(num_layers, machine);
+                let uniform = vec![1.0; num_layers];
+                contiguous(balance(costs.unwrap_or(&uniform), parts))
+            }
+            other => {
+                return Err(EngineError::Config(format!(
+                    "pipeline.placement: unknown placement {:?}, expected \"auto\", \"per_layer\", \"single\" or a list of stages",
+                    crate::plan::quote(other)
+                )))
+            }
+        },
+        Placement::Stages(specs) => explicit(specs, num_layers, machine)?,
+    })
+}
+
+fn explicit(specs: &[crate::config::StageSpec], num_layers: usize, machine: &Machine) -> Result<Vec<Group>> {
+    if specs.is_empty() {
+        return Err(EngineError::Config("pipeline.placement: expected at least one stage".into()));
+    }
+    let mut expected = 0;
+    let mut groups = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let device = DeviceId::parse(&spec.device)
+            .and_then(|d| machine.check(d))
+            .map_err(|e| EngineError::Config(format!("pipeline.placement[{i}].device: {e}")))?;
+        if spec.layers.is_empty() {
+            return Err(EngineError::Config(format!("pipeline.placement[{i}].layers: expected at least one layer")));
+        }
+        for (j, &l) in spec.layers.iter().enumerate() {
+            if l != expected {
+                return Err(EngineError::Config(format!(
+                    "pipeline.placement[{i}].layers[{j}]: expected layer {expected} (stages hold contiguous layers in order, 0..={}), got {l}",
+                    num_layers - 1
+                )));
+            }
+            expected += 1;
+        }
+        groups.push((spec.layers.clone(), vec![device; spec.layers.len()]));
+    }
+    if expected != num_layers {
+        return Err(EngineError::Config(format!(
+            "pipeline.placement: layers {expected}..={} are not placed (the model has {} hidden layers and the output layer {})",
+            num_layers - 1,
+            num_layers - 1,
+            num_layers - 1
+        )));
+    }
+    Ok(groups)
+}
+
+/// Seconds per training step of each layer (the output layer last), measured on the first
+/// visible device (where `auto` puts stage 0; the devices of one machine are alike): each
+/// layer is built alone, timed over three steps after one warm-up step (synchronised on a
+/// GPU), and dropped before the next is built, so a net that only fits when split still
+/// places. A layer that cannot be built or run there is an error, not a guess.
+pub fn measure(plan: &Plan) -> Result<Vec<f64>> {
+    let device = plan.machine.visible()[0];
+    let d = device.tch();
+    let (model, optim, arch) = (&plan.config.model, &plan.config.optim, &plan.arch);
+    let seed = plan.config.train.seed;
+    let b = plan.config.train.batch_size.min(64) as i64;
+    let sync = || {
+        if let DeviceId::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let time = |mut step: Box<dyn FnMut() + '_>| -> f64 {
+        step();
+        sync();
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                step();
+                sync();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let failed = |layer: usize, what: String| {
+        EngineError::Other(format!("measuring layer {layer} on {device} for the auto placement: {what}"))
+    };
+    let measured = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f64>> {
+        let labels = Tensor::zeros([b], (Kind::Int64, tch::Device::Cpu));
+        let projection = label_projection(model, arch, seed);
+        let targets = Targets::new(&labels, arch.num_classes, projection.as_ref()).to_device(d);
+        let mut x = Tensor::randn([b, arch.input.channels, arch.input.size, arch.input.size], (Kind::Float, d));
+        let mut costs = Vec::with_capacity(plan.num_layers());
+        for (i, spec) in arch.hidden.iter().enumerate() {
+            let mut block = HiddenBlock::new(i, spec, arch.num_classes, model, optim, seed, d)
+                .map_err(|e| failed(i, e.to_string()))?;
+            let mut out = Ok(x.shallow_clone());
+            costs.push(time(Box::new(|| out = block.train_local(&x, &targets).map(|s| s.output))));
+            x = out.map_err(|e| failed(i, e.to_string()))?;
+        }
+        let i = arch.hidden.len();
+        let mut output = OutputLayer::new(i, arch.output_in, arch.num_classes, model, optim, seed, d);
+        let labels = targets.labels.shallow_clone();
+        costs.push(time(Box::new(|| {
+            let _ = output.train_local(&x, &labels);
+        })));
+        Ok(costs)
+    }));
+    measured.unwrap_or_else(|panic| Err(failed(0, crate::stage::panic_message(&*panic))))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::StageSpec;
+
+    fn cpu(cores: usize) -> Machine {
+        Machine { cuda_devices: 0, cores }
+    }
+
+    fn config(placement: Placement, training: Training) -> RunConfig {
+        let mut c = RunConfig::default();
+        c.pipeline.placement = placement;
+        c.model.training = training;
+        c
+    }
+
+    fn layers(plans: &[StagePlan]) -> Vec<Vec<usize>> {
+        plans.iter().map(|p| p.layers.clone()).collect()
+    }
 
     #[test]
     fn balancing_minimises_the_slowest_stage() {
@@ -186,35 +287,52 @@ mod tests {
 
     #[test]
     fn auto_on_cpu_splits_by_measured_cost_into_one_stage_per_core() {
-        let plans =
-            resolve(&Placement::Named("auto".into()), 4, Training::Local, 0, 2, |_| vec![5.0, 1.0, 1.0, 1.0]).unwrap();
-        assert_eq!(plans.iter().map(|p| p.layers.clone()).collect::<Vec<_>>(), vec![vec![0], vec![1, 2, 3]]);
+        let c = config(Placement::Named("auto".into()), Training::Local);
+        let plans = resolve(&c, 4, &cpu(2), Some(&[5.0, 1.0, 1.0, 1.0])).unwrap();
+        assert_eq!(layers(&plans), vec![vec![0], vec![1, 2, 3]]);
+        assert!(wants_measurement(&c, 4, &cpu(2)));
+        assert!(!wants_measurement(&c, 4, &cpu(1)), "one core: one stage, nothing to measure");
+        let even = resolve(&c, 4, &cpu(2), None).unwrap();
+        assert_eq!(layers(&even), vec![vec![0, 1], vec![2, 3]]);
+    }
+
+    #[test]
+    fn cpu_threads_are_shared_among_pipelined_cpu_stages_and_all_go_to_a_sequential_run() {
+        let mut c = config(Placement::Named("per_layer".into()), Training::Local);
+        c.train.cpu_threads = Some(8);
+        let plans = resolve(&c, 4, &cpu(2), None).unwrap();
+        assert!(plans.iter().all(|p| p.threads == 2), "{plans:?}");
+        c.pipeline.mode = PipelineMode::Sequential;
+        let plans = resolve(&c, 4, &cpu(2), None).unwrap();
+        assert!(plans.iter().all(|p| p.threads == 8), "{plans:?}");
     }
 
     #[test]
     fn explicit_stages_must_cover_all_layers_in_order_on_present_devices() {
         let stages = |v: Vec<(Vec<usize>, &str)>| {
-            Placement::Stages(v.into_iter().map(|(layers, d)| StageSpec { layers, device: d.into() }).collect())
+            config(
+                Placement::Stages(v.into_iter().map(|(layers, d)| StageSpec { layers, device: d.into() }).collect()),
+                Training::Local,
+            )
         };
-        let ok = resolve(&stages(vec![(vec![0, 1], "cpu"), (vec![2], "cpu")]), 3, Training::Local, 0, 2, |_| vec![])
-            .unwrap();
+        let ok = resolve(&stages(vec![(vec![0, 1], "cpu"), (vec![2], "cpu")]), 3, &cpu(2), None).unwrap();
         assert_eq!(ok.len(), 2);
-        let e =
-            resolve(&stages(vec![(vec![0, 2], "cpu")]), 3, Training::Local, 0, 2, |_| vec![]).unwrap_err().to_string();
+        assert_eq!(ok[1].devices, vec![DeviceId::Cpu]);
+        let e = resolve(&stages(vec![(vec![0, 2], "cpu")]), 3, &cpu(2), None).unwrap_err().to_string();
         assert!(e.contains("placement[0].layers[1]") && e.contains("expected layer 1"), "{e}");
-        let e =
-            resolve(&stages(vec![(vec![0, 1], "cpu")]), 3, Training::Local, 0, 2, |_| vec![]).unwrap_err().to_string();
+        let e = resolve(&stages(vec![(vec![0, 1], "cpu")]), 3, &cpu(2), None).unwrap_err().to_string();
         assert!(e.contains("not placed"), "{e}");
-        let e = resolve(&stages(vec![(vec![0, 1, 2], "cuda:1")]), 3, Training::Local, 1, 2, |_| vec![])
-            .unwrap_err()
-            .to_string();
+        let one_gpu = Machine { cuda_devices: 1, cores: 2 };
+        let e = resolve(&stages(vec![(vec![0, 1, 2], "cuda:1")]), 3, &one_gpu, None).unwrap_err().to_string();
         assert!(e.contains("placement[0].device") && e.contains("1 CUDA device"), "{e}");
     }
 
     #[test]
     fn global_modes_run_as_one_stage_spread_over_the_named_devices() {
-        let plans = resolve(&Placement::Named("per_layer".into()), 3, Training::Backprop, 0, 2, |_| vec![]).unwrap();
+        let c = config(Placement::Named("per_layer".into()), Training::Backprop);
+        let plans = resolve(&c, 3, &cpu(2), None).unwrap();
         assert_eq!(plans.len(), 1);
         assert_eq!(plans[0].layers, vec![0, 1, 2]);
+        assert!(!wants_measurement(&config(Placement::Named("auto".into()), Training::Backprop), 3, &cpu(2)));
     }
 }

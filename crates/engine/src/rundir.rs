@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
+use crate::metrics::EpochMetrics;
 use crate::{EngineError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,8 +82,9 @@ impl RunDir {
         self.path.join("metrics.jsonl")
     }
 
-    /// Appends one JSON object as a line and syncs it.
-    pub fn append_metrics(&self, line: &serde_json::Value) -> Result<()> {
+    /// Appends one epoch's metrics as a JSON line and syncs it.
+    pub fn append_metrics(&self, line: &EpochMetrics) -> Result<()> {
+        let line = serde_json::to_string(line).expect("metrics serialise");
         let path = self.metrics_path();
         let mut f =
             std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| EngineError::io(&path, e))?;
@@ -92,13 +94,14 @@ impl RunDir {
 
     /// Replaces the metrics file with `lines` (on resume: the checkpoint's, dropping lines
     /// of epochs after it).
-    pub fn rewrite_metrics(&self, lines: &[serde_json::Value]) -> Result<()> {
-        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    pub fn rewrite_metrics(&self, lines: &[EpochMetrics]) -> Result<()> {
+        let text: String =
+            lines.iter().map(|l| format!("{}\n", serde_json::to_string(l).expect("metrics serialise"))).collect();
         write_atomic(&self.metrics_path(), text.as_bytes())
     }
 
-    /// Every metrics line written so far.
-    pub fn metrics(&self) -> Vec<serde_json::Value> {
+    /// Every metrics line written so far (lines that do not parse are skipped).
+    pub fn metrics(&self) -> Vec<EpochMetrics> {
         std::fs::read_to_string(self.metrics_path())
             .unwrap_or_default()
             .lines()

@@ -1,17 +1,24 @@
 //! A stage: a run of consecutive layers with their heads and optimizers, bound to a device.
-//! Every stage runs the same loop: take a message, handle it, pass it on.
+//! It owns its layers from birth to checkpoint: the thread (later: the process) that runs it
+//! builds them from (seed, layer index), loads them from their own files on resume, and at a
+//! checkpoint marker writes them and reports what it wrote. Every stage runs the same loop:
+//! take a message, handle it, pass it on. It talks only through its links.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
 
-use crossbeam_channel::Sender;
-use layerwise_nn::network::{eval_blocks, train_global};
-use layerwise_nn::{HiddenBlock, OutputLayer, Training};
+use layerwise_nn::network::{eval_blocks, label_projection, train_global};
+use layerwise_nn::{HiddenBlock, OutputLayer, Targets, Training};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::checkpoint::snapshot;
-use crate::link::{LinkReceiver, LinkSender};
-use crate::message::{CheckpointPart, LayerReport, Message, Report, StageFailure, StageTiming};
+use crate::checkpoint::{self, FileEntry, Verified};
+use crate::link::{LinkReceiver, LinkSender, ReportSender};
+use crate::message::{unix_now, Control, EpochStats, LayerReport, Message, Report, StageFailure, StageTiming};
+use crate::placement::StagePlan;
+use crate::plan::Plan;
+use crate::watchdog::Watch;
 
 /// A fault to inject, for tests of failure handling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,22 +42,30 @@ pub struct Fault {
     pub kind: FaultKind,
 }
 
+/// What a stage needs besides its part of the plan: where checkpoints go, the checkpoint
+/// to resume from, its report link.
+pub struct StageEnv {
+    pub checkpoints: PathBuf,
+    pub resume: Option<Verified>,
+    pub reports: Arc<dyn ReportSender>,
+    pub fault: Option<Fault>,
+    pub watch: Option<Arc<Watch>>,
+}
+
 pub struct Stage {
     pub index: usize,
-    pub device: Device,
-    pub blocks: Vec<HiddenBlock>,
-    pub output: Option<OutputLayer>,
+    device: Device,
+    blocks: Vec<HiddenBlock>,
+    output: Option<OutputLayer>,
     training: Training,
-    /// Intra-op threads of this stage's worker (CPU).
-    threads: usize,
-    check_finite_every: u64,
-    reports: Sender<Report>,
-    checkpoints: Sender<CheckpointPart>,
+    num_classes: i64,
+    /// Bio mode's fixed label projection, on this stage's device.
+    projection: Option<Tensor>,
+    plan: StagePlan,
+    env: StageEnv,
     timing: StageTiming,
     depth_samples: u64,
-    train_done: Option<Instant>,
-    fault: Option<Fault>,
-    watch: Option<std::sync::Arc<crate::watchdog::Watch>>,
+    train_done: Option<f64>,
     /// First non-finite loss noted on the device: step * LAYER_SLOTS + layer, or -1.
     first_bad: Option<Tensor>,
 }
@@ -60,46 +75,85 @@ const LAYER_SLOTS: i64 = 1 << 16;
 
 type Handled = Result<Option<Message>, StageFailure>;
 
+/// The first line of a panic's message.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into());
+    text.lines().next().unwrap_or("panicked").to_string()
+}
+
 impl Stage {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        index: usize,
-        device: Device,
-        blocks: Vec<HiddenBlock>,
-        output: Option<OutputLayer>,
-        training: Training,
-        threads: usize,
-        check_finite_every: u64,
-        reports: Sender<Report>,
-        checkpoints: Sender<CheckpointPart>,
-        fault: Option<Fault>,
-    ) -> Self {
-        Self {
+    /// Builds stage `index` of `plan`: its layers from (seed, layer index) on their devices,
+    /// then, on resume, each layer's state from its own file in the checkpoint, checked
+    /// against the manifest. Nothing else of the checkpoint is read.
+    pub fn build(plan: &Plan, index: usize, env: StageEnv) -> Result<Stage, StageFailure> {
+        let sp = plan.stages[index].clone();
+        let fail = |layer: Option<usize>, reason: String| StageFailure { stage: index, layer, step: None, reason };
+        let built = catch_unwind(AssertUnwindSafe(|| Self::build_layers(plan, &sp, env.resume.as_ref())));
+        let (blocks, output) = built.map_err(|p| fail(None, panic_message(&*p)))?.map_err(|(l, e)| fail(l, e))?;
+        let (model, arch) = (&plan.config.model, &plan.arch);
+        let device = sp.device().tch();
+        let projection = label_projection(model, arch, plan.config.train.seed).map(|p| p.to_device(device));
+        Ok(Stage {
             index,
             device,
             blocks,
             output,
-            training,
-            threads,
-            check_finite_every,
-            reports,
-            checkpoints,
+            training: model.training,
+            num_classes: arch.num_classes,
+            projection,
+            plan: sp,
+            env,
             timing: StageTiming::default(),
             depth_samples: 0,
             train_done: None,
-            fault,
-            watch: None,
             first_bad: None,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn build_layers(
+        plan: &Plan,
+        sp: &StagePlan,
+        resume: Option<&Verified>,
+    ) -> Result<(Vec<HiddenBlock>, Option<OutputLayer>), (Option<usize>, String)> {
+        let (model, optim, arch) = (&plan.config.model, &plan.config.optim, &plan.arch);
+        let seed = plan.config.train.seed;
+        let out_index = plan.output_layer();
+        let (mut blocks, mut output) = (Vec::new(), None);
+        for (&layer, device) in sp.layers.iter().zip(&sp.devices) {
+            let d = device.tch();
+            let state = match resume {
+                Some(v) => {
+                    Some(v.part(&checkpoint::part_name(layer, out_index)).map_err(|e| (Some(layer), e.to_string()))?)
+                }
+                None => None,
+            };
+            let loaded = |r: layerwise_nn::Result<()>| r.map_err(|e| (Some(layer), e.to_string()));
+            if layer == out_index {
+                let mut o = OutputLayer::new(layer, arch.output_in, arch.num_classes, model, optim, seed, d);
+                if let Some(s) = &state {
+                    loaded(o.load_state(s))?;
+                }
+                output = Some(o);
+            } else {
+                let mut b = HiddenBlock::new(layer, &arch.hidden[layer], arch.num_classes, model, optim, seed, d)
+                    .map_err(|e| (Some(layer), e.to_string()))?;
+                if let Some(s) = &state {
+                    loaded(b.load_state(s))?;
+                }
+                blocks.push(b);
+            }
         }
+        Ok((blocks, output))
     }
 
     /// The layer indices this stage holds (the output layer last, if here).
     pub fn layer_indices(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = self.blocks.iter().map(|b| b.index).collect();
-        if let Some(o) = &self.output {
-            v.push(o.index);
-        }
-        v
+        self.plan.layers.clone()
     }
 
     fn fail(&self, layer: Option<usize>, step: Option<u64>, reason: impl Into<String>) -> StageFailure {
@@ -109,40 +163,42 @@ impl Stage {
     /// [`Stage::handle`], with the time it takes counted as busy.
     pub fn process(&mut self, msg: Message) -> Handled {
         let t = Instant::now();
-        if let Some(w) = &self.watch {
+        if let Some(w) = &self.env.watch {
             w.busy(self.index, msg.kind());
         }
         let handled = self.handle(msg);
-        if let Some(w) = &self.watch {
+        if let Some(w) = &self.env.watch {
             w.idle(self.index);
         }
         self.timing.busy += t.elapsed();
         handled
     }
 
-    /// Lets a watchdog see when this stage is stuck on one message.
-    pub fn watch(&mut self, watch: std::sync::Arc<crate::watchdog::Watch>) {
-        self.watch = Some(watch);
-    }
-
     /// Handles one message; returns what to pass on (None for the last stage's results).
     pub fn handle(&mut self, msg: Message) -> Handled {
         let is_last = self.output.is_some();
-        match msg {
-            Message::Train { epoch, step, input, targets } => {
-                let x = input.to_device(self.device);
-                let targets = targets.to_device(self.device);
+        let (control, payload) = (msg.control, msg.payload);
+        let pass_on = || Ok(Some(Message::control(control)));
+        match control {
+            Control::Train { epoch, step } => {
+                let p = payload.ok_or_else(|| self.fail(None, Some(step), "a training message without a batch"))?;
+                let x = p.input.to_device(self.device);
+                let labels = p.labels.to_device(self.device);
+                // Only labels cross links: the targets are made here, on this stage's device.
+                let targets =
+                    self.guard(None, Some(step), |s| Targets::new(&labels, s.num_classes, s.projection.as_ref()))?;
                 let out = if matches!(self.training, Training::Backprop | Training::LocalGlobal) {
                     self.train_global_step(&x, &targets, step)?
                 } else {
                     self.train_local_step(x, &targets, step)?
                 };
-                self.timing.train_examples += targets.labels.size()[0] as u64;
-                Ok((!is_last).then(|| Message::Train { epoch, step, input: out, targets }))
+                self.timing.train_examples += labels.size()[0] as u64;
+                Ok((!is_last).then(|| Message::with(Control::Train { epoch, step }, out, labels)))
             }
-            Message::Eval { set, index, input, labels } => {
+            Control::Eval { set, index } => {
                 self.mark_train_done();
-                let x = input.to_device(self.device);
+                let p = payload.ok_or_else(|| self.fail(None, None, "an evaluation message without a batch"))?;
+                let x = p.input.to_device(self.device);
                 let out = self.guard(None, None, |s| {
                     let x = eval_blocks(&mut s.blocks, &x);
                     match &s.output {
@@ -150,57 +206,65 @@ impl Stage {
                         None => x,
                     }
                 })?;
-                if is_last {
-                    let labels = labels.to_device(out.device());
-                    let wrong = out.argmax(1, false).ne_tensor(&labels).sum(Kind::Int64).int64_value(&[]);
-                    let loss_sum =
-                        out.cross_entropy_loss(&labels, None::<Tensor>, Reduction::Sum, -100, 0.0).double_value(&[]);
-                    let _ = self.reports.send(Report::Eval { set, index, wrong, count: labels.size()[0], loss_sum });
-                    Ok(None)
-                } else {
-                    Ok(Some(Message::Eval { set, index, input: out, labels }))
+                if !is_last {
+                    return Ok(Some(Message::with(control, out, p.labels)));
                 }
+                let labels = p.labels.to_device(out.device());
+                let (wrong, loss_sum) = self.guard(None, None, |_| {
+                    let wrong = out.argmax(1, false).ne_tensor(&labels).sum(Kind::Int64).int64_value(&[]);
+                    let loss = out.cross_entropy_loss(&labels, None::<Tensor>, Reduction::Sum, -100, 0.0);
+                    (wrong, loss.double_value(&[]))
+                })?;
+                self.report(Report::Eval { set, index, wrong, count: labels.size()[0], loss_sum })?;
+                Ok(None)
             }
-            Message::SetLr { lr } => {
+            Control::SetLr { lr } => {
                 for b in &mut self.blocks {
                     b.optimizer.set_lr(lr);
                 }
                 if let Some(o) = &mut self.output {
                     o.optimizer.set_lr(lr);
                 }
-                Ok(Some(Message::SetLr { lr }))
+                pass_on()
             }
-            Message::EpochEnd { epoch } => {
+            Control::EpochEnd { epoch } => {
                 self.read_first_bad()?; // nothing non-finite reaches an epoch's figures
                 self.mark_train_done();
-                self.report_epoch(epoch);
-                Ok(Some(Message::EpochEnd { epoch }))
+                self.report_epoch(epoch)?;
+                pass_on()
             }
-            Message::Checkpoint { step, seq } => {
+            Control::Checkpoint { step, seq } => {
                 self.read_first_bad()?; // nor a checkpoint
-                let layers = self.snapshot();
-                self.checkpoints
-                    .send(CheckpointPart { seq, layers })
-                    .map_err(|_| self.fail(None, Some(step), "the checkpoint writer is gone"))?;
-                Ok(Some(Message::Checkpoint { step, seq }))
+                let files = self.write_checkpoint(step, seq).map_err(|e| e.to_string());
+                if let Err(e) = &files {
+                    tracing::error!(stage = self.index, step, "cannot write this stage's checkpoint files: {e}");
+                }
+                self.report(Report::CheckpointPart { seq, stage: self.index, files })?;
+                pass_on()
             }
-            Message::Shutdown => Ok(Some(Message::Shutdown)),
+            Control::Shutdown => pass_on(),
         }
     }
 
-    /// Copies of every layer's state, on the CPU, named by layer (`layer-NNN`, `output`).
-    pub fn snapshot(&self) -> Vec<crate::checkpoint::LayerPart> {
-        let copy = |named: Vec<layerwise_nn::Named>| named.into_iter().map(|(n, t)| (n, snapshot(&t))).collect();
-        let mut parts: Vec<_> =
-            self.blocks.iter().map(|b| (format!("layer-{:03}", b.index), copy(b.state()))).collect();
-        if let Some(o) = &self.output {
-            parts.push(("output".to_string(), copy(o.state())));
+    /// Writes every layer of this stage into checkpoint `seq`'s folder, each file synced.
+    fn write_checkpoint(&self, step: u64, seq: u64) -> crate::Result<Vec<FileEntry>> {
+        let dir = checkpoint::partial_dir(&self.env.checkpoints, step, seq);
+        let mut files = Vec::new();
+        for b in &self.blocks {
+            files.push(checkpoint::write_part(&dir, &checkpoint::part_name(b.index, usize::MAX), &b.state())?);
         }
-        parts
+        if let Some(o) = &self.output {
+            files.push(checkpoint::write_part(&dir, &checkpoint::part_name(o.index, o.index), &o.state())?);
+        }
+        Ok(files)
+    }
+
+    fn report(&self, report: Report) -> Result<(), StageFailure> {
+        self.env.reports.send(report).map_err(|_| self.fail(None, None, "the coordinator is gone"))
     }
 
     fn mark_train_done(&mut self) {
-        self.train_done.get_or_insert_with(Instant::now);
+        self.train_done.get_or_insert_with(unix_now);
     }
 
     /// Runs `f` on this stage, turning a panic (libtorch errors, out of memory) into a failure.
@@ -210,19 +274,16 @@ impl Stage {
         step: Option<u64>,
         f: impl FnOnce(&mut Self) -> T,
     ) -> Result<T, StageFailure> {
-        catch_unwind(AssertUnwindSafe(|| f(self))).map_err(|panic| {
-            let reason = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panicked".into());
-            let reason = reason.lines().next().unwrap_or("panicked").to_string();
-            StageFailure { stage: self.index, layer, step, reason }
+        catch_unwind(AssertUnwindSafe(|| f(self))).map_err(|panic| StageFailure {
+            stage: self.index,
+            layer,
+            step,
+            reason: panic_message(&*panic),
         })
     }
 
     fn inject(&self, layer: usize, step: u64, x: Tensor) -> Result<Tensor, StageFailure> {
-        match self.fault {
+        match self.env.fault {
             Some(f) if f.layer == layer && f.step == step => match f.kind {
                 FaultKind::Error => Err(self.fail(Some(layer), Some(step), "injected error")),
                 FaultKind::Panic => panic!("injected panic"),
@@ -250,7 +311,7 @@ impl Stage {
     /// is not finite; reads that back every `check_finite_every` steps. So the failure names
     /// the exact step while a GPU stage synchronises only once per interval.
     fn check_finite(&mut self, loss: &Tensor, layer: Option<usize>, step: u64) -> Result<(), StageFailure> {
-        if self.check_finite_every == 0 {
+        if self.plan.check_finite_every == 0 {
             return Ok(());
         }
         let _guard = tch::no_grad_guard();
@@ -258,7 +319,7 @@ impl Stage {
         let first = self.first_bad.get_or_insert_with(|| Tensor::from(-1i64).to_device(loss.device()));
         let keep = first.ge(0).logical_or(&loss.isfinite());
         *first = first.where_scalarother(&keep, mark);
-        if step.is_multiple_of(self.check_finite_every) {
+        if step.is_multiple_of(self.plan.check_finite_every) {
             self.read_first_bad()?;
         }
         Ok(())
@@ -319,7 +380,7 @@ impl Stage {
         Ok(logits)
     }
 
-    fn report_epoch(&mut self, epoch: usize) {
+    fn report_epoch(&mut self, epoch: usize) -> Result<(), StageFailure> {
         let layers = self
             .blocks
             .iter_mut()
@@ -343,14 +404,13 @@ impl Stage {
         let mut timing = std::mem::take(&mut self.timing);
         timing.queue_depth /= self.depth_samples.max(1) as f64;
         self.depth_samples = 0;
-        let train_done = self.train_done.take().unwrap_or_else(Instant::now);
-        let _ = self.reports.send(Report::EpochStats { epoch, stage: self.index, layers, output, timing, train_done });
+        let train_done = self.train_done.take().unwrap_or_else(unix_now);
+        self.report(Report::EpochStats(EpochStats { epoch, stage: self.index, layers, output, timing, train_done }))
     }
 
     /// The worker loop: until shutdown, or until a neighbour is gone, or a failure (reported
     /// to the coordinator; dropping the links then stops the other stages).
     pub fn run_loop(&mut self, input: Box<dyn LinkReceiver>, output: Option<Box<dyn LinkSender>>) {
-        tch::set_num_threads(self.threads as i32);
         loop {
             let t0 = Instant::now();
             let depth = input.depth();
@@ -359,14 +419,14 @@ impl Stage {
             self.timing.wait_input += t1 - t0;
             self.timing.queue_depth += depth as f64;
             self.depth_samples += 1;
-            let shutdown = matches!(msg, Message::Shutdown);
+            let shutdown = msg.control == Control::Shutdown;
             // Layers' work is guarded where the layer is known; this catches the rest.
             let handled = self.guard(None, None, |s| s.process(msg)).and_then(|h| h);
             let t2 = Instant::now();
             match handled {
                 Err(failure) => {
                     tracing::error!(stage = self.index, "{failure}");
-                    let _ = self.reports.send(Report::Failed(failure));
+                    let _ = self.env.reports.send(Report::Failed(failure));
                     return;
                 }
                 Ok(Some(next)) => {
@@ -386,7 +446,22 @@ impl Stage {
     }
 }
 
-/// Seconds of a duration, for reports.
-pub fn secs(d: Duration) -> f64 {
-    d.as_secs_f64()
+/// Runs stage `index` of `plan` on the calling thread: builds it, then loops until shutdown.
+/// A stage that cannot be built reports why, as any failing stage does.
+pub fn run_stage(
+    plan: &Plan,
+    index: usize,
+    env: StageEnv,
+    input: Box<dyn LinkReceiver>,
+    output: Option<Box<dyn LinkSender>>,
+) {
+    tch::set_num_threads(plan.stages[index].threads as i32);
+    let reports = env.reports.clone();
+    match Stage::build(plan, index, env) {
+        Ok(mut stage) => stage.run_loop(input, output),
+        Err(failure) => {
+            tracing::error!(stage = index, "{failure}");
+            let _ = reports.send(Report::Failed(failure));
+        }
+    }
 }

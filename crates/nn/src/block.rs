@@ -183,9 +183,6 @@ impl HiddenBlock {
         seed: u64,
         device: Device,
     ) -> Result<Self> {
-        if !(0.0..1.0).contains(&model.dropout) {
-            return Err(NnError::Model(format!("model.dropout: expected a value in [0, 1), got {}", model.dropout)));
-        }
         let mut rng = LayerRng::new(seed, index, Purpose::Init);
         let (weight, bias, out) = match *spec {
             LayerSpec::Conv { in_channels, out_channels, kernel, .. } => {

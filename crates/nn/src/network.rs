@@ -11,7 +11,7 @@ use crate::init;
 use crate::output::OutputLayer;
 use crate::rng::{LayerRng, Purpose};
 use crate::targets::Targets;
-use crate::{strip_prefix, Named, NnError, Result};
+use crate::{strip_prefix, Named, Result};
 
 #[derive(Debug)]
 pub struct Network {
@@ -114,9 +114,6 @@ pub fn build_layers(
     devices: &[Device],
 ) -> Result<(Vec<HiddenBlock>, OutputLayer)> {
     assert_eq!(devices.len(), arch.hidden.len() + 1, "one device per layer");
-    if !(0.0..=1.0).contains(&model.beta) {
-        return Err(NnError::Model(format!("model.beta: expected a value in [0, 1], got {}", model.beta)));
-    }
     let blocks = arch
         .hidden
         .iter()

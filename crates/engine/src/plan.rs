@@ -1,0 +1,340 @@
+//! The plan: a run's config interpreted once, against the machine it runs on. Building it is
+//! validation: every range check (here and nowhere else), the architecture against the
+//! data's images, the stages with their typed devices and thread budgets. `validate`,
+//! `train`, `serve`, `eval`, `export`, `inspect` and `bench` all start from a plan; nothing
+//! after it parses the config's strings again.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use layerwise_data::batches::Transform;
+use layerwise_data::DatasetKind;
+use layerwise_nn::arch::InputShape;
+use layerwise_nn::Architecture;
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+use crate::placement::{self, StagePlan};
+use crate::{EngineError, Result};
+
+/// A device as the engine names it: typed once parsed, `cpu` or `cuda:N` as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum DeviceId {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceId {
+    /// `cpu`, `cuda` (device 0) or `cuda:N`; whether it is present is the machine's question.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceId::Cpu),
+            "cuda" => Ok(DeviceId::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(DeviceId::Cuda)
+                .ok_or_else(|| format!("{:?} is not a device: expected \"cpu\", \"cuda\" or \"cuda:N\"", quote(s))),
+        }
+    }
+
+    pub fn tch(self) -> tch::Device {
+        match self {
+            DeviceId::Cpu => tch::Device::Cpu,
+            DeviceId::Cuda(i) => tch::Device::Cuda(i),
+        }
+    }
+
+    pub fn is_cuda(self) -> bool {
+        matches!(self, DeviceId::Cuda(_))
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceId::Cpu => write!(f, "cpu"),
+            DeviceId::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl From<DeviceId> for String {
+    fn from(d: DeviceId) -> String {
+        d.to_string()
+    }
+}
+
+impl TryFrom<String> for DeviceId {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        DeviceId::parse(&s)
+    }
+}
+
+/// At most this much of a bad value is quoted back in an error.
+pub fn quote(s: &str) -> String {
+    const MAX: usize = 60;
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}... ({} bytes)", &s[..cut], s.len()),
+        None => s.to_string(),
+    }
+}
+
+/// What a plan is made for: the devices present and the CPU cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Machine {
+    pub cuda_devices: usize,
+    pub cores: usize,
+}
+
+impl Machine {
+    pub fn detect() -> Self {
+        Self {
+            cuda_devices: tch::Cuda::device_count().max(0) as usize,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    /// Every CUDA device, else the CPU: where automatic placements go.
+    pub fn visible(&self) -> Vec<DeviceId> {
+        if self.cuda_devices == 0 {
+            vec![DeviceId::Cpu]
+        } else {
+            (0..self.cuda_devices).map(DeviceId::Cuda).collect()
+        }
+    }
+
+    pub fn check(&self, d: DeviceId) -> std::result::Result<DeviceId, String> {
+        match d {
+            DeviceId::Cuda(i) if i >= self.cuda_devices => {
+                Err(format!("{d} is not present: {} CUDA device(s) visible", self.cuda_devices))
+            }
+            _ => Ok(d),
+        }
+    }
+}
+
+/// The images and classes a plan is made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataShape {
+    pub input: InputShape,
+    pub num_classes: i64,
+}
+
+impl DataShape {
+    /// What the config's data set holds: known for the standard sets; an image folder's
+    /// classes are its training folder's subfolders.
+    pub fn of_config(data: &layerwise_data::DataConfig) -> Result<Self> {
+        let (channels, size) = data.input_shape();
+        let num_classes = match data.num_classes() {
+            Some(n) => n,
+            None => {
+                debug_assert_eq!(data.dataset, DatasetKind::ImageFolder);
+                let train = data.root().join("train");
+                let rd = std::fs::read_dir(&train).map_err(|e| EngineError::io(&train, e))?;
+                rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).count() as i64
+            }
+        };
+        Ok(Self { input: InputShape { channels, size }, num_classes })
+    }
+}
+
+/// A validated run: the config, its architecture, data transform and stages.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub config: RunConfig,
+    pub shape: DataShape,
+    pub arch: Architecture,
+    pub transform: Transform,
+    pub stages: Vec<StagePlan>,
+    pub machine: Machine,
+}
+
+impl Plan {
+    /// Validates `config` for `machine` and places its layers. An `auto` placement is split
+    /// evenly here; [`Plan::measure_placement`] refines it on the devices before a run.
+    pub fn build(config: &RunConfig, machine: Machine) -> Result<Plan> {
+        check_ranges(config)?;
+        let shape = DataShape::of_config(&config.data)?;
+        Self::build_for(config, machine, shape)
+    }
+
+    /// As [`Plan::build`], for a data shape known otherwise (read from the data).
+    pub fn build_for(config: &RunConfig, machine: Machine, shape: DataShape) -> Result<Plan> {
+        check_ranges(config)?;
+        let transform = Transform::from_config(&config.data, shape.input.channels)?;
+        let arch = Architecture::new(&config.model, shape.input, shape.num_classes)?;
+        let stages = placement::resolve(config, arch.hidden.len() + 1, &machine, None)?;
+        Ok(Plan { config: config.clone(), shape, arch, transform, stages, machine })
+    }
+
+    /// `validate`: the plan for this machine, and the data files present when asked.
+    pub fn check(config: &RunConfig, check_data: bool) -> Result<Plan> {
+        let plan = Plan::build(config, Machine::detect())?;
+        if check_data {
+            config.data.check_files()?;
+        }
+        Ok(plan)
+    }
+
+    /// Re-splits an `auto` placement by each layer's cost measured on the device it will
+    /// run on. Other placements are left as they are.
+    pub fn measure_placement(&mut self) -> Result<()> {
+        if placement::wants_measurement(&self.config, self.stages.len(), &self.machine) {
+            let costs = placement::measure(self)?;
+            self.stages = placement::resolve(&self.config, self.num_layers(), &self.machine, Some(&costs))?;
+        }
+        Ok(())
+    }
+
+    /// Hidden layers plus the output layer.
+    pub fn num_layers(&self) -> usize {
+        self.arch.hidden.len() + 1
+    }
+
+    /// The output layer's index (after the last hidden layer).
+    pub fn output_layer(&self) -> usize {
+        self.arch.hidden.len()
+    }
+
+    /// Every device the run uses.
+    pub fn devices(&self) -> BTreeSet<DeviceId> {
+        self.stages.iter().flat_map(|s| s.devices.iter().copied()).collect()
+    }
+
+    /// Refuses data whose images or classes are not the plan's, naming the data folder.
+    pub fn check_data(&self, splits: &layerwise_data::dataset::Splits) -> Result<()> {
+        let root = self.config.data.root();
+        let want = (self.shape.input.channels, self.shape.input.size, self.shape.input.size);
+        for (name, set) in [("training", &splits.train), ("test", &splits.test)] {
+            if set.is_empty() {
+                return Err(EngineError::Config(format!(
+                    "data: {}: no {name} images: expected at least one",
+                    root.display()
+                )));
+            }
+            let got = set.image_shape();
+            if got != want {
+                return Err(EngineError::Config(format!(
+                    "data: {}: {name} images are {}x{}x{}, expected {}x{}x{} (channels x height x width) for {:?}",
+                    root.display(),
+                    got.0,
+                    got.1,
+                    got.2,
+                    want.0,
+                    want.1,
+                    want.2,
+                    self.config.data.dataset
+                )));
+            }
+            if set.num_classes != self.shape.num_classes {
+                return Err(EngineError::Config(format!(
+                    "data: {}: {name} set has {} classes, expected {}",
+                    root.display(),
+                    set.num_classes,
+                    self.shape.num_classes
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bad(key: &str, what: impl fmt::Display) -> EngineError {
+    EngineError::Config(format!("{key}: {what}"))
+}
+
+fn in_range(key: &str, v: f64, lo: f64, hi: f64, what: &str) -> Result<()> {
+    if v.is_finite() && v >= lo && v <= hi {
+        Ok(())
+    } else {
+        Err(bad(key, format!("expected {what}, got {v}")))
+    }
+}
+
+fn at_least_one<T: Into<u64> + Copy>(key: &str, v: T) -> Result<()> {
+    if v.into() == 0 {
+        return Err(bad(key, "expected at least 1"));
+    }
+    Ok(())
+}
+
+/// Every range check of a config, in one place.
+fn check_ranges(config: &RunConfig) -> Result<()> {
+    let t = &config.train;
+    at_least_one("train.epochs", t.epochs as u64)?;
+    at_least_one("train.batch_size", t.batch_size as u64)?;
+    at_least_one("train.eval_batch_size", t.eval_batch_size as u64)?;
+    if t.steps_per_epoch == Some(0) {
+        return Err(bad("train.steps_per_epoch", "expected at least 1, or leave it out"));
+    }
+    if t.eval_batches == Some(0) {
+        return Err(bad("train.eval_batches", "expected at least 1, or leave it out"));
+    }
+    if t.cpu_threads == Some(0) {
+        return Err(bad("train.cpu_threads", "expected at least 1, or leave it out"));
+    }
+    in_range("train.stall_warning_s", t.stall_warning_s, 0.001, 1e9, "a positive number of seconds")?;
+    at_least_one("pipeline.channel_capacity", config.pipeline.channel_capacity as u64)?;
+    at_least_one("checkpoint.keep", config.checkpoint.keep as u64)?;
+    let o = &config.optim;
+    in_range("optim.lr", o.lr, f64::MIN_POSITIVE, 1e3, "a positive learning rate")?;
+    in_range("optim.weight_decay", o.weight_decay, 0.0, 1e3, "a value >= 0")?;
+    in_range("optim.betas[0]", o.betas.0, 0.0, 1.0 - f64::EPSILON, "a value in [0, 1)")?;
+    in_range("optim.betas[1]", o.betas.1, 0.0, 1.0 - f64::EPSILON, "a value in [0, 1)")?;
+    in_range("optim.eps", o.eps, 0.0, 1.0, "a small value >= 0")?;
+    in_range("optim.momentum", o.momentum, 0.0, 1.0, "a value in [0, 1]")?;
+    in_range("optim.dampening", o.dampening, 0.0, 1.0, "a value in [0, 1]")?;
+    in_range("optim.lr_decay", o.lr_decay, f64::MIN_POSITIVE, 1.0, "a factor in (0, 1]")?;
+    if o.nesterov && (o.momentum == 0.0 || o.dampening != 0.0) {
+        return Err(bad("optim.nesterov", "needs optim.momentum > 0 and optim.dampening = 0"));
+    }
+    if o.milestones.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(bad("optim.milestones", format!("expected increasing epochs, got {:?}", o.milestones)));
+    }
+    let m = &config.model;
+    in_range("model.dropout", m.dropout, 0.0, 0.999, "a probability in [0, 1)")?;
+    in_range("model.beta", m.beta, 0.0, 1.0, "a value in [0, 1]")?;
+    at_least_one("model.dim_in_decoder", m.dim_in_decoder as u64)?;
+    at_least_one("model.target_proj_size", m.target_proj_size as u64)?;
+    if config.data.cutout_holes > 0 && config.data.cutout_length == 0 {
+        return Err(bad("data.cutout_length", "expected a hole size in pixels (data.cutout_holes > 0)"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_to_typed_values_and_print_back() {
+        assert_eq!(DeviceId::parse("cpu"), Ok(DeviceId::Cpu));
+        assert_eq!(DeviceId::parse("cuda"), Ok(DeviceId::Cuda(0)));
+        assert_eq!(DeviceId::parse("cuda:3"), Ok(DeviceId::Cuda(3)));
+        assert_eq!(DeviceId::Cuda(3).to_string(), "cuda:3");
+        assert!(DeviceId::parse("gpu0").unwrap_err().contains("expected \"cpu\""));
+        let m = Machine { cuda_devices: 1, cores: 2 };
+        assert!(m.check(DeviceId::Cuda(1)).unwrap_err().contains("1 CUDA device"));
+    }
+
+    #[test]
+    fn a_long_bad_value_is_quoted_by_a_short_prefix() {
+        let q = quote(&"x".repeat(1_000_000));
+        assert!(q.len() < 100 && q.contains("1000000 bytes"), "{q}");
+    }
+
+    #[test]
+    fn each_range_is_checked_once_naming_its_key() {
+        let mut c = RunConfig::default();
+        c.model.dropout = 1.0;
+        let e = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap_err().to_string();
+        assert!(e.contains("model.dropout") && e.contains("[0, 1)"), "{e}");
+        let mut c = RunConfig::default();
+        c.model.beta = 1.5;
+        let e = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap_err().to_string();
+        assert!(e.contains("model.beta"), "{e}");
+    }
+}
