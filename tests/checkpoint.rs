@@ -196,3 +196,30 @@ fn a_stage_resumes_from_its_own_files_alone_and_writes_its_own_part_of_a_checkpo
     let e = Stage::build(&plan, 2, env(seen)).err().expect("a damaged layer file is refused");
     assert!(e.layer == Some(2) && e.reason.contains("layer-002.safetensors") && e.reason.contains("damaged"), "{e}");
 }
+
+#[test]
+fn damaged_checkpoints_never_take_a_keep_slot_from_a_new_one() {
+    let data = data_dir();
+    let mut config = pipelined(data.path(), "per_layer");
+    config.checkpoint.every_steps = 5;
+    config.checkpoint.keep = 2;
+    let dir = tempfile::tempdir().unwrap();
+    run(&config, dir.path(), stop_at(13));
+    let root = dir.path().join("checkpoints");
+    let damaged = checkpoint::list(&root);
+    assert_eq!(damaged.len(), 2);
+    for d in &damaged {
+        let victim = d.join("layer-000.safetensors");
+        let mut bytes = std::fs::read(&victim).unwrap();
+        bytes[200] ^= 0x10;
+        std::fs::write(&victim, bytes).unwrap();
+    }
+    // Every checkpoint is damaged: the resume starts over, and its new checkpoint stays.
+    let first = run(&config, dir.path(), RunOptions { resume: true, stop_after_step: Some(3), ..Default::default() });
+    assert!(first.resumed_from.is_none() && first.stopped && first.step == 3);
+    let kept = checkpoint::list(&root);
+    assert_eq!(kept, vec![root.join("step-0000000003")], "the damaged ones are gone, the new one kept");
+    let second = run(&config, dir.path(), resume());
+    assert_eq!(second.resumed_from.as_deref(), Some(root.join("step-0000000003").as_path()));
+    assert_same_run(&run_in_temp(&config), &second, "started over, stopped at 3, resumed");
+}

@@ -33,8 +33,8 @@ pub fn data(config: Option<&Path>, batches: usize) -> anyhow::Result<()> {
     };
     let sampler = Sampler { batch_size: cfg.train.batch_size, drop_last: false, classes_per_batch: 0, seed: 1 };
     let splits = dataset::load(&cfg.data)?;
-    let channels = splits.train.image_shape().0;
-    let transform = Transform::from_config(&cfg.data, channels)?;
+    let (channels, size, _) = splits.train.image_shape();
+    let transform = Transform::from_config(&cfg.data, channels, size)?;
     let label = format!(
         "{:?} (crop {}, flip {}, cutout {}x{})",
         cfg.data.dataset, transform.crop_padding, transform.flip, transform.cutout_holes, transform.cutout_length
@@ -48,7 +48,7 @@ pub fn data(config: Option<&Path>, batches: usize) -> anyhow::Result<()> {
     let set = Dataset { images, labels, num_classes: 10 };
     measure(
         "CIFAR-shaped (crop 4, flip, cutout 1x16)",
-        BatchSource::training(set, Transform::from_config(&cifar, 3)?, sampler),
+        BatchSource::training(set, Transform::from_config(&cifar, 3, 32)?, sampler),
         batches,
     );
     Ok(())

@@ -37,8 +37,13 @@ pub struct Transform {
     pub cutout_length: i64,
 }
 
+/// Cutout holes per image, at most: more would only repeat work on a covered image.
+pub const MAX_CUTOUT_HOLES: i64 = 64;
+
 impl Transform {
-    pub fn from_config(config: &DataConfig, channels: i64) -> Result<Self> {
+    /// The transform for images of `channels` x `size` x `size`; every augmentation key is
+    /// checked here against the image it applies to.
+    pub fn from_config(config: &DataConfig, channels: i64, size: i64) -> Result<Self> {
         let (dm, ds) = config
             .dataset
             .normalisation()
@@ -62,10 +67,23 @@ impl Transform {
             cutout_holes: config.cutout_holes,
             cutout_length: config.cutout_length,
         };
-        if t.crop_padding < 0 || t.cutout_holes < 0 || t.cutout_length < 0 {
-            return Err(DataError::Config(
-                "data.crop_padding, data.cutout_holes and data.cutout_length must not be negative".into(),
-            ));
+        let bounds = [
+            ("data.crop_padding", t.crop_padding, size, "pixels, at most the image size"),
+            ("data.cutout_length", t.cutout_length, size, "pixels, at most the image size"),
+            ("data.cutout_holes", t.cutout_holes, MAX_CUTOUT_HOLES, "holes per image"),
+        ];
+        for (key, v, max, what) in bounds {
+            if !(0..=max).contains(&v) {
+                return Err(DataError::Config(format!(
+                    "{key}: expected 0..={max} {what} ({size}x{size} images), got {v}"
+                )));
+            }
+        }
+        if t.mean.iter().chain(&t.std).any(|v| !v.is_finite()) {
+            return Err(DataError::Config(format!(
+                "data.mean, data.std: expected finite values, got {:?}, {:?}",
+                t.mean, t.std
+            )));
         }
         Ok(t)
     }

@@ -50,7 +50,9 @@ pub fn parse(bytes: &[u8], dims: usize, path: &Path) -> Result<(Vec<usize>, Vec<
     }
     let shape: Vec<usize> =
         (0..dims).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
-    let expected: usize = shape.iter().product();
+    let expected = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| {
+        DataError::file(path, format!("header dimensions {shape:?} overflow: not an IDX file of this format"))
+    })?;
     let data = &bytes[header_len..];
     if data.len() != expected {
         let kind = if data.len() < expected { "truncated" } else { "trailing bytes" };

@@ -141,6 +141,68 @@ pub fn set_path(doc: &mut Value, path: &str, value: &str) -> Result<()> {
     unreachable!()
 }
 
+/// Parses JSON text, refusing a key given twice in one object (serde_json would keep the
+/// last silently); the error names the key by its dotted path.
+pub fn parse_strict(text: &str) -> std::result::Result<Value, String> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(text);
+    UniqueKeys(String::new()).deserialize(&mut de).map_err(|e| format!("not valid JSON: {e}"))?;
+    serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))
+}
+
+/// Walks a JSON document checking that no object repeats a key; carries the path so far.
+struct UniqueKeys(String);
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = if self.0.is_empty() { key.clone() } else { format!("{}.{key}", self.0) };
+            if !seen.insert(key) {
+                return Err(serde::de::Error::custom(format!("{}: duplicate key", crate::plan::quote(&path))));
+            }
+            map.next_value_seed(UniqueKeys(path))?;
+        }
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        let mut i = 0;
+        while seq.next_element_seed(UniqueKeys(format!("{}[{i}]", self.0)))?.is_some() {
+            i += 1;
+        }
+        Ok(())
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> std::result::Result<(), E> {
+        Ok(())
+    }
+}
+
 impl RunConfig {
     /// Parses a document strictly; the error names the key path.
     pub fn from_value(doc: Value, source: &str) -> Result<Self> {
@@ -158,8 +220,7 @@ impl RunConfig {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| EngineError::Config(format!("{}: cannot read: {e}", path.display())))?;
-        let mut doc: Value = serde_json::from_str(&text)
-            .map_err(|e| EngineError::Config(format!("{}: not valid JSON: {e}", path.display())))?;
+        let mut doc = parse_strict(&text).map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
         for o in overrides {
             let (k, v) =
                 o.split_once('=').ok_or_else(|| EngineError::Config(format!("--set {o}: expected KEY=VALUE")))?;
@@ -180,6 +241,16 @@ mod tests {
         assert!(e.contains("job.json") && e.contains("train.epoch") && e.contains("unknown field"), "{e}");
         let e = RunConfig::from_value(json!({"model": {"nonlin": "tanh"}}), "job.json").unwrap_err().to_string();
         assert!(e.contains("model.nonlin") && e.contains("relu"), "{e}");
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_by_its_path() {
+        let e = parse_strict(r#"{"train": {"epochs": 1, "epochs": 2}}"#).unwrap_err();
+        assert!(e.contains("train.epochs: duplicate key"), "{e}");
+        let e = parse_strict(r#"{"pipeline": {"placement": [{"layers": [0], "device": "cpu", "device": "cpu"}]}}"#)
+            .unwrap_err();
+        assert!(e.contains("pipeline.placement[0].device"), "{e}");
+        assert!(parse_strict(r#"{"train": {"epochs": 1}, "model": {"epochs": 1}}"#).is_ok());
     }
 
     #[test]

@@ -164,10 +164,12 @@ impl Plan {
     /// As [`Plan::build`], for a data shape known otherwise (read from the data).
     pub fn build_for(config: &RunConfig, machine: Machine, shape: DataShape) -> Result<Plan> {
         check_ranges(config)?;
-        let transform = Transform::from_config(&config.data, shape.input.channels)?;
+        let transform = Transform::from_config(&config.data, shape.input.channels, shape.input.size)?;
         let arch = Architecture::new(&config.model, shape.input, shape.num_classes)?;
         let stages = placement::resolve(config, arch.hidden.len() + 1, &machine, None)?;
-        Ok(Plan { config: config.clone(), shape, arch, transform, stages, machine })
+        let plan = Plan { config: config.clone(), shape, arch, transform, stages, machine };
+        plan.check_memory()?;
+        Ok(plan)
     }
 
     /// `validate`: the plan for this machine, and the data files present when asked.
@@ -185,6 +187,51 @@ impl Plan {
         if placement::wants_measurement(&self.config, self.stages.len(), &self.machine) {
             let costs = placement::measure(self)?;
             self.stages = placement::resolve(&self.config, self.num_layers(), &self.machine, Some(&costs))?;
+        }
+        Ok(())
+    }
+
+    /// Bytes a run of this plan needs at least, by a rough count: every parameter (heads
+    /// included) with its gradient and optimizer state, and the larger of: every layer's
+    /// training activations with their gradients, one layer's evaluation activations
+    /// (evaluation keeps no gradients).
+    pub fn memory_estimate(&self) -> f64 {
+        let (m, t) = (&self.config.model, &self.config.train);
+        let classes = self.arch.num_classes as f64;
+        let state_per_param =
+            4.0 * (2.0 + if self.config.optim.kind == layerwise_nn::OptimKind::Sgd { 1.0 } else { 2.0 });
+        let (batch, eval_batch) = (t.batch_size as f64, t.eval_batch_size as f64);
+        let mut params = self.arch.parameter_count(m.batch_norm) as f64;
+        let (mut activations, mut eval) = (0.0f64, 0.0f64);
+        for spec in &self.arch.hidden {
+            let (features, head) = match *spec {
+                layerwise_nn::LayerSpec::Conv { out_channels, size_out, .. } => {
+                    let c = out_channels as f64;
+                    ((c * (size_out * size_out) as f64), 9.0 * c * c + m.dim_in_decoder as f64 * classes)
+                }
+                layerwise_nn::LayerSpec::Linear { out_features, .. } => {
+                    let d = out_features as f64;
+                    (d, d * d + d * classes.max(m.target_proj_size as f64))
+                }
+            };
+            params += head;
+            activations += 4.0 * 4.0 * batch * features;
+            eval = eval.max(4.0 * 2.0 * eval_batch * features);
+        }
+        params * state_per_param + activations.max(eval)
+    }
+
+    /// Refuses a plan whose memory need is more than the machine has, with both figures.
+    fn check_memory(&self) -> Result<()> {
+        let need = self.memory_estimate();
+        let Some(have) = host_memory() else { return Ok(()) };
+        if self.devices().contains(&DeviceId::Cpu) && need > have as f64 {
+            return Err(EngineError::Config(format!(
+                "the model does not fit: it needs about {:.1} GiB (parameters with their optimizer state, and activations at a batch of {}), this machine has {:.1} GiB; lower model.num_hidden, model.num_layers, model.feat_mult or the batch sizes",
+                need / GIB,
+                self.config.train.batch_size,
+                have as f64 / GIB
+            )));
         }
         Ok(())
     }
@@ -242,6 +289,31 @@ impl Plan {
     }
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Physical memory of this host (MemTotal), where the system says.
+fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Largest values the size keys take: past these a run is a typo, not an experiment.
+pub mod limits {
+    pub const NUM_LAYERS: usize = 256;
+    pub const NUM_HIDDEN: usize = 1 << 20;
+    pub const FEAT_MULT: f64 = 64.0;
+    pub const CPU_THREADS: usize = 1024;
+    pub const BATCH_SIZE: usize = 1 << 20;
+    pub const TARGET_PROJ_SIZE: usize = 1 << 16;
+    pub const DIM_IN_DECODER: usize = 1 << 24;
+    pub const EPOCHS: usize = 1_000_000;
+    pub const QUEUE: usize = 1024;
+    pub const KEEP: usize = 10_000;
+    pub const ARCH_NAME: usize = 64;
+}
+
 fn bad(key: &str, what: impl fmt::Display) -> EngineError {
     EngineError::Config(format!("{key}: {what}"))
 }
@@ -254,31 +326,34 @@ fn in_range(key: &str, v: f64, lo: f64, hi: f64, what: &str) -> Result<()> {
     }
 }
 
-fn at_least_one<T: Into<u64> + Copy>(key: &str, v: T) -> Result<()> {
-    if v.into() == 0 {
-        return Err(bad(key, "expected at least 1"));
+fn count(key: &str, v: usize, max: usize) -> Result<()> {
+    if v == 0 || v > max {
+        return Err(bad(key, format!("expected 1..={max}, got {v}")));
     }
     Ok(())
 }
 
+fn optional(key: &str, v: Option<usize>, max: usize) -> Result<()> {
+    match v {
+        Some(v) if v == 0 || v > max => Err(bad(key, format!("expected 1..={max}, or leave it out; got {v}"))),
+        _ => Ok(()),
+    }
+}
+
 /// Every range check of a config, in one place.
 fn check_ranges(config: &RunConfig) -> Result<()> {
+    use limits::*;
     let t = &config.train;
-    at_least_one("train.epochs", t.epochs as u64)?;
-    at_least_one("train.batch_size", t.batch_size as u64)?;
-    at_least_one("train.eval_batch_size", t.eval_batch_size as u64)?;
-    if t.steps_per_epoch == Some(0) {
-        return Err(bad("train.steps_per_epoch", "expected at least 1, or leave it out"));
-    }
-    if t.eval_batches == Some(0) {
-        return Err(bad("train.eval_batches", "expected at least 1, or leave it out"));
-    }
-    if t.cpu_threads == Some(0) {
-        return Err(bad("train.cpu_threads", "expected at least 1, or leave it out"));
-    }
+    count("train.epochs", t.epochs, EPOCHS)?;
+    count("train.batch_size", t.batch_size, BATCH_SIZE)?;
+    count("train.eval_batch_size", t.eval_batch_size, BATCH_SIZE)?;
+    optional("train.steps_per_epoch", t.steps_per_epoch, usize::MAX)?;
+    optional("train.eval_batches", t.eval_batches, usize::MAX)?;
+    optional("train.cpu_threads", t.cpu_threads, CPU_THREADS)?;
     in_range("train.stall_warning_s", t.stall_warning_s, 0.001, 1e9, "a positive number of seconds")?;
-    at_least_one("pipeline.channel_capacity", config.pipeline.channel_capacity as u64)?;
-    at_least_one("checkpoint.keep", config.checkpoint.keep as u64)?;
+    count("pipeline.channel_capacity", config.pipeline.channel_capacity, QUEUE)?;
+    count("data.prefetch", config.data.prefetch, QUEUE)?;
+    count("checkpoint.keep", config.checkpoint.keep, KEEP)?;
     let o = &config.optim;
     in_range("optim.lr", o.lr, f64::MIN_POSITIVE, 1e3, "a positive learning rate")?;
     in_range("optim.weight_decay", o.weight_decay, 0.0, 1e3, "a value >= 0")?;
@@ -295,10 +370,28 @@ fn check_ranges(config: &RunConfig) -> Result<()> {
         return Err(bad("optim.milestones", format!("expected increasing epochs, got {:?}", o.milestones)));
     }
     let m = &config.model;
+    if m.arch.len() > ARCH_NAME {
+        return Err(bad(
+            "model.arch",
+            format!("expected a model name such as \"mlp\" or \"vgg8b\", got {:?}", quote(&m.arch)),
+        ));
+    }
     in_range("model.dropout", m.dropout, 0.0, 0.999, "a probability in [0, 1)")?;
     in_range("model.beta", m.beta, 0.0, 1.0, "a value in [0, 1]")?;
-    at_least_one("model.dim_in_decoder", m.dim_in_decoder as u64)?;
-    at_least_one("model.target_proj_size", m.target_proj_size as u64)?;
+    in_range("model.feat_mult", m.feat_mult, 1e-3, FEAT_MULT, "a channel multiplier in [0.001, 64]")?;
+    if m.num_layers > NUM_LAYERS {
+        return Err(bad("model.num_layers", format!("expected at most {NUM_LAYERS}, got {}", m.num_layers)));
+    }
+    count("model.num_hidden", m.num_hidden, NUM_HIDDEN)?;
+    count("model.dim_in_decoder", m.dim_in_decoder, DIM_IN_DECODER)?;
+    count("model.target_proj_size", m.target_proj_size, TARGET_PROJ_SIZE)?;
+    let (channels, size) = config.data.input_shape();
+    if !(1..=4).contains(&channels) || !(1..=4096).contains(&size) {
+        return Err(bad(
+            "data.image_channels, data.image_size",
+            format!("expected 1..=4 channels of 1..=4096 pixels, got {channels} x {size}"),
+        ));
+    }
     if config.data.cutout_holes > 0 && config.data.cutout_length == 0 {
         return Err(bad("data.cutout_length", "expected a hole size in pixels (data.cutout_holes > 0)"));
     }

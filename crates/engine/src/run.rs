@@ -96,7 +96,13 @@ pub fn run_plan(plan: Plan, run_dir: &Path, options: RunOptions) -> Result<RunSu
             Ok(summary)
         }
         Err(e) => {
-            let _ = dir.set_status(RunState::Failed, &e.to_string(), 0, 0);
+            // Partial checkpoints go first: on a full disk they free the room that the
+            // failed state needs.
+            checkpoint::remove_partials(&checkpoints_root);
+            let (epoch, step) = dir.status().map_or((0, 0), |s| (s.epoch, s.step));
+            if let Err(w) = dir.set_status(RunState::Failed, &e.to_string(), epoch, step) {
+                tracing::error!("cannot record the failure in {}: {w}", dir.path.display());
+            }
             Err(e)
         }
     }
