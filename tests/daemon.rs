@@ -31,9 +31,15 @@ struct Service {
 
 impl Service {
     fn start(root: &Path) -> Service {
+        Service::start_with(root, &[])
+    }
+
+    fn start_with(root: &Path, args: &[&str]) -> Service {
         let (jobs, runs) = (root.join("jobs"), root.join("runs"));
         let child = Command::new(BIN)
-            .args(["serve", "--scan-every", "0.1", "--jobs"])
+            .args(["serve", "--scan-every", "0.1"])
+            .args(args)
+            .arg("--jobs")
             .arg(&jobs)
             .arg("--runs")
             .arg(&runs)
@@ -218,4 +224,74 @@ fn every_config_in_configs_validates() {
     let out = Command::new(BIN).arg("validate").arg("--no-data").arg(&bad).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("optim.lr"));
+}
+
+#[test]
+fn job_names_that_would_write_outside_their_run_folder_are_refused_and_the_service_goes_on() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    write_idx_dataset(&data, 300, 100);
+    let service = Service::start(root.path());
+    std::fs::create_dir_all(&service.jobs).unwrap();
+    // job names "..", "." and one with a space
+    for file in ["...json", "..json", "bad name.json"] {
+        std::fs::write(service.jobs.join(file), job(&data, 1, 2, 16).to_string()).unwrap();
+    }
+    service.submit("good", &job(&data, 1, 2, 16));
+    service.wait_for("good", state_is("done"));
+    // Every file was scanned before "good" was admitted: nothing outside runs/good.
+    let runs: Vec<String> = std::fs::read_dir(&service.runs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(runs, vec!["good".to_string()]);
+    for stray in ["status.json", "config.json", "metrics.jsonl", "checkpoints"] {
+        assert!(!root.path().join(stray).exists() && !service.runs.join(stray).exists(), "{stray} written outside");
+    }
+}
+
+#[test]
+fn a_job_file_copied_in_two_halves_runs_once_it_is_complete() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    write_idx_dataset(&data, 300, 100);
+    let service = Service::start(root.path());
+    std::fs::create_dir_all(&service.jobs).unwrap();
+    let text = serde_json::to_string_pretty(&job(&data, 1, 2, 16)).unwrap();
+    let (first, rest) = text.split_at(text.len() / 2);
+    let path = service.jobs.join("slow.json");
+    std::fs::write(&path, first).unwrap();
+    // Half a file that stood still is refused, with the reason...
+    let s = service.wait_for("slow", state_is("failed"));
+    assert!(s["reason"].as_str().unwrap().contains("not valid JSON"), "{s}");
+    // ...and read again when the rest arrives: it runs.
+    use std::io::Write;
+    std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(rest.as_bytes()).unwrap();
+    let s = service.wait_for("slow", state_is("done"));
+    assert_eq!(s["step"].as_u64(), Some(2), "{s}");
+}
+
+#[test]
+fn a_job_running_whenever_the_service_died_is_failed_past_the_limit_and_the_service_goes_on() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    write_idx_dataset(&data, 300, 100);
+    let mut service = Service::start_with(root.path(), &["--max-crash-restarts", "1"]);
+    service.submit("long", &job(&data, 500, 8, 32));
+    for restart in 1..=2 {
+        // the job has made progress under this service (its epoch count grows), then the service dies
+        let before = service.status("long")["epoch"].as_u64().unwrap_or(0);
+        service.wait_for("long", |s| s["state"] == "running" && s["epoch"].as_u64() > Some(before));
+        let _ = service.child.kill();
+        let _ = service.child.wait();
+        service = Service::start_with(root.path(), &["--max-crash-restarts", "1"]);
+        if restart == 1 {
+            // within the limit: resumed
+            service.wait_for("long", |s| s["state"] == "running" && s["epoch"].as_u64() > Some(before + 1));
+        }
+    }
+    let s = service.wait_for("long", state_is("failed"));
+    assert!(s["reason"].as_str().unwrap().contains("not resumed again"), "{s}");
+    service.submit("next", &job(&data, 1, 2, 16));
+    service.wait_for("next", state_is("done"));
 }

@@ -89,6 +89,20 @@ enum Command {
         /// Seconds running jobs get to checkpoint and stop after SIGTERM.
         #[arg(long, default_value_t = 120.0)]
         stop_timeout: f64,
+        /// A job that was running each time the service died this many times is failed
+        /// instead of resumed (it may be what kills the service).
+        #[arg(long, default_value_t = 2)]
+        max_crash_restarts: u32,
+    },
+    /// Hand a config to a running service: written into --jobs atomically, as NAME.json.
+    Submit {
+        config: PathBuf,
+        /// Folder of job files that `serve` watches.
+        #[arg(long)]
+        jobs: PathBuf,
+        /// Job name (default: the config's file name); A-Z a-z 0-9 . _ - only.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Print the state of every run under a runs folder.
     Status {
@@ -207,12 +221,14 @@ fn progress_bar(batch_size: usize, epochs: usize) -> Box<dyn FnMut(usize, usize,
     })
 }
 
-fn status(runs: &std::path::Path) {
-    let rows = layerwise_daemon::jobs::status_rows(runs);
+fn status(runs: &std::path::Path) -> anyhow::Result<()> {
+    let rows = layerwise_daemon::jobs::status_rows(runs)
+        .with_context(|| format!("{}: cannot read the runs folder", runs.display()))?;
     println!("{:<28} {:<10} {:>6} {:>9}  REASON", "JOB", "STATE", "EPOCH", "STEP");
     for r in rows {
         println!("{:<28} {:<10} {:>6} {:>9}  {}", r.name, r.state, r.epoch, r.step, r.reason);
     }
+    Ok(())
 }
 
 fn validate(configs: &[PathBuf], check_data: bool) -> anyhow::Result<()> {
@@ -232,9 +248,36 @@ fn validate(configs: &[PathBuf], check_data: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A duration flag: at least `min` seconds, at most a year.
+fn seconds(flag: &str, v: f64, min: f64) -> anyhow::Result<Duration> {
+    if !(v.is_finite() && v >= min && v <= 3.2e7) {
+        anyhow::bail!("{flag}: expected {min} to 32000000 seconds, got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Panics inside a job or a stage are caught and reported once, as an error line naming
+/// the stage or job, by the code that catches them: the hook keeps the raw message and
+/// backtrace off stderr (debug level). A panic on the main thread is a bug: logged as an error.
+fn quiet_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let message = info.to_string();
+        if thread.name() == Some("main") {
+            tracing::error!("{}", message.lines().next().unwrap_or("panicked"));
+        }
+        tracing::debug!(
+            thread = thread.name().unwrap_or("?"),
+            "{message}\n{}",
+            std::backtrace::Backtrace::force_capture()
+        );
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
+    quiet_panics();
     let result = match cli.command {
         Command::Train { config, run_dir, overrides, resume } => train(config, run_dir, overrides, resume),
         Command::Eval { path, json, predictions } => use_run::eval(&path, json, predictions.as_deref()),
@@ -242,19 +285,18 @@ fn main() -> ExitCode {
         Command::Inspect { path } => use_run::inspect(&path),
         Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
         Command::Bench(Bench::Train { config, steps, overrides }) => bench::train(&config, steps, &overrides),
-        Command::Serve { jobs, runs, scan_every, stop_timeout } => {
-            layerwise_daemon::serve(layerwise_daemon::ServeOptions {
-                jobs,
-                runs,
-                scan_every: Duration::from_secs_f64(scan_every.max(0.05)),
-                stop_timeout: Duration::from_secs_f64(stop_timeout),
+        Command::Serve { jobs, runs, scan_every, stop_timeout, max_crash_restarts } => {
+            seconds("--scan-every", scan_every, 0.05).and_then(|scan_every| {
+                let stop_timeout = seconds("--stop-timeout", stop_timeout, 0.0)?;
+                let options =
+                    layerwise_daemon::ServeOptions { jobs, runs, scan_every, stop_timeout, max_crash_restarts };
+                layerwise_daemon::serve(options).map_err(Into::into)
             })
-            .map_err(Into::into)
         }
-        Command::Status { runs } => {
-            status(&runs);
-            Ok(())
-        }
+        Command::Submit { config, jobs, name } => layerwise_daemon::jobs::submit(&config, name.as_deref(), &jobs)
+            .map(|p| println!("submitted {}", p.display()))
+            .map_err(|e| anyhow::anyhow!(e)),
+        Command::Status { runs } => status(&runs),
         Command::Validate { configs, no_data } => validate(&configs, !no_data),
         Command::Plot { run_dir, out } => plot::plot(&run_dir, out).map(|p| println!("wrote {}", p.display())),
         Command::Devices => {

@@ -2,9 +2,11 @@
 //! as its run directory's `status.json` records it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use layerwise_engine::rundir::{RunDir, RunState};
 use layerwise_engine::{DeviceId, Plan, RunConfig, RunOptions};
@@ -30,19 +32,75 @@ struct Queued {
     resume: bool,
 }
 
+/// A job file as last seen: its size and modification time.
+type Seen = (u64, SystemTime);
+
+/// Job names: letters, digits, `.`, `_`, `-`, not starting with a dot, at most 100 bytes;
+/// so that a job's files stay inside its own `runs/NAME/`.
+pub fn check_job_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "job name {:?}: expected 1 to 100 of A-Z a-z 0-9 . _ - not starting with a dot",
+            layerwise_engine::plan::quote(name)
+        ))
+    }
+}
+
+/// The job's record of a job file refused at admission: read again once the file changes.
+const REJECTED: &str = "rejected.json";
+/// How many times the service died while the job ran, counted at each start.
+const CRASHES: &str = "crashes";
+
+fn seen(path: &Path) -> Option<Seen> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+fn seen_json(s: Seen) -> serde_json::Value {
+    let t = s.1.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    serde_json::json!({"size": s.0, "mtime_ns": t.as_nanos() as u64})
+}
+
 pub struct JobTable {
     jobs_dir: PathBuf,
     runs_dir: PathBuf,
+    /// A job that was running each time the service died this many times is failed.
+    max_crash_restarts: u32,
     /// Every job name seen, so that a finished job is not run again.
     known: BTreeSet<String>,
+    /// Files seen changing at the last scan: read once they have stood still.
+    settling: BTreeMap<String, Seen>,
+    /// Files with a name that is refused, logged once.
+    bad_names: BTreeSet<String>,
     queue: VecDeque<Queued>,
     running: BTreeMap<String, Running>,
     done_tx: UnboundedSender<Finished>,
 }
 
 impl JobTable {
-    pub fn new(jobs_dir: PathBuf, runs_dir: PathBuf, done_tx: UnboundedSender<Finished>) -> Self {
-        Self { jobs_dir, runs_dir, known: BTreeSet::new(), queue: VecDeque::new(), running: BTreeMap::new(), done_tx }
+    pub fn new(
+        jobs_dir: PathBuf,
+        runs_dir: PathBuf,
+        max_crash_restarts: u32,
+        done_tx: UnboundedSender<Finished>,
+    ) -> Self {
+        Self {
+            jobs_dir,
+            runs_dir,
+            max_crash_restarts,
+            known: BTreeSet::new(),
+            settling: BTreeMap::new(),
+            bad_names: BTreeSet::new(),
+            queue: VecDeque::new(),
+            running: BTreeMap::new(),
+            done_tx,
+        }
     }
 
     pub fn running(&self) -> usize {
@@ -79,16 +137,53 @@ impl JobTable {
         self.jobs_dir.join(format!("{name}.cancel")).exists()
     }
 
-    /// Picks up new job files and cancellations.
+    /// Whether a job file is complete: a file whose size or time changed since the last
+    /// scan, or in the last second, is left for a later scan (a slow copy, an editor).
+    fn settled(&mut self, name: &str) -> Option<Seen> {
+        let now = seen(&self.jobs_dir.join(format!("{name}.json")))?;
+        let fresh = SystemTime::now().duration_since(now.1).map_or(true, |age| age < Duration::from_secs(1));
+        let changed = self.settling.insert(name.to_string(), now) != Some(now);
+        if fresh || changed {
+            return None;
+        }
+        self.settling.remove(name);
+        Some(now)
+    }
+
+    /// A job refused at admission whose file has changed since: admit it again.
+    fn rejected_file_changed(&self, name: &str, now: Seen) -> bool {
+        let path = self.run_dir(name).path.join(REJECTED);
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|was| was != seen_json(now))
+    }
+
+    /// Picks up new (complete) job files, changed refused ones, and cancellations.
     pub fn scan(&mut self) {
         let files = self.job_files();
         for name in &files {
+            if let Err(e) = check_job_name(name) {
+                if self.bad_names.insert(name.clone()) {
+                    tracing::error!("refused {}: {e}", self.jobs_dir.join(format!("{name}.json")).display());
+                }
+                continue;
+            }
+            let Some(now) = self.settled(name) else { continue };
             if self.known.contains(name) {
+                if !self.running.contains_key(name) && self.rejected_file_changed(name, now) {
+                    tracing::info!(job = %name, "job file changed since it was refused: reading it again");
+                    let _ = std::fs::remove_file(self.run_dir(name).path.join(REJECTED));
+                    self.queue.retain(|q| q.name != *name);
+                    self.admit(name, now, true);
+                }
                 continue;
             }
             self.known.insert(name.clone());
-            self.admit(name);
+            let again = self.rejected_file_changed(name, now);
+            self.admit(name, now, again);
         }
+        let files: BTreeSet<String> = files.into_iter().filter(|n| check_job_name(n).is_ok()).collect();
         // cancellations: the file is gone, or NAME.cancel exists
         let cancel: Vec<String> =
             self.known.iter().filter(|n| !files.contains(*n) || self.cancel_requested(n)).cloned().collect();
@@ -113,9 +208,10 @@ impl JobTable {
 
     /// Decides what a newly seen job file needs: nothing (finished before), a resume, or a
     /// fresh start; an invalid job fails here, before anything runs.
-    fn admit(&mut self, name: &str) {
+    fn admit(&mut self, name: &str, file: Seen, reread: bool) {
         let previous = self.run_dir(name).status().map(|s| s.state);
         match previous {
+            Some(RunState::Failed) if reread => {}
             Some(RunState::Done | RunState::Failed | RunState::Cancelled) => {
                 tracing::debug!(job = name, "already finished; remove its run directory to run it again");
                 return;
@@ -132,8 +228,15 @@ impl JobTable {
             Err(e) => {
                 tracing::error!(job = name, "rejected: {e}");
                 self.set_status(name, RunState::Failed, &e.to_string());
+                let record = self.run_dir(name).path.join(REJECTED);
+                if let Err(e) = std::fs::write(&record, seen_json(file).to_string()) {
+                    tracing::error!(job = name, "cannot record {}: {e}", record.display());
+                }
             }
             Ok(plan) => {
+                if previous == Some(RunState::Running) && !self.count_crash(name) {
+                    return;
+                }
                 let resume = matches!(previous, Some(RunState::Running | RunState::Stopped));
                 if !resume {
                     self.set_status(name, RunState::Queued, "");
@@ -142,6 +245,27 @@ impl JobTable {
                 self.queue.push_back(Queued { name: name.to_string(), plan, resume });
             }
         }
+    }
+
+    /// A job found `running` at start was running when the service died. Counts it; past
+    /// the limit the job is failed instead of resumed (it may be what killed the service).
+    fn count_crash(&self, name: &str) -> bool {
+        let path = self.run_dir(name).path.join(CRASHES);
+        let crashes = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u32>().ok()).unwrap_or(0) + 1;
+        if let Err(e) = std::fs::write(&path, crashes.to_string()) {
+            tracing::error!(job = name, "cannot record {}: {e}", path.display());
+        }
+        if crashes > self.max_crash_restarts {
+            let reason = format!(
+                "the service stopped without a clean stop {crashes} times while this job ran (limit {}); not resumed again",
+                self.max_crash_restarts
+            );
+            tracing::error!(job = name, "{reason}");
+            self.set_status(name, RunState::Failed, &reason);
+            return false;
+        }
+        tracing::warn!(job = name, crashes, "the service died while this job ran; resuming it");
+        true
     }
 
     /// Starts every queued job whose devices are free, in queue order.
@@ -168,8 +292,21 @@ impl JobTable {
         let spawned = std::thread::Builder::new().name(format!("job-{name}")).spawn(move || {
             let options = RunOptions { resume: job.resume, stop: Some(flag), ..Default::default() };
             let span = tracing::info_span!("job", name = %job.name);
-            let result = span.in_scope(|| layerwise_engine::run_plan(job.plan, &run_dir, options));
-            let _ = tx.send(Finished { name: job.name, result: result.map(|s| s.stopped).map_err(|e| e.to_string()) });
+            // Whatever happens in the job (a panic in its setup included) ends here, reported.
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                span.in_scope(|| layerwise_engine::run_plan(job.plan, &run_dir, options))
+            }));
+            let result = match result {
+                Ok(r) => r.map(|s| s.stopped).map_err(|e| e.to_string()),
+                Err(panic) => {
+                    let reason = format!("panicked: {}", layerwise_engine::stage::panic_message(&*panic));
+                    let dir = RunDir { path: run_dir.clone() };
+                    let (epoch, step) = dir.status().map_or((0, 0), |s| (s.epoch, s.step));
+                    let _ = dir.set_status(RunState::Failed, &reason, epoch, step);
+                    Err(reason)
+                }
+            };
+            let _ = tx.send(Finished { name: job.name, result });
         });
         match spawned {
             Ok(_) => {
@@ -217,28 +354,41 @@ pub struct Row {
     pub reason: String,
 }
 
-/// The status of every run directory under `runs`.
-pub fn status_rows(runs: &Path) -> Vec<Row> {
-    let mut rows: Vec<Row> = std::fs::read_dir(runs)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().is_dir())
-                .filter_map(|e| {
-                    let dir = RunDir { path: e.path() };
-                    let s = dir.status()?;
-                    let state = serde_json::to_value(s.state).ok()?.as_str()?.to_string();
-                    Some(Row {
-                        name: e.file_name().to_string_lossy().into_owned(),
-                        state,
-                        epoch: s.epoch,
-                        step: s.step,
-                        updated: s.updated,
-                        reason: s.reason,
-                    })
+/// The status of every run directory under `runs`; an error when `runs` is not a folder.
+pub fn status_rows(runs: &Path) -> std::io::Result<Vec<Row>> {
+    let mut rows: Vec<Row> = std::fs::read_dir(runs).map(|rd| {
+        rd.filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| {
+                let dir = RunDir { path: e.path() };
+                let s = dir.status()?;
+                let state = serde_json::to_value(s.state).ok()?.as_str()?.to_string();
+                Some(Row {
+                    name: e.file_name().to_string_lossy().into_owned(),
+                    state,
+                    epoch: s.epoch,
+                    step: s.step,
+                    updated: s.updated,
+                    reason: s.reason,
                 })
-                .collect()
-        })
-        .unwrap_or_default();
+            })
+            .collect()
+    })?;
     rows.sort_by(|a, b| a.name.cmp(&b.name));
-    rows
+    Ok(rows)
+}
+
+/// Writes a job file atomically (a temporary name, synced, renamed) for `serve` to pick up.
+pub fn submit(config: &Path, name: Option<&str>, jobs: &Path) -> Result<PathBuf, String> {
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    check_job_name(&name)?;
+    let plan = RunConfig::load(config, &[]).and_then(|c| Plan::check(&c, false)).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(jobs).map_err(|e| format!("{}: {e}", jobs.display()))?;
+    let text = serde_json::to_string_pretty(&plan.config).expect("config serialises");
+    let path = jobs.join(format!("{name}.json"));
+    layerwise_engine::rundir::write_atomic(&path, text.as_bytes()).map_err(|e| e.to_string())?;
+    Ok(path)
 }

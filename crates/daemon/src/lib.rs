@@ -28,6 +28,8 @@ pub struct ServeOptions {
     pub scan_every: Duration,
     /// How long running jobs get to checkpoint and stop after SIGTERM.
     pub stop_timeout: Duration,
+    /// A job that was running each time the service died this many times is failed, not resumed.
+    pub max_crash_restarts: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +65,7 @@ async fn control(options: ServeOptions) -> Result<(), DaemonError> {
     let (mut term, mut int, mut hup) =
         (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?, sig(SignalKind::hangup())?);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
-    let mut table = JobTable::new(options.jobs.clone(), options.runs.clone(), done_tx);
+    let mut table = JobTable::new(options.jobs.clone(), options.runs.clone(), options.max_crash_restarts, done_tx);
     table.scan();
     table.start_ready();
     notify(sd_notify::NotifyState::Ready);
