@@ -232,7 +232,7 @@ fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
             .unwrap();
         while newest(&run) <= seen {
             assert!(child.try_wait().unwrap().is_none(), "the run ended before its next checkpoint");
-            std::thread::yield_now();
+            std::thread::park_timeout(std::time::Duration::from_millis(5));
         }
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();

@@ -126,16 +126,12 @@ fn the_best_checkpoint_is_kept_beside_the_newest() {
     let s = run(&config, dir.path(), RunOptions::default());
     let root = dir.path().join("checkpoints");
     let kept = checkpoint::list(&root);
-    let errors: Vec<f64> = s.epochs.iter().map(|e| e.test_error).collect();
-    let best_epoch = errors.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let best = s.epochs.iter().map(|e| e.test_error).fold(f64::INFINITY, f64::min);
     let newest = checkpoint::verify(&kept[0]).unwrap();
     assert_eq!(newest.step, 36);
-    if best_epoch == 2 {
-        assert_eq!(kept.len(), 1);
-    } else {
-        assert_eq!(kept.len(), 2, "{errors:?}");
-        assert_eq!(checkpoint::verify(&kept[1]).unwrap().step, 12 * (best_epoch as u64 + 1));
-    }
+    assert!(kept.len() <= 2, "the newest and the best: {kept:?}");
+    let errors: Vec<Option<f64>> = kept.iter().map(|d| checkpoint::verify(d).unwrap().error).collect();
+    assert!(errors.contains(&Some(best)), "the best epoch's checkpoint ({best}%) is kept: {errors:?}");
 }
 
 /// Collects what a stage reports, for tests that drive one stage by hand.

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use layerwise_engine::config::{Placement, StageSpec};
+use layerwise_engine::fault::{Fault, FaultKind};
 use layerwise_engine::message::StageFailure;
-use layerwise_engine::stage::{Fault, FaultKind};
 use layerwise_engine::{EngineError, PipelineMode, RunConfig, RunOptions};
 use layerwise_nn::arch::InputShape;
 use layerwise_nn::{Architecture, Network};
@@ -176,11 +176,23 @@ fn a_stalled_stage_is_reported_while_it_stalls() {
     c.pipeline.placement = Placement::Named("per_layer".into());
     c.train.epochs = 1;
     c.train.stall_warning_s = 0.3;
-    let fault = Fault { layer: 2, step: 5, kind: FaultKind::Sleep(1200) };
+    // Stage 2 holds step 5 until the warning is seen: the test waits for the log line, so a
+    // slow machine only makes it slower; without a warning it never ends.
+    static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let fault = Fault { layer: 2, step: 5, kind: FaultKind::Hold(&RELEASE) };
     let dir = tempfile::tempdir().unwrap();
-    layerwise_engine::run(&c, dir.path(), RunOptions { fault: Some(fault), ..Default::default() }).unwrap();
-    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
-    let warning =
-        text.lines().find(|l| l.contains("stalled")).unwrap_or_else(|| panic!("no stall warning in:\n{text}"));
+    let run_dir = dir.path().to_path_buf();
+    let run = std::thread::spawn(move || {
+        layerwise_engine::run(&c, &run_dir, RunOptions { fault: Some(fault), ..Default::default() }).map(|_| ())
+    });
+    let warning = loop {
+        let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+        if let Some(line) = text.lines().find(|l| l.contains("stalled")) {
+            break line.to_string();
+        }
+        std::thread::park_timeout(std::time::Duration::from_millis(5));
+    };
+    RELEASE.store(true, std::sync::atomic::Ordering::SeqCst);
+    run.join().unwrap().unwrap();
     assert!(warning.contains("stage 2") && warning.contains("train message"), "{warning}");
 }

@@ -350,3 +350,46 @@ pub fn best(root: &Path) -> Option<PathBuf> {
         .min_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, d)| d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(root: &Path, step: u64, error: Option<f64>) -> PathBuf {
+        let dir = root.join(step_dir_name(step));
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            step,
+            epoch: 1,
+            position: (2, 0),
+            epochs_done: 1,
+            config_hash: String::new(),
+            model: ModelConfig::default(),
+            dataset: DatasetKind::FashionMnist,
+            error,
+            files: vec![],
+            created: 0.0,
+        };
+        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_the_best_and_the_one_just_written_and_drops_damaged_ones() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let (a, b, c) = (fake(r, 10, Some(5.0)), fake(r, 20, Some(3.0)), fake(r, 30, Some(4.0)));
+        let damaged = fake(r, 40, Some(1.0));
+        std::fs::write(damaged.join("manifest.json"), b"{").unwrap();
+        let just = fake(r, 50, None);
+        prune(r, 1, &just, |d| read_manifest(d).ok());
+        // keep 1: the newest good one (50, just written), the best (20); 10, 30 and the damaged 40 go
+        assert_eq!(list(r), vec![just.clone(), b.clone()]);
+        assert!(!a.exists() && !c.exists() && !damaged.exists());
+        // the one just written stays even when it is neither newest nor best
+        let newer = fake(r, 60, Some(9.0));
+        prune(r, 1, &just, |d| read_manifest(d).ok());
+        assert_eq!(list(r), vec![newer, just, b]);
+    }
+}

@@ -11,6 +11,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod cut;
 pub mod evaluate;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod inbox;
 pub mod link;
 pub mod loader;

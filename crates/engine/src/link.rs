@@ -63,31 +63,55 @@ impl LinkReceiver for ChannelReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::Control;
     use std::time::{Duration, Instant};
+
+    fn msg() -> Message {
+        Message::control(Control::Shutdown)
+    }
+
+    /// A sender that fills `capacity` messages, then says it is about to send one more
+    /// (the time taken before the signal, so the measured block is a lower bound whatever
+    /// the machine's load), and returns how long that send took and what it returned.
+    fn blocked_sender(
+        capacity: usize,
+    ) -> (ChannelReceiver, crossbeam_channel::Receiver<()>, std::thread::JoinHandle<(Duration, Result<(), Closed>)>)
+    {
+        let (tx, rx) = in_process(capacity);
+        for _ in 0..capacity {
+            tx.send(msg()).unwrap();
+        }
+        let (about, about_rx) = crossbeam_channel::bounded(1);
+        let t = std::thread::spawn(move || {
+            let start = Instant::now();
+            about.send(()).unwrap();
+            let r = tx.send(msg());
+            (start.elapsed(), r)
+        });
+        (rx, about_rx, t)
+    }
 
     #[test]
     fn a_full_link_blocks_its_sender_until_the_receiver_takes() {
-        let (tx, rx) = in_process(2);
-        tx.send(Message::control(crate::message::Control::Shutdown)).unwrap();
-        tx.send(Message::control(crate::message::Control::Shutdown)).unwrap();
-        let t = std::thread::spawn(move || {
-            let start = Instant::now();
-            tx.send(Message::control(crate::message::Control::Shutdown)).unwrap();
-            start.elapsed()
-        });
+        let (rx, about, t) = blocked_sender(2);
+        about.recv().unwrap();
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(rx.depth(), 2);
+        assert_eq!(rx.depth(), 2, "the third message did not get in");
         rx.recv().unwrap();
-        assert!(t.join().unwrap() >= Duration::from_millis(90));
+        let (blocked, result) = t.join().unwrap();
+        assert_eq!(result, Ok(()));
+        assert!(blocked >= Duration::from_millis(100), "the sender waited for the receiver: {blocked:?}");
     }
 
     #[test]
     fn a_dropped_receiver_releases_a_blocked_sender() {
-        let (tx, rx) = in_process(1);
-        tx.send(Message::control(crate::message::Control::Shutdown)).unwrap();
-        let t = std::thread::spawn(move || tx.send(Message::control(crate::message::Control::Shutdown)));
+        let (rx, about, t) = blocked_sender(1);
+        about.recv().unwrap();
         std::thread::sleep(Duration::from_millis(50));
         drop(rx);
-        assert_eq!(t.join().unwrap(), Err(Closed));
+        let (blocked, result) = t.join().unwrap();
+        // A send that did not block would have returned Ok before the receiver went away.
+        assert_eq!(result, Err(Closed));
+        assert!(blocked >= Duration::from_millis(50), "{blocked:?}");
     }
 }

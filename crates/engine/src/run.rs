@@ -21,7 +21,7 @@ use crate::pipeline::{report_link, Pipeline};
 use crate::placement::StagePlan;
 use crate::plan::{Machine, Plan};
 use crate::rundir::{RunDir, RunState};
-use crate::stage::{Fault, StageEnv};
+use crate::stage::StageEnv;
 use crate::training::{Progress, Training};
 use crate::{EngineError, Result};
 
@@ -38,8 +38,9 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Stop (with a checkpoint) after this step, as `stop` would (tests, tools).
     pub stop_after_step: Option<u64>,
-    /// Inject a fault into a layer at a step (failure-handling tests).
-    pub fault: Option<Fault>,
+    /// Inject a fault into a layer at a step (failure-handling tests; test build only).
+    #[cfg(feature = "fault-injection")]
+    pub fault: Option<crate::fault::Fault>,
     /// Called after every training batch is handed to stage 0: (epoch, step in epoch, steps in epoch).
     pub on_step: Option<StepHook>,
 }
@@ -161,6 +162,7 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
         checkpoints: checkpoints.clone(),
         resume: resumed.clone(),
         reports: report_link(&report_tx),
+        #[cfg(feature = "fault-injection")]
         fault: options.fault,
         watch: Some(watch.clone()),
     })?;

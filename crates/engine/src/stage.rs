@@ -20,35 +20,14 @@ use crate::placement::StagePlan;
 use crate::plan::Plan;
 use crate::watchdog::Watch;
 
-/// A fault to inject, for tests of failure handling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultKind {
-    /// The layer returns an error.
-    Error,
-    /// The layer panics.
-    Panic,
-    /// The layer's input turns to NaN, so its loss does.
-    NonFinite,
-    /// The layer asks for more memory than any machine has.
-    OutOfMemory,
-    /// The layer takes this many milliseconds longer (a stall).
-    Sleep(u64),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fault {
-    pub layer: usize,
-    pub step: u64,
-    pub kind: FaultKind,
-}
-
 /// What a stage needs besides its part of the plan: where checkpoints go, the checkpoint
 /// to resume from, its report link.
 pub struct StageEnv {
     pub checkpoints: PathBuf,
     pub resume: Option<Verified>,
     pub reports: Arc<dyn ReportSender>,
-    pub fault: Option<Fault>,
+    #[cfg(feature = "fault-injection")]
+    pub fault: Option<crate::fault::Fault>,
     pub watch: Option<Arc<Watch>>,
 }
 
@@ -282,29 +261,14 @@ impl Stage {
         })
     }
 
+    /// The test build's injected fault, if one is due here; the input as it is otherwise.
     fn inject(&self, layer: usize, step: u64, x: Tensor) -> Result<Tensor, StageFailure> {
-        match self.env.fault {
-            Some(f) if f.layer == layer && f.step == step => match f.kind {
-                FaultKind::Error => Err(self.fail(Some(layer), Some(step), "injected error")),
-                FaultKind::Panic => panic!("injected panic"),
-                FaultKind::NonFinite => Ok(x * f64::NAN),
-                FaultKind::Sleep(ms) => {
-                    std::thread::sleep(std::time::Duration::from_millis(ms));
-                    Ok(x)
-                }
-                FaultKind::OutOfMemory => {
-                    let huge = Tensor::f_empty([1 << 46], (Kind::Float, x.device())).map_err(|e| {
-                        self.fail(
-                            Some(layer),
-                            Some(step),
-                            format!("out of memory: {}", e.to_string().lines().next().unwrap_or("")),
-                        )
-                    })?;
-                    Ok(x + huge.sum(Kind::Float))
-                }
-            },
-            _ => Ok(x),
+        #[cfg(feature = "fault-injection")]
+        if let Some(f) = self.env.fault.filter(|f| f.layer == layer && f.step == step) {
+            return f.apply(x).map_err(|reason| self.fail(Some(layer), Some(step), reason));
         }
+        let _ = (layer, step);
+        Ok(x)
     }
 
     /// Notes, on the device and without waiting for it, the first (step, layer) whose loss
