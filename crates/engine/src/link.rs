@@ -73,10 +73,9 @@ mod tests {
     /// A sender that fills `capacity` messages, then says it is about to send one more
     /// (the time taken before the signal, so the measured block is a lower bound whatever
     /// the machine's load), and returns how long that send took and what it returned.
-    fn blocked_sender(
-        capacity: usize,
-    ) -> (ChannelReceiver, crossbeam_channel::Receiver<()>, std::thread::JoinHandle<(Duration, Result<(), Closed>)>)
-    {
+    type Sending = std::thread::JoinHandle<(Duration, Result<(), Closed>)>;
+
+    fn blocked_sender(capacity: usize) -> (ChannelReceiver, crossbeam_channel::Receiver<()>, Sending) {
         let (tx, rx) = in_process(capacity);
         for _ in 0..capacity {
             tx.send(msg()).unwrap();
