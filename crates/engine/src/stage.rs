@@ -38,6 +38,8 @@ pub struct Stage {
     output: Option<OutputLayer>,
     training: Training,
     num_classes: i64,
+    /// The model's output layer index (it names checkpoint parts).
+    output_layer: usize,
     /// Bio mode's fixed label projection, on this stage's device.
     projection: Option<Tensor>,
     plan: StagePlan,
@@ -83,6 +85,7 @@ impl Stage {
             output,
             training: model.training,
             num_classes: arch.num_classes,
+            output_layer: plan.output_layer(),
             projection,
             plan: sp,
             env,
@@ -230,12 +233,17 @@ impl Stage {
         let dir = checkpoint::partial_dir(&self.env.checkpoints, step, seq);
         let mut files = Vec::new();
         for b in &self.blocks {
-            files.push(checkpoint::write_part(&dir, &checkpoint::part_name(b.index, usize::MAX), &b.state())?);
+            files.push(checkpoint::write_part(&dir, &self.part(b.index), &b.state())?);
         }
         if let Some(o) = &self.output {
-            files.push(checkpoint::write_part(&dir, &checkpoint::part_name(o.index, o.index), &o.state())?);
+            files.push(checkpoint::write_part(&dir, &self.part(o.index), &o.state())?);
         }
         Ok(files)
+    }
+
+    /// The checkpoint part of one of this stage's layers.
+    fn part(&self, layer: usize) -> String {
+        checkpoint::part_name(layer, self.output_layer)
     }
 
     fn report(&self, report: Report) -> Result<(), StageFailure> {
