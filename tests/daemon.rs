@@ -296,3 +296,37 @@ fn a_job_running_whenever_the_service_died_is_failed_past_the_limit_and_the_serv
     service.submit("next", &job(&data, 1, 2, 16));
     service.wait_for("next", state_is("done"));
 }
+
+#[test]
+fn a_panic_in_a_jobs_setup_fails_that_job_frees_its_device_and_the_service_goes_on() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    write_idx_dataset(&data, 300, 100);
+    let (jobs, runs) = (root.path().join("jobs"), root.path().join("runs"));
+    // The test build's hook: the setup of the run in folder "boom" panics.
+    let child = Command::new(BIN)
+        .env("LAYERWISE_TEST_SETUP_PANIC", "boom")
+        .args(["serve", "--scan-every", "0.1", "--stop-timeout", "600", "--jobs"])
+        .arg(&jobs)
+        .arg("--runs")
+        .arg(&runs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let service = Service { child, jobs, runs };
+    service.submit("boom", &job(&data, 1, 2, 16));
+    let s = service.wait_for("boom", state_is("failed"));
+    assert!(s["reason"].as_str().unwrap().contains("injected panic in the setup"), "{s}");
+    // the CPU it held is free again: the next job runs on it
+    service.submit("next", &job(&data, 1, 2, 16));
+    service.wait_for("next", state_is("done"));
+    // and a stop does not wait for the dead job (the stop timeout is 600 s)
+    service.signal("TERM");
+    let mut service = service;
+    let mut log = String::new();
+    std::io::Read::read_to_string(service.child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(service.child.wait().unwrap().success());
+    assert!(!log.contains("panicked at"), "the panic is one error line, not stderr noise:\n{log}");
+    assert_eq!(log.matches("injected panic in the setup").count(), 1, "logged once:\n{log}");
+}

@@ -130,6 +130,11 @@ fn resume_point(plan: &Plan, dir: &RunDir, resume: bool) -> Result<(Option<Verif
 }
 
 fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<RunSummary> {
+    // Test build only: a panic in the setup of the run whose folder is named so.
+    #[cfg(feature = "fault-injection")]
+    if std::env::var_os("LAYERWISE_TEST_SETUP_PANIC").is_some_and(|n| dir.path.file_name() == Some(&n)) {
+        panic!("injected panic in the setup of {}", dir.path.display());
+    }
     let (resumed, mut progress) = resume_point(&plan, dir, options.resume)?;
     dir.write_config(&plan.config)?;
     let mut data = loader::load(&plan)?;
