@@ -342,15 +342,6 @@ pub fn prune(root: &Path, keep: usize, just_written: &Path, mut good: impl FnMut
     }
 }
 
-/// The checkpoint with the lowest recorded error, if any recorded one.
-pub fn best(root: &Path) -> Option<PathBuf> {
-    list(root)
-        .into_iter()
-        .filter_map(|d| read_manifest(&d).ok()?.error.filter(|e| e.is_finite()).map(|e| (e, d)))
-        .min_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, d)| d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -156,7 +156,6 @@ impl Plan {
     /// Validates `config` for `machine` and places its layers. An `auto` placement is split
     /// evenly here; [`Plan::measure_placement`] refines it on the devices before a run.
     pub fn build(config: &RunConfig, machine: Machine) -> Result<Plan> {
-        check_ranges(config)?;
         let shape = DataShape::of_config(&config.data)?;
         Self::build_for(config, machine, shape)
     }

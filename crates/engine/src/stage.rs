@@ -133,11 +133,6 @@ impl Stage {
         Ok((blocks, output))
     }
 
-    /// The layer indices this stage holds (the output layer last, if here).
-    pub fn layer_indices(&self) -> Vec<usize> {
-        self.plan.layers.clone()
-    }
-
     fn fail(&self, layer: Option<usize>, step: Option<u64>, reason: impl Into<String>) -> StageFailure {
         StageFailure { stage: self.index, layer, step, reason: reason.into() }
     }
