@@ -2,6 +2,7 @@
 //! pipeline-parallel across devices.
 
 mod bench;
+mod distributed;
 mod plot;
 mod use_run;
 
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use layerwise_engine::{Machine, Plan, RunConfig, RunOptions};
+use layerwise_engine::{Plan, RunConfig, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -51,7 +52,11 @@ enum Command {
         /// Resume from the newest verified checkpoint in the run directory (if any).
         #[arg(long)]
         resume: bool,
+        #[command(flatten)]
+        net: distributed::CoordinatorArgs,
     },
+    /// Offer this host's devices to a coordinator and run the stages it places here.
+    Worker(distributed::WorkerArgs),
     /// Evaluate a run's newest checkpoint (or a given checkpoint) on the test set.
     Eval {
         /// A run directory or a checkpoint directory (run/checkpoints/step-N).
@@ -160,20 +165,30 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-fn train(config: PathBuf, run_dir: Option<PathBuf>, overrides: Vec<String>, resume: bool) -> anyhow::Result<()> {
-    let cfg = RunConfig::load(&config, &overrides)?;
-    let plan = Plan::build(&cfg, Machine::detect())?;
-    let run_dir = run_dir.unwrap_or_else(|| {
-        PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
-    });
-    let on_step = std::io::stderr().is_terminal().then(|| progress_bar(cfg.train.batch_size, cfg.train.epochs));
+fn train(
+    config: PathBuf,
+    run_dir: Option<PathBuf>,
+    overrides: Vec<String>,
+    resume: bool,
+    net: distributed::CoordinatorArgs,
+) -> anyhow::Result<()> {
+    let mut cfg = RunConfig::load(&config, &overrides)?;
     // SIGINT or SIGTERM: checkpoint at the next step and stop; a second one ends at once.
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    let options = RunOptions { resume, on_step, stop: Some(stop), ..Default::default() };
+    let launch = layerwise_engine::net::launch::Launch::from_env()?;
+    if let Some(launch) = launch.as_ref().filter(|l| l.rank > 0) {
+        return distributed::rank_worker(launch, &net, stop);
+    }
+    let run_dir = run_dir.unwrap_or_else(|| {
+        PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
+    });
+    let (plan, cluster) = distributed::coordinate(&mut cfg, launch.as_ref(), &net, &run_dir, &stop)?;
+    let on_step = std::io::stderr().is_terminal().then(|| progress_bar(cfg.train.batch_size, cfg.train.epochs));
+    let options = RunOptions { resume, on_step, stop: Some(stop), cluster, ..Default::default() };
     let summary = layerwise_engine::run_plan(plan, &run_dir, options)
         .with_context(|| format!("run {} failed", run_dir.display()))?;
     if summary.stopped {
@@ -279,7 +294,8 @@ fn main() -> ExitCode {
     init_logs(cli.log_format);
     quiet_panics();
     let result = match cli.command {
-        Command::Train { config, run_dir, overrides, resume } => train(config, run_dir, overrides, resume),
+        Command::Train { config, run_dir, overrides, resume, net } => train(config, run_dir, overrides, resume, net),
+        Command::Worker(args) => distributed::worker(args),
         Command::Eval { path, json, predictions } => use_run::eval(&path, json, predictions.as_deref()),
         Command::Export { path, out } => use_run::export(&path, &out),
         Command::Inspect { path } => use_run::inspect(&path),

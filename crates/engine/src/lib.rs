@@ -18,6 +18,7 @@ pub mod link;
 pub mod loader;
 pub mod message;
 pub mod metrics;
+pub mod net;
 pub mod pipeline;
 pub mod placement;
 pub mod plan;

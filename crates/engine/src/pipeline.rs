@@ -9,8 +9,9 @@ use std::thread::JoinHandle;
 
 use crate::config::PipelineMode;
 use crate::inbox::Inbox;
-use crate::link::{in_process, LinkSender, ReportSender};
-use crate::message::{Control, Message};
+use crate::link::{in_process, ChannelReceiver, ChannelSender, LinkReceiver, LinkSender, ReportSender};
+use crate::message::{Control, Message, Report, StageFailure};
+use crate::net::Net;
 use crate::plan::Plan;
 use crate::stage::{run_stage, Stage, StageEnv};
 use crate::{EngineError, Result};
@@ -21,8 +22,10 @@ pub enum Pipeline {
 }
 
 impl Pipeline {
-    /// Starts every stage of `plan`; `env(i)` gives stage `i` its environment.
-    pub fn start(plan: &Arc<Plan>, mut env: impl FnMut(usize) -> StageEnv) -> Result<Pipeline> {
+    /// Starts the stages of `plan` that run in this process (the coordinator's: those
+    /// without a host); `env(i)` gives stage `i` its environment. Stages elsewhere are
+    /// reached through `net`.
+    pub fn start(plan: &Arc<Plan>, mut env: impl FnMut(usize) -> StageEnv, net: Option<Arc<Net>>) -> Result<Pipeline> {
         let n = plan.stages.len();
         match plan.config.pipeline.mode {
             PipelineMode::Sequential => {
@@ -32,20 +35,17 @@ impl Pipeline {
             }
             PipelineMode::Pipelined => {
                 let capacity = plan.config.pipeline.channel_capacity;
-                let (head, mut rx) = in_process(capacity);
-                let mut workers = Vec::with_capacity(n);
-                for i in 0..n {
-                    let (tx_next, rx_next) = in_process(capacity);
-                    let output: Option<Box<dyn LinkSender>> = (i + 1 < n).then(|| Box::new(tx_next) as _);
-                    let input = Box::new(std::mem::replace(&mut rx, rx_next));
-                    let (plan, env) = (plan.clone(), env(i));
-                    let worker = std::thread::Builder::new()
-                        .name(format!("stage-{i}"))
-                        .spawn(move || run_stage(&plan, i, env, input, output))
-                        .map_err(|e| EngineError::Other(format!("cannot start stage {i}: {e}")))?;
-                    workers.push(worker);
-                }
-                Ok(Pipeline::Threads { head: Box::new(head), workers })
+                let (head, first): (Box<dyn LinkSender>, _) = if plan.stages[0].host.is_none() {
+                    let (tx, rx) = in_process(capacity);
+                    (Box::new(tx), Some(rx))
+                } else {
+                    let net = net
+                        .as_ref()
+                        .ok_or_else(|| EngineError::Other("stage 0 is on a worker, without a network".into()))?;
+                    (net.output(0).map_err(EngineError::Other)?, None)
+                };
+                let workers = spawn_stages(plan, None, first, &mut env, net)?;
+                Ok(Pipeline::Threads { head, workers })
             }
         }
     }
@@ -81,6 +81,86 @@ impl Pipeline {
             Pipeline::Inline { stages } => drop(stages),
         }
     }
+}
+
+/// Where a stage's input comes from, or its output goes.
+enum End<T> {
+    /// A channel to a stage in this process.
+    Local(T),
+    /// A TCP link to another process (made in the stage's thread: it may wait).
+    Remote,
+    /// None: the last stage's results go to the coordinator as reports.
+    Nothing,
+}
+
+/// Starts, each in its own thread, the stages of `plan` placed on `host` (None: the
+/// coordinator), linking neighbours here by channels and others through `net`. `first` is
+/// stage 0's input when the coordinator feeds it in this process.
+pub fn spawn_stages(
+    plan: &Arc<Plan>,
+    host: Option<&str>,
+    first: Option<ChannelReceiver>,
+    env: &mut dyn FnMut(usize) -> StageEnv,
+    net: Option<Arc<Net>>,
+) -> Result<Vec<JoinHandle<()>>> {
+    let (n, capacity) = (plan.stages.len(), plan.config.pipeline.channel_capacity);
+    let here = |i: usize| plan.stages[i].host.as_deref() == host;
+    let mut previous = first;
+    let mut workers = Vec::new();
+    for i in (0..n).filter(|&i| here(i)) {
+        let input = match previous.take() {
+            Some(rx) if i == 0 || here(i - 1) => End::Local(rx),
+            _ => End::Remote,
+        };
+        let output = if i + 1 == n {
+            End::Nothing
+        } else if here(i + 1) {
+            let (tx, rx) = in_process(capacity);
+            previous = Some(rx);
+            End::Local(tx)
+        } else {
+            End::Remote
+        };
+        let (plan, env, net) = (plan.clone(), env(i), net.clone());
+        let worker = std::thread::Builder::new()
+            .name(format!("stage-{i}"))
+            .spawn(move || {
+                let reports = env.reports.clone();
+                let linked = link_stage(i, input, output, net.as_deref());
+                match linked {
+                    Ok((input, output)) => run_stage(&plan, i, env, input, output),
+                    Err(reason) => {
+                        let failure = StageFailure { stage: i, layer: None, step: None, reason };
+                        tracing::error!(stage = i, "{failure}");
+                        let _ = reports.send(Report::Failed(failure));
+                    }
+                }
+            })
+            .map_err(|e| EngineError::Other(format!("cannot start stage {i}: {e}")))?;
+        workers.push(worker);
+    }
+    Ok(workers)
+}
+
+type Ends = (Box<dyn LinkReceiver>, Option<Box<dyn LinkSender>>);
+
+fn link_stage(
+    i: usize,
+    input: End<ChannelReceiver>,
+    output: End<ChannelSender>,
+    net: Option<&Net>,
+) -> std::result::Result<Ends, String> {
+    let net = || net.ok_or_else(|| format!("stage {i} has a neighbour in another process, without a network"));
+    let input: Box<dyn LinkReceiver> = match input {
+        End::Local(rx) => Box::new(rx),
+        _ => net()?.input(i)?,
+    };
+    let output: Option<Box<dyn LinkSender>> = match output {
+        End::Local(tx) => Some(Box::new(tx)),
+        End::Remote => Some(net()?.output(i + 1)?),
+        End::Nothing => None,
+    };
+    Ok((input, output))
 }
 
 /// A report link for in-process stages: a clone of the coordinator's channel.

@@ -26,6 +26,10 @@ pub struct StagePlan {
     pub threads: usize,
     /// Read back every this many steps whether a loss went non-finite.
     pub check_finite_every: u64,
+    /// The worker process that runs the stage (a placement's `"NAME/DEVICE"`); none for the
+    /// coordinator's own process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 impl StagePlan {
@@ -98,40 +102,68 @@ pub fn resolve(
     machine: &Machine,
     costs: Option<&[f64]>,
 ) -> Result<Vec<StagePlan>> {
-    let groups = groups(&config.pipeline.placement, num_layers, machine, costs)?;
-    let mut groups: Vec<(Vec<usize>, Vec<DeviceId>)> = groups;
+    let mut groups = groups(&config.pipeline.placement, num_layers, machine, costs)?;
+    let remote = groups.iter().any(|g| g.host.is_some());
+    if remote && config.pipeline.mode == PipelineMode::Sequential {
+        return Err(EngineError::Config(
+            "pipeline.mode: \"sequential\" runs every stage in one process; a placement on workers needs \"pipelined\""
+                .into(),
+        ));
+    }
     if is_global(config.model.training) && groups.len() > 1 {
         // Global gradients cross every layer: one worker holds them all, each layer on the
         // device its stage named, run one after the other.
+        if groups.iter().any(|g| g.host != groups[0].host) {
+            return Err(EngineError::Config(format!(
+                "pipeline.placement: model.training {:?} sends gradients through every layer, so its layers cannot span processes",
+                config.model.training
+            )));
+        }
         let layers = (0..num_layers).collect();
-        let devices = groups.iter().flat_map(|g| g.1.clone()).collect();
-        groups = vec![(layers, devices)];
+        let devices = groups.iter().flat_map(|g| g.devices.clone()).collect();
+        groups = vec![Group { layers, devices, host: groups[0].host.clone() }];
     }
-    // The CPU threads: shared among CPU stages when they run at once, all of them to the
-    // one thread of a sequential run.
-    let budget = config.train.cpu_threads.unwrap_or(machine.cores).max(1);
-    let cpu_stages = groups.iter().filter(|g| g.1[0] == DeviceId::Cpu).count().max(1);
+    let mut stages: Vec<StagePlan> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(index, g)| {
+            let cuda = g.devices[0].is_cuda();
+            StagePlan {
+                index,
+                layers: g.layers,
+                threads: 1,
+                check_finite_every: config.train.check_finite_every.unwrap_or(if cuda { 50 } else { 1 }),
+                devices: g.devices,
+                host: g.host,
+            }
+        })
+        .collect();
+    share_threads(&mut stages, None, config, machine.cores);
+    Ok(stages)
+}
+
+/// Gives the CPU stages of process `host` their intra-op threads: the budget
+/// (`train.cpu_threads`, else the process's cores) shared among its CPU stages when they run
+/// at once, all of it to the one thread of a sequential run. A worker calls this for its own
+/// stages with its own cores.
+pub fn share_threads(stages: &mut [StagePlan], host: Option<&str>, config: &RunConfig, cores: usize) {
+    let budget = config.train.cpu_threads.unwrap_or(cores).max(1);
+    let here = |s: &StagePlan| s.host.as_deref() == host;
+    let cpu_stages = stages.iter().filter(|s| here(s) && s.device() == DeviceId::Cpu).count().max(1);
     let threads = match config.pipeline.mode {
         PipelineMode::Sequential => budget,
         PipelineMode::Pipelined => (budget / cpu_stages).max(1),
     };
-    Ok(groups
-        .into_iter()
-        .enumerate()
-        .map(|(index, (layers, devices))| {
-            let cuda = devices[0].is_cuda();
-            StagePlan {
-                index,
-                layers,
-                threads: if cuda { 1 } else { threads },
-                check_finite_every: config.train.check_finite_every.unwrap_or(if cuda { 50 } else { 1 }),
-                devices,
-            }
-        })
-        .collect())
+    for s in stages.iter_mut().filter(|s| here(s)) {
+        s.threads = if s.device().is_cuda() { 1 } else { threads };
+    }
 }
 
-type Group = (Vec<usize>, Vec<DeviceId>);
+struct Group {
+    layers: Vec<usize>,
+    devices: Vec<DeviceId>,
+    host: Option<String>,
+}
 
 fn groups(placement: &Placement, num_layers: usize, machine: &Machine, costs: Option<&[f64]>) -> Result<Vec<Group>> {
     let visible = machine.visible();
@@ -144,13 +176,13 @@ fn groups(placement: &Placement, num_layers: usize, machine: &Machine, costs: Op
                 let layers: Vec<usize> = (next..next + size).collect();
                 next += size;
                 let d = visible[i % visible.len()];
-                (layers.clone(), vec![d; layers.len()])
+                Group { devices: vec![d; layers.len()], layers, host: None }
             })
             .collect()
     };
     Ok(match placement {
         Placement::Named(name) => match name.as_str() {
-            "single" => vec![((0..num_layers).collect(), vec![visible[0]; num_layers])],
+            "single" => vec![Group { layers: (0..num_layers).collect(), devices: vec![visible[0]; num_layers], host: None }],
             "per_layer" => contiguous(vec![1; num_layers]),
             "auto" => {
                 let parts = auto_parts(num_layers, machine);
@@ -175,9 +207,15 @@ fn explicit(specs: &[crate::config::StageSpec], num_layers: usize, machine: &Mac
     let mut expected = 0;
     let mut groups = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
-        let device = DeviceId::parse(&spec.device)
-            .and_then(|d| machine.check(d))
-            .map_err(|e| EngineError::Config(format!("pipeline.placement[{i}].device: {e}")))?;
+        let (host, device) = match spec.device.split_once('/') {
+            Some((host, device)) => (Some(host), device),
+            None => (None, spec.device.as_str()),
+        };
+        let at = |e: String| EngineError::Config(format!("pipeline.placement[{i}].device: {e}"));
+        let host = host.map(worker_name).transpose().map_err(at)?;
+        // A worker's devices are checked against what it offers when the job starts.
+        let device =
+            DeviceId::parse(device).and_then(|d| if host.is_some() { Ok(d) } else { machine.check(d) }).map_err(at)?;
         if spec.layers.is_empty() {
             return Err(EngineError::Config(format!("pipeline.placement[{i}].layers: expected at least one layer")));
         }
@@ -190,7 +228,7 @@ fn explicit(specs: &[crate::config::StageSpec], num_layers: usize, machine: &Mac
             }
             expected += 1;
         }
-        groups.push((spec.layers.clone(), vec![device; spec.layers.len()]));
+        groups.push(Group { layers: spec.layers.clone(), devices: vec![device; spec.layers.len()], host });
     }
     if expected != num_layers {
         return Err(EngineError::Config(format!(
@@ -201,6 +239,18 @@ fn explicit(specs: &[crate::config::StageSpec], num_layers: usize, machine: &Mac
         )));
     }
     Ok(groups)
+}
+
+/// A worker's name as a placement or the command line gives it: A-Z a-z 0-9 . _ - only.
+pub fn worker_name(name: &str) -> std::result::Result<String, String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(format!("{:?} is not a worker name: expected 1 to 64 of A-Z a-z 0-9 . _ -", crate::plan::quote(name)))
+    }
 }
 
 /// Seconds per training step of each layer (the output layer last), measured on the first

@@ -246,8 +246,14 @@ impl Plan {
     }
 
     /// Every device the run uses.
+    /// The devices of this process that the plan uses (workers' devices are theirs).
     pub fn devices(&self) -> BTreeSet<DeviceId> {
-        self.stages.iter().flat_map(|s| s.devices.iter().copied()).collect()
+        self.stages.iter().filter(|s| s.host.is_none()).flat_map(|s| s.devices.iter().copied()).collect()
+    }
+
+    /// The workers the plan places stages on, by name.
+    pub fn workers(&self) -> BTreeSet<String> {
+        self.stages.iter().filter_map(|s| s.host.clone()).collect()
     }
 
     /// Refuses data whose images or classes are not the plan's, naming the data folder.

@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub fault: Option<crate::fault::Fault>,
     /// Called after every training batch is handed to stage 0: (epoch, step in epoch, steps in epoch).
     pub on_step: Option<StepHook>,
+    /// The coordinator's workers, for a plan that places stages on them.
+    pub cluster: Option<Arc<crate::net::cluster::Cluster>>,
 }
 
 /// What a finished (or stopped) run gives back.
@@ -159,18 +161,41 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
     let checkpoints = dir.path.join("checkpoints");
     let (report_tx, reports) = crossbeam_channel::unbounded();
     let mut inbox = Inbox::new(reports, Cuts::new(checkpoints.clone(), config.checkpoint.keep, plan.stages.len()));
+    let remote = match (&options.cluster, plan.workers().is_empty()) {
+        (_, true) => None,
+        (Some(cluster), false) => {
+            let resume = resumed.as_ref().map(|v| v.dir.as_path());
+            Some(cluster.start_job(&plan, &checkpoints, resume, &report_tx, options.stop.as_deref())?)
+        }
+        (None, false) => {
+            return Err(EngineError::Config(format!(
+                "pipeline.placement places stages on workers {:?}: run it with `layerwise train` (which listens for them), not here",
+                plan.workers()
+            )))
+        }
+    };
     let watch = crate::watchdog::Watch::new(plan.stages.len());
     let stage_layers = plan.stages.iter().map(|s| s.layers.clone()).collect();
     let stall = Duration::from_secs_f64(config.train.stall_warning_s);
     let _watchdog = crate::watchdog::Watchdog::spawn(watch.clone(), stall, stage_layers);
-    let mut pipeline = Pipeline::start(&plan, |_| StageEnv {
+    let env = |_| StageEnv {
         checkpoints: checkpoints.clone(),
         resume: resumed.clone(),
         reports: report_link(&report_tx),
         #[cfg(feature = "fault-injection")]
         fault: options.fault,
         watch: Some(watch.clone()),
-    })?;
+    };
+    let mut pipeline = match Pipeline::start(&plan, env, remote.as_ref().map(|r| r.net.clone())) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(r) = remote {
+                r.abort(&e.to_string());
+                r.finish();
+            }
+            return Err(e);
+        }
+    };
     drop(report_tx); // the stages hold the only senders: a closed inbox means they are gone
 
     let batches_per_epoch = data.train.batches_per_epoch();
@@ -195,10 +220,16 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
         seq: 0,
     };
     let result = training.train(&mut pipeline, &mut progress, &mut options);
+    if let (Err(e), Some(r)) = (&result, &remote) {
+        r.abort(&e.to_string()); // no stage anywhere stays blocked on a link of this job
+    }
     drop(batches);
     pipeline.finish();
     let _ = loader.join();
     let written = inbox.drain();
+    if let Some(r) = remote {
+        r.finish();
+    }
     let stopped = result?;
     let last = written?;
     let expected = checkpoints.join(checkpoint::step_dir_name(progress.step));

@@ -1,0 +1,132 @@
+//! `layerwise worker`, and `layerwise train` as the coordinator of workers: started by
+//! hand (a placement naming workers), or by torchrun / Slurm (every rank runs `train`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use layerwise_engine::net::cluster::Cluster;
+use layerwise_engine::net::launch::{spread, Launch};
+use layerwise_engine::net::wire::load_secret;
+use layerwise_engine::net::worker::{self, WorkerOptions};
+use layerwise_engine::{DeviceId, Machine, Plan, RunConfig};
+
+#[derive(clap::Args)]
+pub struct CoordinatorArgs {
+    /// Where to listen for workers, when the placement names any (HOST:PORT; port 0 picks a
+    /// free one). The address is also written to RUN_DIR/coordinator.addr.
+    #[arg(long, default_value = "127.0.0.1:29400")]
+    listen: String,
+    /// A file holding the shared secret that authenticates workers (else LAYERWISE_SECRET).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// The coordinator, HOST:PORT.
+    #[arg(long)]
+    coordinator: String,
+    /// This worker's name in placements (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Devices offered, comma-separated: cpu, cuda:0, ... (default: every CUDA device, else cpu).
+    #[arg(long)]
+    devices: Option<String>,
+    /// A file holding the shared secret (else LAYERWISE_SECRET).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Exit after one job instead of waiting for the next.
+    #[arg(long)]
+    once: bool,
+}
+
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    Ok(stop)
+}
+
+pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let machine = Machine::detect();
+    let devices = match &args.devices {
+        None => machine.visible(),
+        Some(list) => list
+            .split(',')
+            .map(|d| DeviceId::parse(d.trim()).and_then(|d| machine.check(d)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--devices: {e}"))?,
+    };
+    let name = match args.name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .context("--name not given and the host name cannot be read")?,
+    };
+    let options = WorkerOptions {
+        coordinator: args.coordinator,
+        name,
+        devices,
+        secret: load_secret(args.secret_file.as_deref())?,
+        once: args.once,
+        stop: stop_on_signals()?,
+    };
+    worker::serve(options)?;
+    Ok(())
+}
+
+/// A rank other than 0 of a torchrun or Slurm launch: a worker for this one job.
+pub fn rank_worker(launch: &Launch, net: &CoordinatorArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let device = launch.device(Machine::detect().cuda_devices)?;
+    let options = WorkerOptions {
+        coordinator: launch.coordinator(),
+        name: Launch::name(launch.rank),
+        devices: vec![device],
+        secret: load_secret(net.secret_file.as_deref())?,
+        once: true,
+        stop,
+    };
+    worker::serve(options)?;
+    Ok(())
+}
+
+/// The plan of this run, and the listener for its workers when it has any. Under a launch
+/// (rank 0), waits for every other rank and, unless the placement names workers, spreads
+/// the layers over the ranks.
+pub fn coordinate(
+    cfg: &mut RunConfig,
+    launch: Option<&Launch>,
+    net: &CoordinatorArgs,
+    run_dir: &Path,
+    stop: &AtomicBool,
+) -> anyhow::Result<(Plan, Option<Arc<Cluster>>)> {
+    let machine = Machine::detect();
+    let plan = Plan::build(cfg, machine)?;
+    let listen = match launch {
+        Some(l) => l.coordinator(),
+        None if !plan.workers().is_empty() => net.listen.clone(),
+        None => return Ok((plan, None)),
+    };
+    let cluster = Cluster::listen(&listen, load_secret(net.secret_file.as_deref())?)?;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let addr_file = run_dir.join("coordinator.addr");
+    std::fs::write(&addr_file, format!("{}\n", cluster.addr))
+        .with_context(|| format!("cannot write {}", addr_file.display()))?;
+    let plan = match launch {
+        Some(l) if plan.workers().is_empty() => {
+            let names: Vec<String> = (1..l.world).map(Launch::name).collect();
+            tracing::info!("rank 0 of {}: waiting for {names:?} on {}", l.world, cluster.addr);
+            let workers = cluster.wait_for(&names, Some(stop))?;
+            let mut devices = vec![l.device(machine.cuda_devices)?];
+            devices.extend(workers.iter().map(|w| w.devices[0]));
+            cfg.pipeline.placement = spread(plan.num_layers(), &devices)?;
+            Plan::build(cfg, machine)?
+        }
+        _ => plan,
+    };
+    Ok((plan, Some(cluster)))
+}

@@ -1,0 +1,332 @@
+//! The coordinator's side: a listener that admits workers (and data links into the
+//! coordinator's own stages), the registry of workers, and a job's hold on the workers it
+//! uses.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+use super::wire::{self, Role};
+use super::{heartbeat, host_key, Assignment, Net, Rendezvous, Sockets, ToCoordinator, ToWorker, PEER_TIMEOUT};
+use crate::message::{Report, StageFailure};
+use crate::plan::{DeviceId, Plan};
+use crate::{EngineError, Result};
+
+/// A registered worker.
+pub struct WorkerConn {
+    pub name: String,
+    pub devices: Vec<DeviceId>,
+    pub cores: usize,
+    pub data_addr: SocketAddr,
+    pub peer: SocketAddr,
+    control: Arc<Mutex<TcpStream>>,
+    /// The job it runs now; cleared when the worker says it finished, or is lost.
+    job: Mutex<Option<Held>>,
+    changed: Condvar,
+}
+
+struct Held {
+    id: u64,
+    reports: Sender<Report>,
+    sockets: Sockets,
+    first_stage: usize,
+}
+
+impl WorkerConn {
+    fn send(&self, msg: &ToWorker) -> bool {
+        let mut s = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        wire::write_frame(&mut *s, msg).is_ok()
+    }
+
+    fn lock_job(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+        self.job.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+type Registry = Arc<(Mutex<BTreeMap<String, Arc<WorkerConn>>>, Condvar)>;
+
+/// The coordinator's listener and its workers.
+pub struct Cluster {
+    pub addr: SocketAddr,
+    secret: Arc<Vec<u8>>,
+    workers: Registry,
+    incoming: Rendezvous,
+}
+
+impl Cluster {
+    /// Listens on `addr` for workers and links.
+    pub fn listen(addr: &str, secret: Vec<u8>) -> Result<Arc<Cluster>> {
+        let listener = TcpListener::bind(addr)
+            .map_err(|e| EngineError::Config(format!("--listen {addr}: cannot listen there: {e}")))?;
+        let addr = listener.local_addr().map_err(|e| EngineError::Other(e.to_string()))?;
+        let cluster = Arc::new(Cluster {
+            addr,
+            secret: Arc::new(secret),
+            workers: Arc::default(),
+            incoming: Rendezvous::default(),
+        });
+        let (secret, workers, incoming) = (cluster.secret.clone(), cluster.workers.clone(), cluster.incoming.clone());
+        std::thread::Builder::new()
+            .name("listener".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(stream) = conn else { continue };
+                    let (secret, workers, incoming) = (secret.clone(), workers.clone(), incoming.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("peer".into())
+                        .spawn(move || admit(stream, &secret, &workers, &incoming));
+                }
+            })
+            .map_err(|e| EngineError::Other(format!("cannot start the listener: {e}")))?;
+        tracing::info!("listening for workers on {addr}");
+        Ok(cluster)
+    }
+
+    /// Names of the workers registered now.
+    pub fn registered(&self) -> Vec<String> {
+        self.workers.0.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// Waits until every worker named has registered (or `stop` is set).
+    pub fn wait_for(&self, names: &[String], stop: Option<&AtomicBool>) -> Result<Vec<Arc<WorkerConn>>> {
+        let (m, cv) = &*self.workers;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let mut said = Instant::now() - Duration::from_secs(3600);
+        loop {
+            let missing: Vec<&String> = names.iter().filter(|n| !g.contains_key(*n)).collect();
+            if missing.is_empty() {
+                return Ok(names.iter().map(|n| g[n].clone()).collect());
+            }
+            if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                return Err(EngineError::Other(format!("stopped while waiting for workers {missing:?}")));
+            }
+            if said.elapsed() >= Duration::from_secs(30) {
+                tracing::info!("waiting for workers {missing:?} to register on {}", self.addr);
+                said = Instant::now();
+            }
+            g = cv.wait_timeout(g, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Starts `plan`'s remote stages: checks each worker offers the devices placed on it,
+    /// hands each its assignment, and returns the job's network. Reports from the workers'
+    /// stages go to `reports`.
+    pub fn start_job(
+        &self,
+        plan: &Plan,
+        checkpoints: &Path,
+        resume: Option<&Path>,
+        reports: &Sender<Report>,
+        stop: Option<&AtomicBool>,
+    ) -> Result<RemoteJob> {
+        let names: Vec<String> = plan.workers().into_iter().collect();
+        let workers = self.wait_for(&names, stop)?;
+        let mut hosts = BTreeMap::from([(String::new(), self.addr)]);
+        for w in &workers {
+            hosts.insert(w.name.clone(), w.data_addr);
+            for s in plan.stages.iter().filter(|s| s.host.as_deref() == Some(w.name.as_str())) {
+                if let Some(d) = s.devices.iter().find(|d| !w.devices.contains(d)) {
+                    return Err(EngineError::Config(format!(
+                        "pipeline.placement[{}].device: worker {} has no {d} (it offers {})",
+                        s.index,
+                        w.name,
+                        w.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+            }
+        }
+        let id = rand::random::<u64>() | 1;
+        let sockets = Sockets::default();
+        let assignment = Assignment {
+            job: id,
+            config: plan.config.clone(),
+            shape: (plan.shape.input.channels, plan.shape.input.size, plan.shape.num_classes),
+            stages: plan.stages.clone(),
+            checkpoints: std::path::absolute(checkpoints).map_err(|e| EngineError::io(checkpoints, e))?,
+            resume: resume.map(std::path::absolute).transpose().map_err(|e| EngineError::Other(e.to_string()))?,
+            hosts: hosts.clone(),
+        };
+        let job = RemoteJob {
+            id,
+            workers: workers.clone(),
+            net: Arc::new(Net {
+                job: id,
+                secret: self.secret.clone(),
+                hosts,
+                stages: plan.stages.clone(),
+                capacity: plan.config.pipeline.channel_capacity,
+                sockets: sockets.clone(),
+                incoming: self.incoming.clone(),
+            }),
+        };
+        for w in &workers {
+            let first_stage = plan.stages.iter().find(|s| host_key(&s.host) == w.name).map_or(0, |s| s.index);
+            {
+                let mut held = w.lock_job();
+                if let Some(h) = held.as_ref() {
+                    return Err(EngineError::Other(format!("worker {} is busy with another job ({:x})", w.name, h.id)));
+                }
+                *held = Some(Held { id, reports: reports.clone(), sockets: sockets.clone(), first_stage });
+            }
+            if !w.send(&ToWorker::Assign(Box::new(assignment.clone()))) {
+                job.abort("a worker was lost while the job started");
+                return Err(EngineError::Other(format!(
+                    "worker {} ({}) was lost before its assignment",
+                    w.name, w.peer
+                )));
+            }
+            tracing::info!(
+                "worker {} ({}) runs stage(s) {:?}",
+                w.name,
+                w.peer,
+                plan.stages.iter().filter(|s| host_key(&s.host) == w.name).map(|s| s.index).collect::<Vec<_>>()
+            );
+        }
+        Ok(job)
+    }
+}
+
+/// A job's hold on its workers.
+pub struct RemoteJob {
+    pub id: u64,
+    workers: Vec<Arc<WorkerConn>>,
+    pub net: Arc<Net>,
+}
+
+impl RemoteJob {
+    /// Stops the job everywhere: the workers are told, and every socket of the job here is
+    /// shut, so no stage of this process stays blocked on a link.
+    pub fn abort(&self, reason: &str) {
+        self.net.sockets.abort();
+        for w in &self.workers {
+            if w.lock_job().as_ref().is_some_and(|h| h.id == self.id) {
+                w.send(&ToWorker::Abort { job: self.id, reason: reason.into() });
+            }
+        }
+    }
+
+    /// Waits until each worker has ended its stages of the job (or was lost).
+    pub fn finish(self) {
+        for w in &self.workers {
+            let mut held = w.lock_job();
+            let since = Instant::now();
+            while held.as_ref().is_some_and(|h| h.id == self.id) {
+                if since.elapsed() > 2 * PEER_TIMEOUT {
+                    tracing::warn!("worker {} has not ended its stages of the finished job; released", w.name);
+                    *held = None;
+                    break;
+                }
+                held = w.changed.wait_timeout(held, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
+            }
+        }
+        self.net.incoming.forget(self.id);
+    }
+}
+
+/// Handles one connection to the listener: a data link is handed to its stage; a worker is
+/// registered and then served until it goes.
+fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Rendezvous) {
+    let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let role = match wire::accept(&mut stream, secret) {
+        Ok(role) => role,
+        Err(e) => {
+            tracing::warn!("refused a connection from {peer}: {e}");
+            return;
+        }
+    };
+    match role {
+        Role::Link { job, stage } => incoming.arrive(job, stage, stream),
+        Role::Worker { name, devices, cores, data_addr } => {
+            let Ok(control) = stream.try_clone() else { return };
+            let conn = Arc::new(WorkerConn {
+                name: name.clone(),
+                devices,
+                cores,
+                data_addr,
+                peer: stream.peer_addr().unwrap_or(data_addr),
+                control: Arc::new(Mutex::new(control)),
+                job: Mutex::new(None),
+                changed: Condvar::new(),
+            });
+            {
+                let (m, cv) = &**workers;
+                let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+                if g.contains_key(&name) {
+                    conn.send(&ToWorker::Abort {
+                        job: 0,
+                        reason: format!("a worker named {name} is registered already"),
+                    });
+                    tracing::warn!("refused a second worker named {name} from {peer}");
+                    return;
+                }
+                g.insert(name.clone(), conn.clone());
+                cv.notify_all();
+            }
+            tracing::info!(
+                "worker {name} registered from {peer}: {} ({} cores)",
+                conn.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
+                conn.cores
+            );
+            let stop = Arc::new(AtomicBool::new(false));
+            heartbeat(conn.control.clone(), stop.clone(), || ToWorker::Heartbeat);
+            let lost = serve_worker(&conn, stream);
+            stop.store(true, Ordering::SeqCst);
+            workers.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+            let held = conn.lock_job().take();
+            if held.is_none() {
+                tracing::info!("worker {name} ({peer}) left: {lost}");
+            }
+            if let Some(h) = held {
+                let reason = format!("worker {name} ({peer}) lost: {lost}");
+                tracing::error!("{reason}");
+                let _ = h.reports.send(Report::Failed(StageFailure {
+                    stage: h.first_stage,
+                    layer: None,
+                    step: None,
+                    reason,
+                }));
+                h.sockets.abort();
+            }
+            conn.changed.notify_all();
+        }
+    }
+}
+
+/// Reads a worker's frames until it is lost; returns why.
+fn serve_worker(conn: &WorkerConn, mut stream: TcpStream) -> String {
+    if let Err(e) = stream.set_read_timeout(Some(PEER_TIMEOUT)) {
+        return e.to_string();
+    }
+    let mut r = std::io::BufReader::new(&mut stream);
+    loop {
+        match wire::read_frame::<ToCoordinator>(&mut r) {
+            Ok(ToCoordinator::Heartbeat) => {}
+            Ok(ToCoordinator::Report { job, report }) => {
+                if let Some(h) = conn.lock_job().as_ref().filter(|h| h.id == job) {
+                    let _ = h.reports.send(report);
+                }
+            }
+            Ok(ToCoordinator::Finished { job }) => {
+                let mut held = conn.lock_job();
+                if held.as_ref().is_some_and(|h| h.id == job) {
+                    *held = None;
+                }
+                conn.changed.notify_all();
+            }
+            Err(wire::WireError::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                return format!("no heartbeat for {} s", PEER_TIMEOUT.as_secs())
+            }
+            Err(wire::WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return "connection closed".into()
+            }
+            Err(e) => return e.to_string(),
+        }
+    }
+}

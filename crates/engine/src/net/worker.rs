@@ -1,0 +1,292 @@
+//! The worker's side: register with the coordinator, run the stages each assignment places
+//! here, and go back to waiting (or exit, when launched for one job). A coordinator that
+//! is lost stops this worker's stages; the worker then registers again when it can.
+
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::wire::{self, Role, WireError};
+use super::{heartbeat, Assignment, Net, RemoteReports, Rendezvous, Sockets, ToCoordinator, ToWorker, PEER_TIMEOUT};
+use crate::checkpoint;
+use crate::message::{Report, StageFailure};
+use crate::placement::share_threads;
+use crate::plan::{DataShape, DeviceId, Machine, Plan};
+use crate::stage::StageEnv;
+use crate::{EngineError, Result};
+use layerwise_nn::arch::InputShape;
+
+pub struct WorkerOptions {
+    /// The coordinator's HOST:PORT.
+    pub coordinator: String,
+    pub name: String,
+    /// The devices offered (checked present).
+    pub devices: Vec<DeviceId>,
+    pub secret: Vec<u8>,
+    /// Exit after one job (a rank launched by torchrun or Slurm).
+    pub once: bool,
+    /// Set from outside (a signal): stop waiting, abort a running job, return.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// How one job on this worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Done,
+    Failed,
+}
+
+struct Running {
+    id: u64,
+    sockets: Sockets,
+    thread: JoinHandle<Ended>,
+}
+
+/// Serves the coordinator until `stop` (or, with `once`, until one job has ended).
+pub fn serve(options: WorkerOptions) -> Result<()> {
+    let name =
+        super::super::placement::worker_name(&options.name).map_err(|e| EngineError::Config(format!("--name: {e}")))?;
+    let coordinator = resolve(&options.coordinator)?;
+    // The data listener sits on the address this host reaches the coordinator from.
+    let local_ip = UdpSocket::bind(if coordinator.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+        .and_then(|u| u.connect(coordinator).and_then(|_| u.local_addr()))
+        .map_err(|e| EngineError::Other(format!("no route to the coordinator {coordinator}: {e}")))?
+        .ip();
+    let listener = TcpListener::bind(SocketAddr::new(local_ip, 0))
+        .map_err(|e| EngineError::Other(format!("cannot listen for links on {local_ip}: {e}")))?;
+    let data_addr = listener.local_addr().map_err(|e| EngineError::Other(e.to_string()))?;
+    let secret = Arc::new(options.secret);
+    let incoming = Rendezvous::default();
+    {
+        let (secret, incoming) = (secret.clone(), incoming.clone());
+        std::thread::Builder::new()
+            .name("links".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(mut s) = conn else { continue };
+                    let (secret, incoming) = (secret.clone(), incoming.clone());
+                    let _ = std::thread::Builder::new().name("link-admit".into()).spawn(move || {
+                        let peer = s.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+                        match wire::accept(&mut s, &secret) {
+                            Ok(Role::Link { job, stage }) => incoming.arrive(job, stage, s),
+                            Ok(other) => tracing::warn!("refused {other:?} from {peer}: this is a worker"),
+                            Err(e) => tracing::warn!("refused a connection from {peer}: {e}"),
+                        }
+                    });
+                }
+            })
+            .map_err(|e| EngineError::Other(format!("cannot start the link listener: {e}")))?;
+    }
+    let role = Role::Worker {
+        name: name.clone(),
+        devices: options.devices.clone(),
+        cores: Machine::detect().cores,
+        data_addr,
+    };
+    let mut waited_since: Option<Instant> = None;
+    loop {
+        if options.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let stream = match wire::connect(coordinator, &secret, role.clone()) {
+            Ok(s) => s,
+            Err(WireError::Io(e)) => {
+                // Not up yet, or restarting: try again; say so now and then.
+                if waited_since.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    tracing::info!("worker {name}: coordinator {coordinator} not reachable ({e}); retrying");
+                    waited_since = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            Err(e) => return Err(EngineError::Other(format!("coordinator {coordinator} refused worker {name}: {e}"))),
+        };
+        waited_since = None;
+        tracing::info!("worker {name}: registered with {coordinator}; links on {data_addr}");
+        let outcome = session(&name, stream, &secret, &incoming, &options.stop, options.once)?;
+        match outcome {
+            Some(Ended::Done) if options.once => return Ok(()),
+            Some(Ended::Failed) if options.once => {
+                return Err(EngineError::Other("the job failed (see the coordinator's log)".into()))
+            }
+            None if options.once => return Err(EngineError::Other(format!("lost the coordinator {coordinator}"))),
+            _ => tracing::info!("worker {name}: waiting for the coordinator again"),
+        }
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| EngineError::Config(format!("--coordinator {:?}: expected HOST:PORT", crate::plan::quote(addr))))
+}
+
+/// One connection to the coordinator: runs what it assigns until the connection is lost
+/// (None), or, with `once`, until a job has ended (how it ended).
+fn session(
+    name: &str,
+    stream: TcpStream,
+    secret: &Arc<Vec<u8>>,
+    incoming: &Rendezvous,
+    stop: &Arc<AtomicBool>,
+    once: bool,
+) -> Result<Option<Ended>> {
+    let control = Arc::new(Mutex::new(stream.try_clone().map_err(|e| EngineError::Other(e.to_string()))?));
+    let beat_stop = Arc::new(AtomicBool::new(false));
+    heartbeat(control.clone(), beat_stop.clone(), || ToCoordinator::Heartbeat);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut r = std::io::BufReader::new(&stream);
+    let mut running: Option<Running> = None;
+    let mut silent_since = Instant::now();
+    let result = loop {
+        // A finished job: with `once`, this worker's work is done.
+        if running.as_ref().is_some_and(|j| j.thread.is_finished()) {
+            let ended = running.take().expect("checked").thread.join().unwrap_or(Ended::Failed);
+            if once {
+                break Ok(Some(ended));
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            break Ok(Some(Ended::Failed));
+        }
+        match wire::read_frame::<ToWorker>(&mut r) {
+            Ok(msg) => {
+                silent_since = Instant::now();
+                match msg {
+                    ToWorker::Heartbeat => {}
+                    ToWorker::Abort { job: 0, reason } => {
+                        break Err(EngineError::Other(format!("the coordinator refused worker {name}: {reason}")))
+                    }
+                    ToWorker::Abort { job, reason } => {
+                        if let Some(j) = running.as_ref().filter(|j| j.id == job) {
+                            tracing::warn!("worker {name}: job {job:x} aborted: {reason}");
+                            j.sockets.abort();
+                        }
+                    }
+                    ToWorker::Assign(a) => {
+                        if running.is_some() {
+                            tracing::error!("worker {name}: a second job while one runs; ignored");
+                            continue;
+                        }
+                        let sockets = Sockets::default();
+                        let (id, host) = (a.job, name.to_string());
+                        let (secret, incoming, control, s) =
+                            (secret.clone(), incoming.clone(), control.clone(), sockets.clone());
+                        let thread = std::thread::Builder::new()
+                            .name(format!("job-{id:x}"))
+                            .spawn(move || run_assignment(*a, &host, secret, incoming, s, control))
+                            .map_err(|e| EngineError::Other(format!("cannot start a job: {e}")))?;
+                        running = Some(Running { id, sockets, thread });
+                    }
+                }
+            }
+            Err(WireError::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                if silent_since.elapsed() >= PEER_TIMEOUT {
+                    tracing::error!(
+                        "worker {name}: no heartbeat from the coordinator for {} s",
+                        PEER_TIMEOUT.as_secs()
+                    );
+                    break Ok(None);
+                }
+            }
+            Err(e) => {
+                tracing::error!("worker {name}: lost the coordinator: {e}");
+                break Ok(None);
+            }
+        }
+    };
+    beat_stop.store(true, Ordering::SeqCst);
+    if let Some(j) = running.take() {
+        // The coordinator is gone (or we stop): the job's stages end now.
+        j.sockets.abort();
+        let _ = j.thread.join();
+        incoming.forget(j.id);
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+/// Runs this worker's stages of an assignment to their end; tells the coordinator.
+fn run_assignment(
+    a: Assignment,
+    host: &str,
+    secret: Arc<Vec<u8>>,
+    incoming: Rendezvous,
+    sockets: Sockets,
+    control: Arc<Mutex<TcpStream>>,
+) -> Ended {
+    let reports: Arc<dyn crate::link::ReportSender> = Arc::new(RemoteReports { job: a.job, control: control.clone() });
+    let mine: Vec<usize> = a.stages.iter().filter(|s| s.host.as_deref() == Some(host)).map(|s| s.index).collect();
+    let started = start(&a, host, secret, incoming, sockets.clone(), reports.clone());
+    let ended = match started {
+        Ok(threads) => {
+            tracing::info!("job {:x}: running stage(s) {mine:?}", a.job);
+            let failed = threads.into_iter().map(|t| t.join()).any(|r| r.is_err());
+            if failed || sockets.aborted() {
+                Ended::Failed
+            } else {
+                Ended::Done
+            }
+        }
+        Err(e) => {
+            let reason = format!("on worker {host}: {e}");
+            tracing::error!("job {:x}: {reason}", a.job);
+            let stage = mine.first().copied().unwrap_or(0);
+            let _ = reports.send(Report::Failed(StageFailure { stage, layer: None, step: None, reason }));
+            Ended::Failed
+        }
+    };
+    let mut s = control.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = wire::write_frame(&mut *s, &ToCoordinator::Finished { job: a.job });
+    ended
+}
+
+fn start(
+    a: &Assignment,
+    host: &str,
+    secret: Arc<Vec<u8>>,
+    incoming: Rendezvous,
+    sockets: Sockets,
+    reports: Arc<dyn crate::link::ReportSender>,
+) -> Result<Vec<JoinHandle<()>>> {
+    let machine = Machine::detect();
+    let (channels, size, num_classes) = a.shape;
+    let shape = DataShape { input: InputShape { channels, size }, num_classes };
+    // The coordinator resolved the placement; this side checks only its own devices.
+    let mut config = a.config.clone();
+    config.pipeline.placement = crate::config::Placement::Named("single".into());
+    let mut plan = Plan::build_for(&config, machine, shape)?;
+    plan.config = a.config.clone();
+    plan.stages = a.stages.clone();
+    share_threads(&mut plan.stages, Some(host), &a.config, machine.cores);
+    for s in plan.stages.iter().filter(|s| s.host.as_deref() == Some(host)) {
+        for d in &s.devices {
+            machine.check(*d).map_err(|e| EngineError::Config(format!("stage {}: {e}", s.index)))?;
+        }
+    }
+    let resume = a.resume.as_deref().map(checkpoint::open).transpose()?;
+    let net = Arc::new(Net {
+        job: a.job,
+        secret,
+        hosts: a.hosts.clone(),
+        stages: plan.stages.clone(),
+        capacity: a.config.pipeline.channel_capacity,
+        sockets,
+        incoming,
+    });
+    let plan = Arc::new(plan);
+    let mut env = |_| StageEnv {
+        checkpoints: a.checkpoints.clone(),
+        resume: resume.clone(),
+        reports: reports.clone(),
+        #[cfg(feature = "fault-injection")]
+        fault: None,
+        watch: None,
+    };
+    crate::pipeline::spawn_stages(&plan, Some(host), None, &mut env, Some(net))
+}
