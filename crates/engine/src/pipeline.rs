@@ -17,7 +17,7 @@ use crate::stage::{run_stage, Stage, StageEnv};
 use crate::{EngineError, Result};
 
 pub enum Pipeline {
-    Threads { head: Box<dyn LinkSender>, workers: Vec<JoinHandle<()>> },
+    Threads { head: Box<dyn LinkSender>, workers: Vec<JoinHandle<bool>> },
     Inline { stages: Vec<Stage> },
 }
 
@@ -102,7 +102,7 @@ pub fn spawn_stages(
     first: Option<ChannelReceiver>,
     env: &mut dyn FnMut(usize) -> StageEnv,
     net: Option<Arc<Net>>,
-) -> Result<Vec<JoinHandle<()>>> {
+) -> Result<Vec<JoinHandle<bool>>> {
     let (n, capacity) = (plan.stages.len(), plan.config.pipeline.channel_capacity);
     let here = |i: usize| plan.stages[i].host.as_deref() == host;
     let mut previous = first;
@@ -133,6 +133,7 @@ pub fn spawn_stages(
                         let failure = StageFailure { stage: i, layer: None, step: None, reason };
                         tracing::error!(stage = i, "{failure}");
                         let _ = reports.send(Report::Failed(failure));
+                        false
                     }
                 }
             })

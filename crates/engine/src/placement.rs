@@ -243,13 +243,16 @@ fn explicit(specs: &[crate::config::StageSpec], num_layers: usize, machine: &Mac
 
 /// A worker's name as a placement or the command line gives it: A-Z a-z 0-9 . _ - only.
 pub fn worker_name(name: &str) -> std::result::Result<String, String> {
-    let ok = !name.is_empty()
+    let ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.len() <= 64
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(name.to_string())
     } else {
-        Err(format!("{:?} is not a worker name: expected 1 to 64 of A-Z a-z 0-9 . _ -", crate::plan::quote(name)))
+        Err(format!(
+            "{:?} is not a worker name: expected 1 to 64 of A-Z a-z 0-9 . _ -, the first a letter or digit",
+            crate::plan::quote(name)
+        ))
     }
 }
 
@@ -384,5 +387,36 @@ mod tests {
         assert_eq!(plans.len(), 1);
         assert_eq!(plans[0].layers, vec![0, 1, 2]);
         assert!(!wants_measurement(&config(Placement::Named("auto".into()), Training::Backprop), 3, &cpu(2)));
+    }
+
+    fn spec(layers: &[usize], device: &str) -> StageSpec {
+        StageSpec { layers: layers.to_vec(), device: device.into() }
+    }
+
+    #[test]
+    fn a_stage_may_name_a_worker_whose_devices_it_does_not_check_here() {
+        let c = config(Placement::Stages(vec![spec(&[0, 1], "cpu"), spec(&[2, 3], "w1/cuda:3")]), Training::Local);
+        let plans = resolve(&c, 4, &cpu(4), None).unwrap();
+        assert_eq!(plans[0].host, None);
+        assert_eq!((plans[1].host.as_deref(), plans[1].device()), (Some("w1"), DeviceId::Cuda(3)));
+        // This process's CPU stage takes every core of its own; the worker shares its own.
+        assert_eq!(plans[0].threads, 4);
+        let mut mine = plans.clone();
+        share_threads(&mut mine, Some("w1"), &c, 8);
+        assert_eq!((mine[0].threads, mine[1].threads), (4, 1), "a CUDA stage keeps one thread");
+    }
+
+    #[test]
+    fn placements_on_workers_that_cannot_run_are_refused_naming_why() {
+        let bad = config(Placement::Stages(vec![spec(&[0, 1], "cpu"), spec(&[2, 3], "../x/cpu")]), Training::Local);
+        let e = resolve(&bad, 4, &cpu(2), None).unwrap_err().to_string();
+        assert!(e.contains("placement[1].device") && e.contains("not a worker name"), "{e}");
+        let mut seq = config(Placement::Stages(vec![spec(&[0, 1], "cpu"), spec(&[2, 3], "w1/cpu")]), Training::Local);
+        seq.pipeline.mode = PipelineMode::Sequential;
+        let e = resolve(&seq, 4, &cpu(2), None).unwrap_err().to_string();
+        assert!(e.contains("pipeline.mode") && e.contains("pipelined"), "{e}");
+        let global = config(Placement::Stages(vec![spec(&[0, 1], "cpu"), spec(&[2, 3], "w1/cpu")]), Training::Backprop);
+        let e = resolve(&global, 4, &cpu(2), None).unwrap_err().to_string();
+        assert!(e.contains("cannot span processes"), "{e}");
     }
 }

@@ -376,12 +376,13 @@ impl Stage {
     }
 
     /// The worker loop: until shutdown, or until a neighbour is gone, or a failure (reported
-    /// to the coordinator; dropping the links then stops the other stages).
-    pub fn run_loop(&mut self, input: Box<dyn LinkReceiver>, output: Option<Box<dyn LinkSender>>) {
+    /// to the coordinator; dropping the links then stops the other stages). Returns whether
+    /// it ended by a shutdown that passed through.
+    pub fn run_loop(&mut self, input: Box<dyn LinkReceiver>, output: Option<Box<dyn LinkSender>>) -> bool {
         loop {
             let t0 = Instant::now();
             let depth = input.depth();
-            let Ok(msg) = input.recv() else { return };
+            let Ok(msg) = input.recv() else { return false };
             let t1 = Instant::now();
             self.timing.wait_input += t1 - t0;
             self.timing.queue_depth += depth as f64;
@@ -394,12 +395,12 @@ impl Stage {
                 Err(failure) => {
                     tracing::error!(stage = self.index, "{failure}");
                     let _ = self.env.reports.send(Report::Failed(failure));
-                    return;
+                    return false;
                 }
                 Ok(Some(next)) => {
                     if let Some(out) = &output {
                         if out.send(next).is_err() {
-                            return;
+                            return false;
                         }
                         self.timing.blocked_output += t2.elapsed();
                     }
@@ -407,21 +408,22 @@ impl Stage {
                 Ok(None) => {}
             }
             if shutdown {
-                return;
+                return true;
             }
         }
     }
 }
 
 /// Runs stage `index` of `plan` on the calling thread: builds it, then loops until shutdown.
-/// A stage that cannot be built reports why, as any failing stage does.
+/// A stage that cannot be built reports why, as any failing stage does. Returns whether
+/// the stage ended by a shutdown.
 pub fn run_stage(
     plan: &Plan,
     index: usize,
     env: StageEnv,
     input: Box<dyn LinkReceiver>,
     output: Option<Box<dyn LinkSender>>,
-) {
+) -> bool {
     tch::set_num_threads(plan.stages[index].threads as i32);
     let reports = env.reports.clone();
     match Stage::build(plan, index, env) {
@@ -429,6 +431,7 @@ pub fn run_stage(
         Err(failure) => {
             tracing::error!(stage = index, "{failure}");
             let _ = reports.send(Report::Failed(failure));
+            false
         }
     }
 }

@@ -39,6 +39,9 @@ pub enum WireError {
     Garbage(String),
     #[error("refused by the peer: {0}")]
     Refused(String),
+    /// This side refused the peer.
+    #[error("refused: {0}")]
+    Denied(String),
 }
 
 pub type WireResult<T> = std::result::Result<T, WireError>;
@@ -169,7 +172,7 @@ pub fn accept(stream: &mut TcpStream, secret: &[u8]) -> WireResult<Role> {
     let hello: Hello = read_frame(stream)?;
     let refuse = |stream: &mut TcpStream, reason: String| {
         let _ = write_frame(stream, &Answer::Refused { reason: reason.clone() });
-        Err(WireError::Refused(reason))
+        Err(WireError::Denied(reason))
     };
     if hello.version != version() {
         return refuse(stream, format!("this side runs {}, the peer {}", version(), hello.version));
@@ -228,7 +231,7 @@ mod tests {
     #[test]
     fn a_wrong_secret_is_refused_on_both_sides_with_a_reason() {
         let (role, stream) = pair(b"0123456789abcdef", b"fedcba9876543210");
-        assert!(matches!(role, Err(WireError::Refused(ref r)) if r.contains("wrong shared secret")), "{role:?}");
+        assert!(matches!(role, Err(WireError::Denied(ref r)) if r.contains("wrong shared secret")), "{role:?}");
         let e = stream.unwrap_err().to_string();
         assert!(e.contains("wrong shared secret"), "{e}");
     }

@@ -201,11 +201,16 @@ fn session(
         }
     };
     beat_stop.store(true, Ordering::SeqCst);
+    let mut result = result;
     if let Some(j) = running.take() {
-        // The coordinator is gone (or we stop): the job's stages end now.
+        // The coordinator is gone (or we stop): the job's stages end now. A job that had
+        // told the coordinator it finished (which may then exit at once) ended as it did.
         j.sockets.abort();
-        let _ = j.thread.join();
+        let ended = j.thread.join().unwrap_or(Ended::Failed);
         incoming.forget(j.id);
+        if once && ended == Ended::Done && matches!(result, Ok(None)) {
+            result = Ok(Some(Ended::Done));
+        }
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
     result
@@ -226,8 +231,9 @@ fn run_assignment(
     let ended = match started {
         Ok(threads) => {
             tracing::info!("job {:x}: running stage(s) {mine:?}", a.job);
-            let failed = threads.into_iter().map(|t| t.join()).any(|r| r.is_err());
-            if failed || sockets.aborted() {
+            // A stage that ended otherwise than by a shutdown passing through saw its job fail.
+            let clean = threads.into_iter().map(|t| t.join().unwrap_or(false)).filter(|ok| !ok).count() == 0;
+            if !clean || sockets.aborted() {
                 Ended::Failed
             } else {
                 Ended::Done
@@ -253,7 +259,7 @@ fn start(
     incoming: Rendezvous,
     sockets: Sockets,
     reports: Arc<dyn crate::link::ReportSender>,
-) -> Result<Vec<JoinHandle<()>>> {
+) -> Result<Vec<JoinHandle<bool>>> {
     let machine = Machine::detect();
     let (channels, size, num_classes) = a.shape;
     let shape = DataShape { input: InputShape { channels, size }, num_classes };

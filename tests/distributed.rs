@@ -1,0 +1,235 @@
+//! Stages in other processes, through the real binary on 127.0.0.1: a coordinator and
+//! workers started by hand, a torchrun-style launch, a worker killed mid-run. Each waits on
+//! events (the coordinator's address file, a checkpoint folder, a process's exit).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use layerwise_tests::{assert_same_newest_checkpoint, data_dir, small_run_config};
+
+const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
+const SECRET: &str = "a-test-secret-of-enough-bytes";
+
+/// mlp predsim over three processes: layer 0 here, layers 1-2 on w1, the output on w2.
+const PLACED: &str = r#"pipeline.placement=[{"layers":[0],"device":"cpu"},{"layers":[1,2],"device":"w1/cpu"},{"layers":[3],"device":"w2/cpu"}]"#;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    _data: tempfile::TempDir,
+    config: PathBuf,
+}
+
+/// The small predsim mlp of the other tests, as a config file.
+fn setup() -> Setup {
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mlp.json");
+    let c = small_run_config(data.path(), "mlp");
+    std::fs::write(&config, serde_json::to_string_pretty(&c).unwrap()).unwrap();
+    Setup { dir, _data: data, config }
+}
+
+fn train(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("train").arg(config).arg("--run-dir").arg(run).env("LAYERWISE_SECRET", SECRET);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    if resume {
+        cmd.arg("--resume");
+    }
+    cmd
+}
+
+fn worker(addr: &str, name: &str, secret: &str) -> Child {
+    Command::new(BIN)
+        .args(["worker", "--coordinator", addr, "--name", name, "--once"])
+        .env("LAYERWISE_SECRET", secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `path` to exist while `child` runs.
+fn wait_for(path: &Path, child: &mut Child) {
+    while !path.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "{} exited before {} appeared", BIN, path.display());
+        std::thread::park_timeout(std::time::Duration::from_millis(5));
+    }
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A coordinator on a free port with workers w1 and w2; returns its output.
+fn placed_run(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Output {
+    let mut sets = sets.to_vec();
+    sets.push(PLACED);
+    let mut coordinator = train(config, run, &sets, resume)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr_file = run.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    wait_for(&addr_file, &mut coordinator);
+    let addr = std::fs::read_to_string(&addr_file).unwrap().trim().to_string();
+    let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
+    let out = coordinator.wait_with_output().unwrap();
+    for w in workers {
+        let w = w.wait_with_output().unwrap();
+        assert!(w.status.success(), "a worker of a finished run exits 0: {}", text(&w));
+    }
+    out
+}
+
+fn newest(run: &Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.retain(|n| n.starts_with("step-") && !n.ends_with(".partial"));
+    names.sort();
+    names.pop().unwrap_or_default()
+}
+
+/// Three processes train to the single process's weights, bit for bit; a run begun in one
+/// process resumes in three and the reverse, bit for bit too. Strangers on the port (a
+/// wrong secret, bytes that are not the protocol) are refused and the run goes on.
+#[test]
+fn three_processes_train_and_resume_bit_identical_to_one() {
+    let s = setup();
+    let (c, d) = (&s.config, s.dir.path());
+    let whole = d.join("whole");
+    let out = train(c, &whole, &[], false).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Three processes, with strangers knocking first.
+    let run = d.join("three");
+    let mut coordinator = train(c, &run, &[PLACED], false)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&run.join("coordinator.addr"), &mut coordinator);
+    let addr = std::fs::read_to_string(run.join("coordinator.addr")).unwrap().trim().to_string();
+    let wrong = worker(&addr, "w1", "not-the-secret-at-all").wait_with_output().unwrap();
+    assert!(!wrong.status.success());
+    assert!(text(&wrong).contains("wrong shared secret"), "{}", text(&wrong));
+    {
+        use std::io::{Read, Write};
+        let mut junk = std::net::TcpStream::connect(&addr).unwrap();
+        junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let _ = junk.read_to_end(&mut Vec::new()); // until the coordinator hangs up
+    }
+    let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
+    let out = coordinator.wait_with_output().unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("not a layerwise peer") && log.contains("wrong shared secret"), "{log}");
+    assert!(log.contains("worker w1") && log.contains("runs stage(s) [1]"), "{log}");
+    for w in workers {
+        assert!(w.wait_with_output().unwrap().status.success());
+    }
+    assert_same_newest_checkpoint(&whole, &run, "three processes against one");
+
+    // Begun in one process (epoch 1 of 2), finished in three; and the reverse.
+    let one_then_three = d.join("one-then-three");
+    let first = train(c, &one_then_three, &["train.epochs=1"], false).output().unwrap();
+    assert!(first.status.success(), "{}", text(&first));
+    let out = placed_run(c, &one_then_three, &[], true);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("resuming from"), "{}", text(&out));
+    assert_same_newest_checkpoint(&whole, &one_then_three, "begun in one process, resumed in three");
+
+    let three_then_one = d.join("three-then-one");
+    let out = placed_run(c, &three_then_one, &["train.epochs=1"], false);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = train(c, &three_then_one, &[], true).output().unwrap();
+    assert!(out.status.success() && text(&out).contains("resuming from"), "{}", text(&out));
+    assert_same_newest_checkpoint(&whole, &three_then_one, "begun in three processes, resumed in one");
+}
+
+/// kill -9 of a worker mid-run: the coordinator fails the run at once, naming the worker,
+/// the other worker stops, the run's status says failed; a rerun with --resume (with a new
+/// set of workers) ends where the uninterrupted run does.
+#[test]
+fn a_worker_killed_mid_run_fails_the_run_naming_it_and_resume_ends_identical() {
+    let s = setup();
+    let (c, d) = (&s.config, s.dir.path());
+    let sets = ["train.epochs=4", "train.steps_per_epoch=40", "model.num_hidden=256", "checkpoint.every_steps=2"];
+    let whole = d.join("whole");
+    let out = train(c, &whole, &sets, false).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let run = d.join("killed");
+    let mut placed = sets.to_vec();
+    placed.push(PLACED);
+    let mut coordinator = train(c, &run, &placed, false)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&run.join("coordinator.addr"), &mut coordinator);
+    let addr = std::fs::read_to_string(run.join("coordinator.addr")).unwrap().trim().to_string();
+    let w1 = worker(&addr, "w1", SECRET);
+    let mut w2 = worker(&addr, "w2", SECRET);
+    while newest(&run).is_empty() {
+        assert!(coordinator.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
+        std::thread::park_timeout(std::time::Duration::from_millis(2));
+    }
+    w2.kill().unwrap(); // SIGKILL
+    let _ = w2.wait();
+    let out = coordinator.wait_with_output().unwrap();
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("stage 2 failed") && log.contains("worker w2") && log.contains("lost"), "{log}");
+    let w1 = w1.wait_with_output().unwrap();
+    assert!(!w1.status.success(), "w1's job was aborted: {}", text(&w1));
+    let status = std::fs::read_to_string(run.join("status.json")).unwrap();
+    assert!(status.contains("failed") && status.contains("worker w2"), "{status}");
+    assert!(*newest(&run) < *"step-0000000160", "killed before the end: {}", newest(&run));
+
+    let out = placed_run(c, &run, &sets, true);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_same_newest_checkpoint(&whole, &run, "after a worker was killed, resumed");
+}
+
+/// torchrun's way: every rank runs the same `train` line; the environment says which is
+/// which. The layers spread over the three ranks; the result is the single process's.
+#[test]
+fn a_torchrun_style_launch_spreads_the_layers_over_the_ranks() {
+    let s = setup();
+    let (c, d) = (&s.config, s.dir.path());
+    let whole = d.join("whole");
+    let out = train(c, &whole, &[], false).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let run = d.join("ranks");
+    let ranks: Vec<Child> = (0..3)
+        .map(|rank| {
+            train(c, &run, &[], false)
+                .env("WORLD_SIZE", "3")
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", "0")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("LAYERWISE_PORT", &port)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = ranks.into_iter().map(|r| r.wait_with_output().unwrap()).collect();
+    for (rank, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", text(o));
+    }
+    let log = text(&outs[0]);
+    assert!(log.contains("worker rank1") && log.contains("worker rank2"), "{log}");
+    assert!(log.contains("[0, 1]@cpu"), "rank 0 holds layers 0 and 1: {log}");
+    assert_same_newest_checkpoint(&whole, &run, "three ranks against one process");
+}
