@@ -8,6 +8,39 @@ use std::process::{Child, Command, Output, Stdio};
 use layerwise_tests::{assert_same_newest_checkpoint, data_dir, small_run_config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
+
+/// A child process that is killed if the test fails before it is waited for, so that a
+/// failing test leaves no coordinator or worker behind.
+struct Proc(Option<Child>);
+
+trait Spawn {
+    fn proc(&mut self) -> Proc;
+}
+
+impl Spawn for Command {
+    fn proc(&mut self) -> Proc {
+        Proc(Some(self.spawn().unwrap()))
+    }
+}
+
+impl Proc {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("not waited for yet")
+    }
+
+    fn output(mut self) -> Output {
+        self.0.take().expect("not waited for yet").wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
 const SECRET: &str = "a-test-secret-of-enough-bytes";
 
 /// mlp predsim over three processes: layer 0 here, layers 1-2 on w1, the output on w2.
@@ -41,20 +74,19 @@ fn train(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Command {
     cmd
 }
 
-fn worker(addr: &str, name: &str, secret: &str) -> Child {
+fn worker(addr: &str, name: &str, secret: &str) -> Proc {
     Command::new(BIN)
         .args(["worker", "--coordinator", addr, "--name", name, "--once"])
         .env("LAYERWISE_SECRET", secret)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .proc()
 }
 
 /// Waits for `path` to exist while `child` runs.
-fn wait_for(path: &Path, child: &mut Child) {
+fn wait_for(path: &Path, child: &mut Proc) {
     while !path.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "{} exited before {} appeared", BIN, path.display());
+        assert!(child.child().try_wait().unwrap().is_none(), "{} exited before {} appeared", BIN, path.display());
         std::thread::park_timeout(std::time::Duration::from_millis(5));
     }
 }
@@ -71,16 +103,15 @@ fn placed_run(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Output 
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .proc();
     let addr_file = run.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
     wait_for(&addr_file, &mut coordinator);
     let addr = std::fs::read_to_string(&addr_file).unwrap().trim().to_string();
     let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
-    let out = coordinator.wait_with_output().unwrap();
+    let out = coordinator.output();
     for w in workers {
-        let w = w.wait_with_output().unwrap();
+        let w = w.output();
         assert!(w.status.success(), "a worker of a finished run exits 0: {}", text(&w));
     }
     out
@@ -112,11 +143,10 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .proc();
     wait_for(&run.join("coordinator.addr"), &mut coordinator);
     let addr = std::fs::read_to_string(run.join("coordinator.addr")).unwrap().trim().to_string();
-    let wrong = worker(&addr, "w1", "not-the-secret-at-all").wait_with_output().unwrap();
+    let wrong = worker(&addr, "w1", "not-the-secret-at-all").output();
     assert!(!wrong.status.success());
     assert!(text(&wrong).contains("wrong shared secret"), "{}", text(&wrong));
     {
@@ -126,13 +156,13 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
         let _ = junk.read_to_end(&mut Vec::new()); // until the coordinator hangs up
     }
     let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
-    let out = coordinator.wait_with_output().unwrap();
+    let out = coordinator.output();
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("not a layerwise peer") && log.contains("wrong shared secret"), "{log}");
     assert!(log.contains("worker w1") && log.contains("runs stage(s) [1]"), "{log}");
     for w in workers {
-        assert!(w.wait_with_output().unwrap().status.success());
+        assert!(w.output().status.success());
     }
     assert_same_newest_checkpoint(&whole, &run, "three processes against one");
 
@@ -172,27 +202,27 @@ fn a_worker_killed_mid_run_fails_the_run_naming_it_and_resume_ends_identical() {
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .proc();
     wait_for(&run.join("coordinator.addr"), &mut coordinator);
     let addr = std::fs::read_to_string(run.join("coordinator.addr")).unwrap().trim().to_string();
     let w1 = worker(&addr, "w1", SECRET);
     let mut w2 = worker(&addr, "w2", SECRET);
     while newest(&run).is_empty() {
-        assert!(coordinator.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
+        assert!(coordinator.child().try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
         std::thread::park_timeout(std::time::Duration::from_millis(2));
     }
-    w2.kill().unwrap(); // SIGKILL
-    let _ = w2.wait();
-    let out = coordinator.wait_with_output().unwrap();
+    w2.child().kill().unwrap(); // SIGKILL
+    let _ = w2.child().wait();
+    let out = coordinator.output();
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("stage 2 failed") && log.contains("worker w2") && log.contains("lost"), "{log}");
-    let w1 = w1.wait_with_output().unwrap();
+    let w1 = w1.output();
     assert!(!w1.status.success(), "w1's job was aborted: {}", text(&w1));
     let status = std::fs::read_to_string(run.join("status.json")).unwrap();
     assert!(status.contains("failed") && status.contains("worker w2"), "{status}");
-    assert!(*newest(&run) < *"step-0000000160", "killed before the end: {}", newest(&run));
+    // 600 training images in batches of 32: 19 steps an epoch, 76 in all.
+    assert!(*newest(&run) < *"step-0000000076", "killed before the end: {}", newest(&run));
 
     let out = placed_run(c, &run, &sets, true);
     assert!(out.status.success(), "{}", text(&out));
@@ -210,7 +240,7 @@ fn a_torchrun_style_launch_spreads_the_layers_over_the_ranks() {
     assert!(out.status.success(), "{}", text(&out));
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
     let run = d.join("ranks");
-    let ranks: Vec<Child> = (0..3)
+    let ranks: Vec<Proc> = (0..3)
         .map(|rank| {
             train(c, &run, &[], false)
                 .env("WORLD_SIZE", "3")
@@ -220,11 +250,10 @@ fn a_torchrun_style_launch_spreads_the_layers_over_the_ranks() {
                 .env("LAYERWISE_PORT", &port)
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+                .proc()
         })
         .collect();
-    let outs: Vec<Output> = ranks.into_iter().map(|r| r.wait_with_output().unwrap()).collect();
+    let outs: Vec<Output> = ranks.into_iter().map(|r| r.output()).collect();
     for (rank, o) in outs.iter().enumerate() {
         assert!(o.status.success(), "rank {rank}: {}", text(o));
     }
@@ -232,4 +261,125 @@ fn a_torchrun_style_launch_spreads_the_layers_over_the_ranks() {
     assert!(log.contains("worker rank1") && log.contains("worker rank2"), "{log}");
     assert!(log.contains("[0, 1]@cpu"), "rank 0 holds layers 0 and 1: {log}");
     assert_same_newest_checkpoint(&whole, &run, "three ranks against one process");
+}
+
+/// `serve --listen`: a job placed on two workers loses one to kill -9; the job is marked
+/// failed naming the worker, and the service goes on: the next job runs on the worker
+/// that is left, which went back to waiting for work.
+#[test]
+fn serve_fails_a_job_whose_worker_dies_and_goes_on_with_the_next() {
+    let s = setup();
+    let root = s.dir.path();
+    let (jobs, runs) = (root.join("jobs"), root.join("runs"));
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--scan-every", "0.1", "--listen", "127.0.0.1:0", "--jobs"])
+        .arg(&jobs)
+        .arg("--runs")
+        .arg(&runs)
+        .env("LAYERWISE_SECRET", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .proc();
+    wait_for(&runs.join(".coordinator.addr"), &mut serve);
+    let addr = std::fs::read_to_string(runs.join(".coordinator.addr")).unwrap().trim().to_string();
+    let spawn = |name: &str| {
+        Command::new(BIN)
+            .args(["worker", "--coordinator", &addr, "--name", name])
+            .env("LAYERWISE_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .proc()
+    };
+    let (w1, mut w2) = (spawn("w1"), spawn("w2"));
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&s.config).unwrap()).unwrap();
+    config["train"]["epochs"] = 4.into();
+    config["train"]["steps_per_epoch"] = 40.into();
+    config["model"]["num_hidden"] = 256.into();
+    config["checkpoint"]["every_steps"] = 2.into();
+    let placed = |stages: serde_json::Value| {
+        let mut c = config.clone();
+        c["pipeline"]["placement"] = stages;
+        c
+    };
+    let submit = |name: &str, job: &serde_json::Value| {
+        std::fs::create_dir_all(&jobs).unwrap();
+        let tmp = jobs.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, serde_json::to_string(job).unwrap()).unwrap();
+        std::fs::rename(tmp, jobs.join(format!("{name}.json"))).unwrap();
+    };
+    let status = |name: &str| -> serde_json::Value {
+        std::fs::read_to_string(runs.join(name).join("status.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    };
+    let wait_state = |name: &str, serve: &mut Proc| -> serde_json::Value {
+        loop {
+            let st = status(name);
+            if st["state"] == "done" || st["state"] == "failed" {
+                return st;
+            }
+            assert!(serve.child().try_wait().unwrap().is_none(), "serve exited");
+            std::thread::park_timeout(std::time::Duration::from_millis(10));
+        }
+    };
+    submit(
+        "a-two-workers",
+        &placed(serde_json::json!([
+            {"layers": [0], "device": "cpu"}, {"layers": [1, 2], "device": "w1/cpu"}, {"layers": [3], "device": "w2/cpu"}
+        ])),
+    );
+    let run = runs.join("a-two-workers");
+    while newest(&run).is_empty() {
+        assert!(serve.child().try_wait().unwrap().is_none(), "serve exited");
+        std::thread::park_timeout(std::time::Duration::from_millis(2));
+    }
+    w2.child().kill().unwrap();
+    let _ = w2.child().wait();
+    let st = wait_state("a-two-workers", &mut serve);
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(st["reason"].as_str().unwrap().contains("worker w2"), "{st}");
+
+    submit(
+        "b-one-worker",
+        &placed(serde_json::json!([{"layers": [0, 1], "device": "cpu"}, {"layers": [2, 3], "device": "w1/cpu"}])),
+    );
+    let st = wait_state("b-one-worker", &mut serve);
+    assert_eq!(st["state"], "done", "the service and w1 went on: {st}");
+    assert_eq!(st["step"], 76, "every step of 4 epochs of 19: {st}");
+
+    assert!(Command::new("kill").args(["-TERM", &serve.child().id().to_string()]).status().unwrap().success());
+    assert!(serve.child().wait().unwrap().success());
+    drop(w1); // a persistent worker: killed
+}
+
+/// A worker that hangs (SIGSTOP: its sockets stay open, it says nothing) is lost after
+/// PEER_TIMEOUT (10 s) of silence: the run fails naming it, and the other worker stops.
+#[test]
+fn a_hung_worker_is_noticed_by_its_silence_and_the_run_fails_naming_it() {
+    let s = setup();
+    let (c, d) = (&s.config, s.dir.path());
+    let run = d.join("hung");
+    let sets = ["train.epochs=4", "model.num_hidden=256", "checkpoint.every_steps=2", PLACED];
+    let mut coordinator = train(c, &run, &sets, false)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .proc();
+    wait_for(&run.join("coordinator.addr"), &mut coordinator);
+    let addr = std::fs::read_to_string(run.join("coordinator.addr")).unwrap().trim().to_string();
+    let w1 = worker(&addr, "w1", SECRET);
+    let mut w2 = worker(&addr, "w2", SECRET);
+    while newest(&run).is_empty() {
+        assert!(coordinator.child().try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
+        std::thread::park_timeout(std::time::Duration::from_millis(2));
+    }
+    let pid = w2.child().id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let out = coordinator.output();
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("worker w2") && log.contains("no heartbeat for 10 s"), "{log}");
+    assert!(!w1.output().status.success(), "w1's job was aborted");
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
 }

@@ -130,3 +130,19 @@ pub fn coordinate(
     };
     Ok((plan, Some(cluster)))
 }
+
+/// `serve --listen`: the listener for workers, its address written to RUNS/.coordinator.addr
+/// (a dot name: no job can be called so).
+pub fn listen_for_serve(
+    listen: Option<&str>,
+    secret_file: Option<&Path>,
+    runs: &Path,
+) -> anyhow::Result<Option<Arc<Cluster>>> {
+    let Some(listen) = listen else { return Ok(None) };
+    let cluster = Cluster::listen(listen, load_secret(secret_file)?)?;
+    std::fs::create_dir_all(runs).with_context(|| format!("cannot create {}", runs.display()))?;
+    let addr_file = runs.join(".coordinator.addr");
+    std::fs::write(&addr_file, format!("{}\n", cluster.addr))
+        .with_context(|| format!("cannot write {}", addr_file.display()))?;
+    Ok(Some(cluster))
+}

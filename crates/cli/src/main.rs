@@ -98,6 +98,13 @@ enum Command {
         /// instead of resumed (it may be what kills the service).
         #[arg(long, default_value_t = 2)]
         max_crash_restarts: u32,
+        /// Listen for workers on HOST:PORT, so that jobs may place stages on them (port 0
+        /// picks one; the address is written to RUNS/.coordinator.addr). Needs the secret.
+        #[arg(long)]
+        listen: Option<String>,
+        /// A file holding the shared secret (else LAYERWISE_SECRET).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
     },
     /// Hand a config to a running service: written into --jobs atomically, as NAME.json.
     Submit {
@@ -301,11 +308,18 @@ fn main() -> ExitCode {
         Command::Inspect { path } => use_run::inspect(&path),
         Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
         Command::Bench(Bench::Train { config, steps, overrides }) => bench::train(&config, steps, &overrides),
-        Command::Serve { jobs, runs, scan_every, stop_timeout, max_crash_restarts } => {
+        Command::Serve { jobs, runs, scan_every, stop_timeout, max_crash_restarts, listen, secret_file } => {
             seconds("--scan-every", scan_every, 0.05).and_then(|scan_every| {
                 let stop_timeout = seconds("--stop-timeout", stop_timeout, 0.0)?;
-                let options =
-                    layerwise_daemon::ServeOptions { jobs, runs, scan_every, stop_timeout, max_crash_restarts };
+                let cluster = distributed::listen_for_serve(listen.as_deref(), secret_file.as_deref(), &runs)?;
+                let options = layerwise_daemon::ServeOptions {
+                    jobs,
+                    runs,
+                    scan_every,
+                    stop_timeout,
+                    max_crash_restarts,
+                    cluster,
+                };
                 layerwise_daemon::serve(options).map_err(Into::into)
             })
         }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use layerwise_engine::net::cluster::Cluster;
 use layerwise_engine::rundir::{RunDir, RunState};
 use layerwise_engine::{DeviceId, Plan, RunConfig, RunOptions};
 use tokio::sync::mpsc::UnboundedSender;
@@ -21,6 +22,8 @@ pub struct Finished {
 
 struct Running {
     devices: BTreeSet<DeviceId>,
+    /// Workers whose stages the job runs (a worker runs one job at a time).
+    workers: BTreeSet<String>,
     stop: Arc<AtomicBool>,
     /// Stop was asked for by a cancel (not by the daemon stopping).
     cancelled: bool,
@@ -81,6 +84,8 @@ pub struct JobTable {
     queue: VecDeque<Queued>,
     running: BTreeMap<String, Running>,
     done_tx: UnboundedSender<Finished>,
+    /// The listener for workers (serve --listen).
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl JobTable {
@@ -89,6 +94,7 @@ impl JobTable {
         runs_dir: PathBuf,
         max_crash_restarts: u32,
         done_tx: UnboundedSender<Finished>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         Self {
             jobs_dir,
@@ -100,6 +106,7 @@ impl JobTable {
             queue: VecDeque::new(),
             running: BTreeMap::new(),
             done_tx,
+            cluster,
         }
     }
 
@@ -268,14 +275,16 @@ impl JobTable {
         true
     }
 
-    /// Starts every queued job whose devices are free, in queue order.
+    /// Starts every queued job whose devices and workers are free, in queue order.
     pub fn start_ready(&mut self) {
         let mut busy: BTreeSet<DeviceId> = self.running.values().flat_map(|r| r.devices.iter().copied()).collect();
+        let mut busy_workers: BTreeSet<String> = self.running.values().flat_map(|r| r.workers.clone()).collect();
         let mut waiting = VecDeque::new();
         while let Some(job) = self.queue.pop_front() {
-            let devices = job.plan.devices();
-            if devices.is_disjoint(&busy) {
+            let (devices, workers) = (job.plan.devices(), job.plan.workers());
+            if devices.is_disjoint(&busy) && workers.is_disjoint(&busy_workers) {
                 busy.extend(devices.iter().copied());
+                busy_workers.extend(workers.iter().cloned());
                 self.start(job, devices);
             } else {
                 waiting.push_back(job);
@@ -288,9 +297,10 @@ impl JobTable {
         let stop = Arc::new(AtomicBool::new(false));
         let run_dir = self.run_dir(&job.name).path;
         let (name, tx, flag) = (job.name.clone(), self.done_tx.clone(), stop.clone());
-        tracing::info!(job = %name, devices = ?devices, resume = job.resume, "starting");
+        let (workers, cluster) = (job.plan.workers(), self.cluster.clone());
+        tracing::info!(job = %name, devices = ?devices, workers = ?workers, resume = job.resume, "starting");
         let spawned = std::thread::Builder::new().name(format!("job-{name}")).spawn(move || {
-            let options = RunOptions { resume: job.resume, stop: Some(flag), ..Default::default() };
+            let options = RunOptions { resume: job.resume, stop: Some(flag), cluster, ..Default::default() };
             let span = tracing::info_span!("job", name = %job.name);
             // Whatever happens in the job (a panic in its setup included) ends here, reported.
             let result = catch_unwind(AssertUnwindSafe(|| {
@@ -310,7 +320,7 @@ impl JobTable {
         });
         match spawned {
             Ok(_) => {
-                self.running.insert(name, Running { devices, stop, cancelled: false });
+                self.running.insert(name, Running { devices, workers, stop, cancelled: false });
             }
             Err(e) => self.set_status(&name, RunState::Failed, &format!("cannot start a thread: {e}")),
         }

@@ -30,6 +30,8 @@ pub struct ServeOptions {
     pub stop_timeout: Duration,
     /// A job that was running each time the service died this many times is failed, not resumed.
     pub max_crash_restarts: u32,
+    /// Listening for workers: jobs may place stages on them.
+    pub cluster: Option<std::sync::Arc<layerwise_engine::net::cluster::Cluster>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +67,13 @@ async fn control(options: ServeOptions) -> Result<(), DaemonError> {
     let (mut term, mut int, mut hup) =
         (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?, sig(SignalKind::hangup())?);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Finished>();
-    let mut table = JobTable::new(options.jobs.clone(), options.runs.clone(), options.max_crash_restarts, done_tx);
+    let mut table = JobTable::new(
+        options.jobs.clone(),
+        options.runs.clone(),
+        options.max_crash_restarts,
+        done_tx,
+        options.cluster.clone(),
+    );
     table.scan();
     table.start_ready();
     notify(sd_notify::NotifyState::Ready);

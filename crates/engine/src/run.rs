@@ -169,7 +169,7 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
         }
         (None, false) => {
             return Err(EngineError::Config(format!(
-                "pipeline.placement places stages on workers {:?}: run it with `layerwise train` (which listens for them), not here",
+                "pipeline.placement places stages on workers {:?}, but this process does not listen for workers (serve: start it with --listen)",
                 plan.workers()
             )))
         }
