@@ -333,6 +333,7 @@ fn main() -> ExitCode {
             println!("cuda available: {}", tch::Cuda::is_available());
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+            println!("nccl: {}", distributed::nccl_status());
             Ok(())
         }
     };

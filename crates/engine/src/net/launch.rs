@@ -83,10 +83,12 @@ impl Launch {
         format!("rank{rank}")
     }
 
-    /// This rank's device: `cuda:LOCAL_RANK` where there are GPUs, else the CPU.
+    /// This rank's device: `cuda:LOCAL_RANK` where there are GPUs (the one GPU, where the
+    /// launcher gave each process its own), else the CPU.
     pub fn device(&self, cuda_devices: usize) -> Result<DeviceId> {
         match cuda_devices {
             0 => Ok(DeviceId::Cpu),
+            1 => Ok(DeviceId::Cuda(0)),
             n if self.local_rank < n => Ok(DeviceId::Cuda(self.local_rank)),
             n => {
                 Err(EngineError::Config(format!("LOCAL_RANK {} but only {n} CUDA device(s) visible", self.local_rank)))
@@ -188,5 +190,10 @@ mod tests {
             ]
         );
         assert!(spread(2, &d).unwrap_err().to_string().contains("3 ranks"));
+        let l = Launch { rank: 1, world: 2, local_rank: 3, master: "m".into(), port: 1 };
+        assert_eq!(l.device(0).unwrap(), DeviceId::Cpu);
+        assert_eq!(l.device(1).unwrap(), DeviceId::Cuda(0), "a process given one GPU uses it");
+        assert_eq!(l.device(4).unwrap(), DeviceId::Cuda(3));
+        assert!(l.device(2).unwrap_err().to_string().contains("LOCAL_RANK 3"));
     }
 }
