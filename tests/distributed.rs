@@ -99,13 +99,13 @@ fn text(out: &Output) -> String {
 fn placed_run(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Output {
     let mut sets = sets.to_vec();
     sets.push(PLACED);
+    let addr_file = run.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file); // an earlier coordinator's
     let mut coordinator = train(config, run, &sets, resume)
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .proc();
-    let addr_file = run.join("coordinator.addr");
-    let _ = std::fs::remove_file(&addr_file);
     wait_for(&addr_file, &mut coordinator);
     let addr = std::fs::read_to_string(&addr_file).unwrap().trim().to_string();
     let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];

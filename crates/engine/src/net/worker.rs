@@ -31,6 +31,10 @@ pub struct WorkerOptions {
     pub stop: Arc<AtomicBool>,
 }
 
+/// A worker launched for one job gives up after this long without reaching its
+/// coordinator (a rank 0 that failed to start must not leave the others waiting for good).
+const ONCE_CONNECT_LIMIT: Duration = Duration::from_secs(300);
+
 /// How one job on this worker ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {
@@ -86,12 +90,19 @@ pub fn serve(options: WorkerOptions) -> Result<()> {
         data_addr,
     };
     let mut waited_since: Option<Instant> = None;
+    let first_try = Instant::now();
     loop {
         if options.stop.load(Ordering::SeqCst) {
             return Ok(());
         }
         let stream = match wire::connect(coordinator, &secret, role.clone()) {
             Ok(s) => s,
+            Err(WireError::Io(e)) if options.once && first_try.elapsed() >= ONCE_CONNECT_LIMIT => {
+                return Err(EngineError::Other(format!(
+                    "coordinator {coordinator} not reachable for {} s: {e}",
+                    ONCE_CONNECT_LIMIT.as_secs()
+                )));
+            }
             Err(WireError::Io(e)) => {
                 // Not up yet, or restarting: try again; say so now and then.
                 if waited_since.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
