@@ -140,7 +140,7 @@ impl Cluster {
                 }
             }
         }
-        let id = rand::random::<u64>() | 1;
+        let id = rand::random::<u64>();
         let sockets = Sockets::default();
         let assignment = Assignment {
             job: id,
@@ -257,10 +257,7 @@ fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Re
                 let (m, cv) = &**workers;
                 let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
                 if g.contains_key(&name) {
-                    conn.send(&ToWorker::Abort {
-                        job: 0,
-                        reason: format!("a worker named {name} is registered already"),
-                    });
+                    conn.send(&ToWorker::Refused { reason: format!("a worker named {name} is registered already") });
                     tracing::warn!("refused a second worker named {name} from {peer}");
                     return;
                 }

@@ -58,7 +58,14 @@ pub struct Assignment {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToWorker {
     Assign(Box<Assignment>),
-    Abort { job: u64, reason: String },
+    Abort {
+        job: u64,
+        reason: String,
+    },
+    /// Registration refused (a worker of that name is registered already).
+    Refused {
+        reason: String,
+    },
     Heartbeat,
 }
 

@@ -50,8 +50,7 @@ struct Running {
 
 /// Serves the coordinator until `stop` (or, with `once`, until one job has ended).
 pub fn serve(options: WorkerOptions) -> Result<()> {
-    let name =
-        super::super::placement::worker_name(&options.name).map_err(|e| EngineError::Config(format!("--name: {e}")))?;
+    let name = crate::placement::worker_name(&options.name).map_err(|e| EngineError::Config(format!("--name: {e}")))?;
     let coordinator = resolve(&options.coordinator)?;
     // The data listener sits on the address this host reaches the coordinator from.
     let local_ip = UdpSocket::bind(if coordinator.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
@@ -168,7 +167,7 @@ fn session(
                 silent_since = Instant::now();
                 match msg {
                     ToWorker::Heartbeat => {}
-                    ToWorker::Abort { job: 0, reason } => {
+                    ToWorker::Refused { reason } => {
                         break Err(EngineError::Other(format!("the coordinator refused worker {name}: {reason}")))
                     }
                     ToWorker::Abort { job, reason } => {
