@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use layerwise_tests::{assert_same_newest_checkpoint, repo_root};
+use layerwise_tests::{assert_same_newest_checkpoint, newest_checkpoint_name, repo_root};
 
 const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
 
@@ -215,14 +215,6 @@ fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
     let whole = dir.path().join("whole");
     assert!(train(&whole, &sets).status.success());
     let run = dir.path().join("killed");
-    let newest = |run: &std::path::Path| -> String {
-        let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default();
-        names.retain(|n| n.starts_with("step-") && !n.ends_with(".partial"));
-        names.sort();
-        names.pop().unwrap_or_default()
-    };
     let mut seen = String::new();
     for _ in 0..3 {
         let mut child = train_command(&run, &sets, true)
@@ -230,13 +222,13 @@ fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        while newest(&run) <= seen {
+        while newest_checkpoint_name(&run) <= seen {
             assert!(child.try_wait().unwrap().is_none(), "the run ended before its next checkpoint");
             std::thread::park_timeout(std::time::Duration::from_millis(5));
         }
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
-        seen = newest(&run);
+        seen = newest_checkpoint_name(&run);
     }
     // the kills landed mid-training: checkpoints exist, the last step is not there yet
     assert!(!seen.is_empty() && *seen < *"step-0000000240", "{seen}");

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use layerwise_tests::{assert_same_newest_checkpoint, data_dir, small_run_config};
+use layerwise_tests::{assert_same_newest_checkpoint, data_dir, newest_checkpoint_name, small_run_config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
 
@@ -95,19 +95,37 @@ fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A coordinator on a free port with workers w1 and w2; returns its output.
-fn placed_run(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Output {
-    let mut sets = sets.to_vec();
-    sets.push(PLACED);
+/// `train` as a coordinator on a free port (`sets` place stages on workers): the process,
+/// once it listens, and the address it listens on.
+fn coordinator(config: &Path, run: &Path, sets: &[&str], resume: bool) -> (Proc, String) {
     let addr_file = run.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file); // an earlier coordinator's
-    let mut coordinator = train(config, run, &sets, resume)
+    let mut coordinator = train(config, run, sets, resume)
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .proc();
     wait_for(&addr_file, &mut coordinator);
     let addr = std::fs::read_to_string(&addr_file).unwrap().trim().to_string();
+    (coordinator, addr)
+}
+
+/// Waits for the run's first checkpoint while its coordinator (train or serve) runs.
+fn wait_for_a_checkpoint(run: &Path, coordinator: &mut Proc) {
+    while newest_checkpoint_name(run).is_empty() {
+        assert!(
+            coordinator.child().try_wait().unwrap().is_none(),
+            "the coordinator exited before the first checkpoint"
+        );
+        std::thread::park_timeout(std::time::Duration::from_millis(2));
+    }
+}
+
+/// A coordinator on a free port with workers w1 and w2; returns its output.
+fn placed_run(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Output {
+    let mut sets = sets.to_vec();
+    sets.push(PLACED);
+    let (coordinator, addr) = coordinator(config, run, &sets, resume);
     let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
     let out = coordinator.output();
     for w in workers {
@@ -115,15 +133,6 @@ fn placed_run(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Output 
         assert!(w.status.success(), "a worker of a finished run exits 0: {}", text(&w));
     }
     out
-}
-
-fn newest(run: &Path) -> String {
-    let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    names.retain(|n| n.starts_with("step-") && !n.ends_with(".partial"));
-    names.sort();
-    names.pop().unwrap_or_default()
 }
 
 /// Three processes train to the single process's weights, bit for bit; a run begun in one
@@ -139,13 +148,7 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
 
     // Three processes, with strangers knocking first.
     let run = d.join("three");
-    let mut coordinator = train(c, &run, &[PLACED], false)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .proc();
-    wait_for(&run.join("coordinator.addr"), &mut coordinator);
-    let addr = std::fs::read_to_string(run.join("coordinator.addr")).unwrap().trim().to_string();
+    let (coordinator, addr) = coordinator(c, &run, &[PLACED], false);
     let wrong = worker(&addr, "w1", "not-the-secret-at-all").output();
     assert!(!wrong.status.success());
     assert!(text(&wrong).contains("wrong shared secret"), "{}", text(&wrong));
@@ -198,19 +201,10 @@ fn a_worker_killed_mid_run_fails_the_run_naming_it_and_resume_ends_identical() {
     let run = d.join("killed");
     let mut placed = sets.to_vec();
     placed.push(PLACED);
-    let mut coordinator = train(c, &run, &placed, false)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .proc();
-    wait_for(&run.join("coordinator.addr"), &mut coordinator);
-    let addr = std::fs::read_to_string(run.join("coordinator.addr")).unwrap().trim().to_string();
+    let (mut coordinator, addr) = coordinator(c, &run, &placed, false);
     let w1 = worker(&addr, "w1", SECRET);
     let mut w2 = worker(&addr, "w2", SECRET);
-    while newest(&run).is_empty() {
-        assert!(coordinator.child().try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
-        std::thread::park_timeout(std::time::Duration::from_millis(2));
-    }
+    wait_for_a_checkpoint(&run, &mut coordinator);
     w2.child().kill().unwrap(); // SIGKILL
     let _ = w2.child().wait();
     let out = coordinator.output();
@@ -222,7 +216,11 @@ fn a_worker_killed_mid_run_fails_the_run_naming_it_and_resume_ends_identical() {
     let status = std::fs::read_to_string(run.join("status.json")).unwrap();
     assert!(status.contains("failed") && status.contains("worker w2"), "{status}");
     // 600 training images in batches of 32: 19 steps an epoch, 76 in all.
-    assert!(*newest(&run) < *"step-0000000076", "killed before the end: {}", newest(&run));
+    assert!(
+        *newest_checkpoint_name(&run) < *"step-0000000076",
+        "killed before the end: {}",
+        newest_checkpoint_name(&run)
+    );
 
     let out = placed_run(c, &run, &sets, true);
     assert!(out.status.success(), "{}", text(&out));
@@ -330,10 +328,7 @@ fn serve_fails_a_job_whose_worker_dies_and_goes_on_with_the_next() {
         ])),
     );
     let run = runs.join("a-two-workers");
-    while newest(&run).is_empty() {
-        assert!(serve.child().try_wait().unwrap().is_none(), "serve exited");
-        std::thread::park_timeout(std::time::Duration::from_millis(2));
-    }
+    wait_for_a_checkpoint(&run, &mut serve);
     w2.child().kill().unwrap();
     let _ = w2.child().wait();
     let st = wait_state("a-two-workers", &mut serve);
@@ -361,19 +356,10 @@ fn a_hung_worker_is_noticed_by_its_silence_and_the_run_fails_naming_it() {
     let (c, d) = (&s.config, s.dir.path());
     let run = d.join("hung");
     let sets = ["train.epochs=4", "model.num_hidden=256", "checkpoint.every_steps=2", PLACED];
-    let mut coordinator = train(c, &run, &sets, false)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .proc();
-    wait_for(&run.join("coordinator.addr"), &mut coordinator);
-    let addr = std::fs::read_to_string(run.join("coordinator.addr")).unwrap().trim().to_string();
+    let (mut coordinator, addr) = coordinator(c, &run, &sets, false);
     let w1 = worker(&addr, "w1", SECRET);
     let mut w2 = worker(&addr, "w2", SECRET);
-    while newest(&run).is_empty() {
-        assert!(coordinator.child().try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
-        std::thread::park_timeout(std::time::Duration::from_millis(2));
-    }
+    wait_for_a_checkpoint(&run, &mut coordinator);
     let pid = w2.child().id().to_string();
     assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
     let out = coordinator.output();

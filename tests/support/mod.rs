@@ -205,6 +205,16 @@ pub fn assert_same_run(a: &layerwise_engine::RunSummary, b: &layerwise_engine::R
     }
 }
 
+/// The folder name of a run's newest complete checkpoint (`step-N`), or "" when none.
+pub fn newest_checkpoint_name(run: &Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.retain(|n| n.starts_with("step-") && !n.ends_with(".partial"));
+    names.sort();
+    names.pop().unwrap_or_default()
+}
+
 /// Every tensor of a run's newest complete checkpoint, named `file/tensor`, in order.
 pub fn newest_checkpoint_tensors(run: &Path) -> Vec<(String, Tensor)> {
     let mut dirs: Vec<PathBuf> =

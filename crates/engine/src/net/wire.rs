@@ -210,13 +210,19 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    fn pair(accept_secret: &'static [u8], connect_secret: &'static [u8]) -> (WireResult<Role>, WireResult<TcpStream>) {
+    /// A listener that accepts one connection with `secret`: its address, and the outcome.
+    fn acceptor(secret: &'static [u8]) -> (SocketAddr, std::thread::JoinHandle<WireResult<Role>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let t = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            accept(&mut s, accept_secret)
+            accept(&mut s, secret)
         });
+        (addr, t)
+    }
+
+    fn pair(accept_secret: &'static [u8], connect_secret: &'static [u8]) -> (WireResult<Role>, WireResult<TcpStream>) {
+        let (addr, t) = acceptor(accept_secret);
         let opened = connect(addr, connect_secret, Role::Link { job: 7, stage: 2 });
         (t.join().unwrap(), opened)
     }
@@ -238,23 +244,13 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_without_reading_a_claimed_length() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            accept(&mut s, b"0123456789abcdef")
-        });
+        let (addr, t) = acceptor(b"0123456789abcdef");
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         let e = t.join().unwrap().unwrap_err().to_string();
         assert!(e.contains("not a layerwise peer"), "{e}");
         // The right magic and then a length of 4 GiB: refused before any allocation.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            accept(&mut s, b"0123456789abcdef")
-        });
+        let (addr, t) = acceptor(b"0123456789abcdef");
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(MAGIC).unwrap();
         s.write_all(&u32::MAX.to_le_bytes()).unwrap();
