@@ -256,6 +256,11 @@ fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Re
             {
                 let (m, cv) = &**workers;
                 let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+                if conn.devices.is_empty() {
+                    conn.send(&ToWorker::Refused { reason: format!("worker {name} offers no device") });
+                    tracing::warn!("refused worker {name} from {peer}: it offers no device");
+                    return;
+                }
                 if g.contains_key(&name) {
                     conn.send(&ToWorker::Refused { reason: format!("a worker named {name} is registered already") });
                     tracing::warn!("refused a second worker named {name} from {peer}");
