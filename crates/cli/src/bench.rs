@@ -26,7 +26,7 @@ fn measure(name: &str, mut source: BatchSource, batches: usize) {
 }
 
 pub fn data(config: Option<&Path>, batches: usize) -> anyhow::Result<()> {
-    tch::set_num_threads(1);
+    layerwise_engine::set_thread_count(1);
     let cfg = match config {
         Some(p) => RunConfig::load(p, &[])?,
         None => RunConfig::default(),

@@ -32,6 +32,19 @@ pub use config::{PipelineMode, RunConfig};
 pub use plan::{DeviceId, Machine, Plan};
 pub use run::{run, run_plan, RunOptions, RunSummary};
 
+/// Gives the calling thread `n` intra-op threads (OpenMP and MKL), for good.
+///
+/// `at::set_num_threads` alone is not enough in a thread of its own: it also records `n`
+/// process-wide, and a thread's first ATen operation re-applies whatever was recorded last
+/// (`lazy_init_num_threads`). A stage that set 2 and then saw the loader thread set 1
+/// before its first operation ran on one core: the pipelined path lost a third of its
+/// speed, more or less from run to run. Reading the count first spends that first-use
+/// initialisation, so what is set here is what the thread keeps.
+pub fn set_thread_count(n: usize) {
+    let _ = tch::get_num_threads();
+    tch::set_num_threads(n.clamp(1, i32::MAX as usize) as i32);
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("config: {0}")]
@@ -59,3 +72,27 @@ impl EngineError {
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+
+    /// The order that slowed every pipelined run: a stage sets its count, another thread sets
+    /// a different one before the stage's first operation. The stage must keep its own.
+    #[test]
+    fn a_thread_keeps_the_count_it_set_when_another_thread_sets_another() {
+        let (set_tx, set_rx) = channel();
+        let (other_tx, other_rx) = channel();
+        let stage = std::thread::spawn(move || {
+            super::set_thread_count(3);
+            set_tx.send(()).unwrap();
+            other_rx.recv().unwrap(); // the other thread has set 1 by now
+            let _ = tch::Tensor::ones([64, 64], (tch::Kind::Float, tch::Device::Cpu)).sum(tch::Kind::Float);
+            tch::get_num_threads()
+        });
+        set_rx.recv().unwrap();
+        std::thread::spawn(|| super::set_thread_count(1)).join().unwrap();
+        other_tx.send(()).unwrap();
+        assert_eq!(stage.join().unwrap(), 3);
+    }
+}

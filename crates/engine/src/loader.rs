@@ -76,7 +76,7 @@ pub fn spawn(mut source: BatchSource, stream: Stream) -> Result<(Receiver<Loaded
     let handle = std::thread::Builder::new()
         .name("loader".into())
         .spawn(move || {
-            tch::set_num_threads(1);
+            crate::set_thread_count(1);
             let (first_epoch, first_index) = stream.start;
             for epoch in first_epoch..=stream.epochs {
                 let from = if epoch == first_epoch { first_index } else { 0 };

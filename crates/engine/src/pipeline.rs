@@ -29,7 +29,7 @@ impl Pipeline {
         let n = plan.stages.len();
         match plan.config.pipeline.mode {
             PipelineMode::Sequential => {
-                tch::set_num_threads(plan.stages[0].threads as i32);
+                crate::set_thread_count(plan.stages[0].threads);
                 let stages = (0..n).map(|i| Stage::build(plan, i, env(i))).collect::<std::result::Result<_, _>>()?;
                 Ok(Pipeline::Inline { stages })
             }

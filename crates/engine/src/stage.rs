@@ -424,7 +424,7 @@ pub fn run_stage(
     input: Box<dyn LinkReceiver>,
     output: Option<Box<dyn LinkSender>>,
 ) -> bool {
-    tch::set_num_threads(plan.stages[index].threads as i32);
+    crate::set_thread_count(plan.stages[index].threads);
     let reports = env.reports.clone();
     match Stage::build(plan, index, env) {
         Ok(mut stage) => stage.run_loop(input, output),
