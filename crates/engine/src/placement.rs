@@ -287,7 +287,7 @@ pub fn measure(plan: &Plan) -> Result<Vec<f64>> {
     let failed = |layer: usize, what: String| {
         EngineError::Other(format!("measuring layer {layer} on {device} for the auto placement: {what}"))
     };
-    let measured = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<f64>> {
+    let measure_all = || -> Result<Vec<f64>> {
         let labels = Tensor::zeros([b], (Kind::Int64, tch::Device::Cpu));
         let projection = label_projection(model, arch, seed);
         let targets = Targets::new(&labels, arch.num_classes, projection.as_ref()).to_device(d);
@@ -307,8 +307,22 @@ pub fn measure(plan: &Plan) -> Result<Vec<f64>> {
             let _ = output.train_local(&x, &labels);
         })));
         Ok(costs)
-    }));
-    measured.unwrap_or_else(|panic| Err(failed(0, crate::stage::panic_message(&*panic))))
+    };
+    // In a thread of its own with the machine's cores, as a one-stage split would run: the
+    // OpenMP team it needs ends with it instead of staying with the coordinator's thread,
+    // where idle teams would make the stages' teams sleep instead of spin (see
+    // `crate::set_thread_count` and `run::run_inner`).
+    std::thread::scope(|scope| {
+        let measuring = std::thread::Builder::new().name("placement".into()).spawn_scoped(scope, || {
+            crate::set_thread_count(plan.machine.cores);
+            catch_unwind(AssertUnwindSafe(measure_all))
+        });
+        match measuring.map(|t| t.join()) {
+            Ok(Ok(Ok(measured))) => measured,
+            Ok(Ok(Err(panic)) | Err(panic)) => Err(failed(0, crate::stage::panic_message(&*panic))),
+            Err(e) => Err(failed(0, format!("cannot start a thread: {e}"))),
+        }
+    })
 }
 
 #[cfg(test)]
