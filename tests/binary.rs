@@ -238,3 +238,43 @@ fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
     assert!(log.contains("resuming from"), "the last start resumed: {log}");
     assert_same_newest_checkpoint(&whole, &run, "after kill -9 and resume");
 }
+
+/// `bench train --json` runs each placement in a process of its own and reports, for every
+/// run, figures that agree with each other and with the plan it used.
+#[test]
+fn bench_train_prints_one_json_object_of_consistent_figures() {
+    let out = Command::new(BIN)
+        .current_dir(repo_root())
+        .args(["bench", "train", "configs/demo.json", "--steps", "2", "--repeats", "1", "--json"])
+        .args(["--set", "model.num_hidden=32", "--set", "train.batch_size=16"])
+        .output()
+        .expect("run layerwise bench");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let num = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v}"));
+    assert!(num(&report["machine"], "cores") >= 1.0);
+    assert!(num(&report["machine"], "matmul_gflops") > 0.0);
+    let flop = num(&report, "train_gflop_per_image");
+    assert!(flop > 0.0);
+    let layers = report["layer_step_seconds"].as_array().expect("demo.json learns locally: layers are timed").len();
+    let runs = report["runs"].as_array().unwrap();
+    let modes: Vec<(&str, String)> =
+        runs.iter().map(|r| (r["mode"].as_str().unwrap(), r["placement"].to_string())).collect();
+    assert_eq!(modes[0], ("sequential", "\"single\"".into()));
+    assert!(modes.contains(&("pipelined", "\"auto\"".into())), "{modes:?}");
+    assert!(modes.contains(&("pipelined", "\"per_layer\"".into())), "{modes:?}");
+    assert_eq!(num(&runs[0], "speedup"), 1.0);
+    for r in runs {
+        let ips = num(r, "images_per_sec");
+        assert!(ips > 0.0 && num(r, "peak_rss_bytes") > 1e6, "{r}");
+        assert_eq!(num(r, "speedup"), ips / num(&runs[0], "images_per_sec"));
+        assert_eq!(num(r, "efficiency"), num(r, "speedup") / num(r, "best_speedup"));
+        assert!((num(r, "gflops") - ips * flop).abs() <= 1e-9 * ips * flop, "{r}");
+        let stages: Vec<Vec<u64>> = serde_json::from_value(r["stages"].clone()).unwrap();
+        assert_eq!(stages.concat(), (0..layers as u64).collect::<Vec<_>>(), "{r}");
+        assert_eq!(r["threads"].as_array().unwrap().len(), stages.len());
+    }
+    let per_layer = runs.iter().find(|r| r["placement"] == "per_layer").unwrap();
+    assert_eq!(per_layer["stages"].as_array().unwrap().len(), layers);
+}

@@ -3,14 +3,18 @@
 //! set and for CIFAR-shaped data; compare with training's images/s, which it must exceed
 //! many times over for data never to limit training.
 
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use layerwise_data::batches::{BatchSource, Sampler, Transform};
 use layerwise_data::dataset::{self, Dataset};
 use layerwise_data::{DataConfig, DatasetKind};
 use layerwise_engine::config::Placement;
-use layerwise_engine::{PipelineMode, RunConfig, RunOptions};
+use layerwise_engine::{placement, DeviceId, Machine, PipelineMode, Plan, RunConfig, RunOptions};
+use layerwise_nn::config::Training;
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 fn measure(name: &str, mut source: BatchSource, batches: usize) {
@@ -54,33 +58,364 @@ pub fn data(config: Option<&Path>, batches: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Training throughput of a config, sequential (one stage, one thread of work per layer
-/// after layer) and pipelined under the config's placement and under one stage per layer:
-/// images/s of the measured epoch (the first, shorter one warms up).
-pub fn train(config: &Path, steps: usize, overrides: &[String]) -> anyhow::Result<()> {
-    let base = RunConfig::load(config, overrides)?;
-    let mut runs = vec![("sequential", PipelineMode::Sequential, Placement::Named("single".into()))];
-    runs.push(("pipelined", PipelineMode::Pipelined, base.pipeline.placement.clone()));
-    if base.pipeline.placement != Placement::Named("per_layer".into()) {
-        runs.push(("pipelined", PipelineMode::Pipelined, Placement::Named("per_layer".into())));
+/// What `bench train` is asked.
+pub struct TrainBench {
+    pub config: PathBuf,
+    pub steps: usize,
+    pub repeats: usize,
+    pub overrides: Vec<String>,
+    pub json: bool,
+    /// Internal: run only this one of the runs, in this process, and print its result.
+    pub one: Option<usize>,
+}
+
+/// The runs compared: sequential, then pipelined under the config's placement, under
+/// `auto` and one stage per layer (a placement already listed is not run twice).
+fn runs(config: &RunConfig) -> Vec<(PipelineMode, Placement)> {
+    let mut runs = vec![(PipelineMode::Sequential, Placement::Named("single".into()))];
+    for placement in
+        [config.pipeline.placement.clone(), Placement::Named("auto".into()), Placement::Named("per_layer".into())]
+    {
+        if !runs.iter().any(|(m, p)| *m == PipelineMode::Pipelined && *p == placement) {
+            runs.push((PipelineMode::Pipelined, placement));
+        }
     }
-    let mut first = None;
-    println!("{:<12} {:<36} {:>8} {:>12} {:>9}", "mode", "placement", "stages", "images/s", "vs first");
-    for (name, mode, placement) in runs {
-        let mut c = base.clone();
-        c.pipeline.mode = mode;
-        c.pipeline.placement = placement.clone();
-        c.train.epochs = 2;
-        c.train.steps_per_epoch = Some(steps);
-        c.train.eval_batches = Some(1);
-        c.checkpoint.every_epochs = 0;
-        c.checkpoint.every_steps = 0;
-        let dir = tempfile::tempdir()?;
-        let summary = layerwise_engine::run(&c, dir.path(), RunOptions::default())?;
-        let ips = summary.epochs.last().map_or(0.0, |e| e.images_per_sec);
-        let base_ips = *first.get_or_insert(ips);
-        let placement = serde_json::to_string(&placement)?;
-        println!("{name:<12} {placement:<36} {:>8} {ips:>12.0} {:>8.2}x", summary.plan.len(), ips / base_ips);
+    runs
+}
+
+/// One run's figures, measured in a process of its own (a fresh allocator and OpenMP
+/// teams, and its own peak memory).
+#[derive(Debug, Serialize, Deserialize)]
+struct Measured {
+    mode: PipelineMode,
+    placement: Placement,
+    /// The layers of each stage, as the run placed them.
+    stages: Vec<Vec<usize>>,
+    /// Intra-op threads of each stage.
+    threads: Vec<usize>,
+    devices: Vec<String>,
+    /// Images/s of each measured epoch (the warm-up epoch left out).
+    epochs_images_per_sec: Vec<f64>,
+    images_per_sec: f64,
+    peak_rss_bytes: u64,
+    /// Largest device memory the process held on any GPU (`nvidia-smi`), where there is one.
+    peak_device_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    #[serde(flatten)]
+    measured: Measured,
+    speedup: f64,
+    /// The best speed-up over sequential that the split allows here: the stages' summed
+    /// step time over the largest's, at most the parallel units (CUDA devices used, or cores).
+    best_speedup: f64,
+    efficiency: f64,
+    gflops: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    config: PathBuf,
+    machine: MachineInfo,
+    steps_per_epoch: usize,
+    measured_epochs: usize,
+    batch_size: usize,
+    train_gflop_per_image: f64,
+    /// Seconds per training step of each layer alone (the output layer last), at up to 64
+    /// images, as `auto` measures them: the basis of `best_speedup`.
+    /// None where layers have no local losses to time them by (backprop).
+    layer_step_seconds: Option<Vec<f64>>,
+    runs: Vec<Row>,
+}
+
+#[derive(Debug, Serialize)]
+struct MachineInfo {
+    cores: usize,
+    cuda_devices: usize,
+    device_names: Vec<String>,
+    /// A square float32 matrix product on the first device with every core (CPU) or the
+    /// device alone: the rate to compare `gflops` with.
+    matmul_gflops: f64,
+    matmul_size: i64,
+}
+
+pub fn train(args: TrainBench) -> anyhow::Result<()> {
+    anyhow::ensure!(args.steps >= 1, "--steps: expected at least 1");
+    anyhow::ensure!((1..=100).contains(&args.repeats), "--repeats: expected 1 to 100, got {}", args.repeats);
+    let base = RunConfig::load(&args.config, &args.overrides)?;
+    let runs = runs(&base);
+    if let Some(i) = args.one {
+        let (mode, placement) = runs.get(i).ok_or_else(|| anyhow::anyhow!("--one {i}: no such run"))?.clone();
+        let measured = measure_one(&base, mode, placement, args.steps, args.repeats)?;
+        println!("{}", serde_json::to_string(&measured)?);
+        return Ok(());
+    }
+    let machine = Machine::detect();
+    let plan = Plan::build(&base, machine)?;
+    let flops = plan.arch.training_flops_per_image(&base.model, base.train.batch_size as i64);
+    // Layers without local losses (backprop) cannot be timed alone.
+    let costs = match base.model.training {
+        Training::Backprop => None,
+        _ => Some(placement::measure(&plan)?),
+    };
+    let (matmul_gflops, matmul_size) = matmul_rate(&machine);
+    let mut rows: Vec<Row> = Vec::new();
+    for (i, (mode, placement)) in runs.iter().enumerate() {
+        eprintln!("bench: run {} of {}: {mode:?} {}", i + 1, runs.len(), serde_json::to_string(placement)?);
+        let measured = measure_in_child(&args, i)?;
+        let sequential = rows.first().map_or(measured.images_per_sec, |r| r.measured.images_per_sec);
+        let speedup = measured.images_per_sec / sequential;
+        let best_speedup =
+            if *mode == PipelineMode::Sequential { 1.0 } else { best_speedup(&measured, costs.as_deref(), &machine) };
+        rows.push(Row {
+            speedup,
+            best_speedup,
+            efficiency: speedup / best_speedup,
+            gflops: measured.images_per_sec * flops / 1e9,
+            measured,
+        });
+    }
+    let report = Report {
+        config: args.config.clone(),
+        machine: MachineInfo {
+            cores: machine.cores,
+            cuda_devices: machine.cuda_devices,
+            device_names: device_names(&machine),
+            matmul_gflops,
+            matmul_size,
+        },
+        steps_per_epoch: args.steps,
+        measured_epochs: args.repeats,
+        batch_size: base.train.batch_size,
+        train_gflop_per_image: flops / 1e9,
+        layer_step_seconds: costs,
+        runs: rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
     }
     Ok(())
+}
+
+/// Speed-up the stages of a run allow over one stage: the sum of their step times over the
+/// largest, at most the parallel units there are (CUDA devices in use, or the CPU's cores).
+/// Without layer times (backprop), the units alone bound it.
+fn best_speedup(m: &Measured, costs: Option<&[f64]>, machine: &Machine) -> f64 {
+    let mut gpus: Vec<&String> = m.devices.iter().filter(|d| d.starts_with("cuda")).collect();
+    gpus.dedup();
+    let units = if gpus.is_empty() { machine.cores.min(m.stages.len()) } else { gpus.len() } as f64;
+    let Some(costs) = costs else { return units.max(1.0) };
+    let stage_costs: Vec<f64> = m.stages.iter().map(|layers| layers.iter().map(|&l| costs[l]).sum()).collect();
+    let largest = stage_costs.iter().cloned().fold(0.0, f64::max);
+    let total: f64 = stage_costs.iter().sum();
+    (total / largest).min(units).max(1.0)
+}
+
+/// Runs `runs()[i]` in a child process (this binary, `--one i`) and reads its result; the
+/// child's log is shown only when it fails. On a GPU machine, `nvidia-smi` is polled for the
+/// child's device memory meanwhile.
+fn measure_in_child(args: &TrainBench, i: usize) -> anyhow::Result<Measured> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("bench").arg("train").arg(&args.config);
+    cmd.args(["--steps", &args.steps.to_string(), "--repeats", &args.repeats.to_string(), "--one", &i.to_string()]);
+    for o in &args.overrides {
+        cmd.args(["--set", o]);
+    }
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id();
+    let done = AtomicBool::new(false);
+    let (output, device_peak) = std::thread::scope(|s| {
+        let poll = s.spawn(|| poll_device_memory(pid, &done));
+        let output = child.wait_with_output();
+        done.store(true, Ordering::Relaxed);
+        (output, poll.join().ok().flatten())
+    });
+    let output = output?;
+    if !output.status.success() {
+        let log = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        anyhow::bail!(
+            "bench run {i} failed ({}):\n{}",
+            output.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().ok_or_else(|| anyhow::anyhow!("bench run {i} printed nothing"))?;
+    let mut measured: Measured = serde_json::from_str(line)?;
+    measured.peak_device_bytes = device_peak;
+    Ok(measured)
+}
+
+/// The largest `used_memory` that `nvidia-smi` reports for `pid` until `done`; none where
+/// there is no `nvidia-smi` or it never lists the process.
+fn poll_device_memory(pid: u32, done: &AtomicBool) -> Option<u64> {
+    let mut peak: Option<u64> = None;
+    while !done.load(Ordering::Relaxed) {
+        let out = Command::new("nvidia-smi")
+            .args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut fields = line.split(',').map(str::trim);
+            if fields.next() == Some(pid.to_string().as_str()) {
+                if let Some(mib) = fields.next().and_then(|v| v.parse::<u64>().ok()) {
+                    peak = Some(peak.unwrap_or(0).max(mib << 20));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    peak
+}
+
+/// One run, in this process: `repeats` measured epochs of `steps` steps after a warm-up epoch.
+fn measure_one(
+    base: &RunConfig,
+    mode: PipelineMode,
+    placement: Placement,
+    steps: usize,
+    repeats: usize,
+) -> anyhow::Result<Measured> {
+    let mut c = base.clone();
+    c.pipeline.mode = mode;
+    c.pipeline.placement = placement.clone();
+    c.train.epochs = 1 + repeats;
+    c.train.steps_per_epoch = Some(steps);
+    c.train.eval_batches = Some(1);
+    c.checkpoint.every_epochs = 0;
+    c.checkpoint.every_steps = 0;
+    let dir = tempfile::tempdir()?;
+    let summary = layerwise_engine::run(&c, dir.path(), RunOptions::default())?;
+    let epochs: Vec<f64> = summary.epochs.iter().skip(1).map(|e| e.images_per_sec).collect();
+    Ok(Measured {
+        mode,
+        placement,
+        stages: summary.plan.iter().map(|s| s.layers.clone()).collect(),
+        threads: summary.plan.iter().map(|s| s.threads).collect(),
+        devices: summary.plan.iter().map(|s| s.devices[0].to_string()).collect(),
+        images_per_sec: median(&epochs),
+        epochs_images_per_sec: epochs,
+        peak_rss_bytes: peak_rss_bytes(),
+        peak_device_bytes: None,
+    })
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// This process's peak resident memory (`VmHWM`).
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// GFLOP/s of a square float32 matrix product on the first device (every core on a CPU),
+/// best of five after a warm-up, and the size used.
+fn matmul_rate(machine: &Machine) -> (f64, i64) {
+    let device = machine.visible()[0];
+    let n: i64 = if matches!(device, DeviceId::Cuda(_)) { 8192 } else { 1024 };
+    let cores = machine.cores;
+    let secs = std::thread::scope(|s| {
+        s.spawn(|| {
+            layerwise_engine::set_thread_count(cores);
+            let d = device.tch();
+            let a = Tensor::randn([n, n], (Kind::Float, d));
+            let b = Tensor::randn([n, n], (Kind::Float, d));
+            let sync = || {
+                if let DeviceId::Cuda(i) = device {
+                    tch::Cuda::synchronize(i as i64);
+                }
+            };
+            let _ = a.matmul(&b);
+            sync();
+            (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    let _ = a.matmul(&b);
+                    sync();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        })
+        .join()
+        .unwrap_or(f64::NAN)
+    });
+    (2.0 * (n as f64).powi(3) / secs / 1e9, n)
+}
+
+/// The CPU's model name and each GPU's, as the system reports them.
+fn device_names(machine: &Machine) -> Vec<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| "cpu".into());
+    let mut names = vec![format!("cpu: {cpu}")];
+    let mut gpus: Vec<String> = std::fs::read_dir("/proc/driver/nvidia/gpus")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("information")).ok())
+        .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string())))
+        .collect();
+    gpus.truncate(machine.cuda_devices);
+    names.extend(gpus.into_iter().enumerate().map(|(i, g)| format!("cuda:{i}: {g}")));
+    names
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "{}: batch {}, {} measured epoch(s) of {} steps after a warm-up; {:.3} GFLOP per image per step",
+        r.config.display(),
+        r.batch_size,
+        r.measured_epochs,
+        r.steps_per_epoch,
+        r.train_gflop_per_image
+    );
+    println!(
+        "machine: {} cores, {}; matmul {n}x{n}: {:.1} GFLOP/s",
+        r.machine.cores,
+        r.machine.device_names.join(", "),
+        r.machine.matmul_gflops,
+        n = r.machine.matmul_size
+    );
+    println!(
+        "{:<11} {:<28} {:<22} {:>9} {:>8} {:>6} {:>6} {:>8} {:>9} {:>9}",
+        "mode", "placement", "stages", "images/s", "speedup", "best", "eff", "GFLOP/s", "peak RSS", "peak dev"
+    );
+    for row in &r.runs {
+        let m = &row.measured;
+        let placement = serde_json::to_string(&m.placement).unwrap_or_default();
+        let stages = m.stages.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join("");
+        let gib = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+        println!(
+            "{:<11} {:<28} {:<22} {:>9.0} {:>7.2}x {:>5.2}x {:>6.2} {:>8.1} {:>9} {:>9}",
+            format!("{:?}", m.mode).to_lowercase(),
+            placement,
+            stages,
+            m.images_per_sec,
+            row.speedup,
+            row.best_speedup,
+            row.efficiency,
+            row.gflops,
+            gib(m.peak_rss_bytes),
+            m.peak_device_bytes.map_or("-".into(), gib)
+        );
+    }
 }

@@ -147,11 +147,20 @@ enum Bench {
     /// Training throughput: sequential against pipelined, for a config.
     Train {
         config: PathBuf,
-        /// Steps per measured epoch.
+        /// Steps per epoch; the first epoch warms up, the next `--repeats` are measured.
         #[arg(long, default_value_t = 100)]
         steps: usize,
+        /// Measured epochs per run (their median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Internal: run one of the compared runs in this process and print its figures.
+        #[arg(long, hide = true)]
+        one: Option<usize>,
     },
     /// Loader throughput with augmentation: a config's data set, and CIFAR-shaped data.
     Data {
@@ -307,7 +316,9 @@ fn main() -> ExitCode {
         Command::Export { path, out } => use_run::export(&path, &out),
         Command::Inspect { path } => use_run::inspect(&path),
         Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
-        Command::Bench(Bench::Train { config, steps, overrides }) => bench::train(&config, steps, &overrides),
+        Command::Bench(Bench::Train { config, steps, repeats, overrides, json, one }) => {
+            bench::train(bench::TrainBench { config, steps, repeats, overrides, json, one })
+        }
         Command::Serve { jobs, runs, scan_every, stop_timeout, max_crash_restarts, listen, secret_file } => {
             seconds("--scan-every", scan_every, 0.05).and_then(|scan_every| {
                 let stop_timeout = seconds("--stop-timeout", stop_timeout, 0.0)?;

@@ -217,6 +217,48 @@ impl Architecture {
         let blocks: i64 = self.hidden.iter().map(|l| l.block_parameters(batch_norm)).sum();
         blocks + self.output_in * self.num_classes + self.num_classes
     }
+
+    /// Floating-point operations of one training step, per image, by a rough count: the
+    /// matrix products and convolutions of the blocks and the output layer and, when layers
+    /// learn locally, of their heads and similarity matrices (`batch` images each), two per
+    /// multiply-add, three times over (forward; backward to the input and to the weights).
+    /// Pools, norms and elementwise work are left out: they are a small share of the time.
+    pub fn training_flops_per_image(&self, model: &ModelConfig, batch: i64) -> f64 {
+        use crate::config::{LossKind, Training};
+        let local = model.training != Training::Backprop;
+        let sim = local && matches!(model.loss, LossKind::Sim | LossKind::Predsim);
+        let pred = local && matches!(model.loss, LossKind::Pred | LossKind::Predsim);
+        let bio = model.training == Training::Bio;
+        let pred_outputs = if bio { model.target_proj_size as i64 } else { self.num_classes };
+        let mut macs = (self.output_in * self.num_classes) as f64;
+        for spec in &self.hidden {
+            let (block, channels, pixels, decoder_in) = match *spec {
+                LayerSpec::Conv { in_channels, out_channels, kernel, size_out, .. } => {
+                    let pixels = size_out * size_out;
+                    let (_, _, n) = decoder_pool(out_channels, size_out, model.dim_in_decoder as i64);
+                    (in_channels * out_channels * kernel * kernel * pixels, out_channels, pixels, n)
+                }
+                LayerSpec::Linear { in_features, out_features } => {
+                    (in_features * out_features, out_features, 1, out_features)
+                }
+            };
+            macs += block as f64;
+            if sim {
+                // The sim transform (a 3x3 convolution or a square matrix; none in bio mode,
+                // which compares the pooled features), then the batch's similarity matrix.
+                let kernel = if matches!(spec, LayerSpec::Conv { .. }) { 9 } else { 1 };
+                let features = if bio { decoder_in } else { channels * pixels };
+                if !bio {
+                    macs += (channels * channels * kernel * pixels) as f64;
+                }
+                macs += (batch * features) as f64;
+            }
+            if pred {
+                macs += (decoder_in * pred_outputs) as f64;
+            }
+        }
+        3.0 * 2.0 * macs
+    }
 }
 
 /// The reference's average-pool sizing for a conv block's pred decoder: for a block of
@@ -248,6 +290,37 @@ mod tests {
     fn arch(name: &str, ch: i64, size: i64) -> Architecture {
         let m = ModelConfig { arch: name.into(), num_layers: if name == "mlp" { 3 } else { 1 }, ..Default::default() };
         Architecture::new(&m, InputShape { channels: ch, size }, 10).unwrap()
+    }
+
+    #[test]
+    fn training_flops_count_blocks_heads_and_similarity() {
+        use crate::config::{LossKind, Training};
+        // mlp 3x1024 on 28x28: 784x1024 + 2 x 1024x1024 blocks and a 1024x10 output layer.
+        let a = arch("mlp", 1, 28);
+        let blocks = 784.0 * 1024.0 + 2.0 * 1024.0 * 1024.0 + 1024.0 * 10.0;
+        let mut m =
+            ModelConfig { arch: "mlp".into(), num_layers: 3, training: Training::Backprop, ..Default::default() };
+        assert_eq!(a.training_flops_per_image(&m, 128), 6.0 * blocks);
+        // predsim adds per layer a 1024x1024 sim transform, a 128-image similarity row of
+        // 1024 features and a 1024x10 classifier.
+        (m.training, m.loss) = (Training::Local, LossKind::Predsim);
+        let heads = 3.0 * (1024.0 * 1024.0 + 128.0 * 1024.0 + 1024.0 * 10.0);
+        assert_eq!(a.training_flops_per_image(&m, 128), 6.0 * (blocks + heads));
+        // vgg6a on 3x32x32: convolutions 3->128 at 32x32, 128->256 at 16x16, 256->512 at
+        // 8x8, 512->512 at 4x4, all 3x3; then one linear block 512x4x4 -> 1024 and the
+        // output layer 1024 -> 10.
+        let v = arch("vgg6a", 3, 32);
+        assert_eq!(v.output_in, 1024);
+        let convs = [(3.0, 128.0, 1024.0), (128.0, 256.0, 256.0), (256.0, 512.0, 64.0), (512.0, 512.0, 16.0)];
+        let blocks: f64 = convs.iter().map(|(i, o, p)| i * o * 9.0 * p).sum::<f64>() + 8192.0 * 1024.0 + 10240.0;
+        let c = ModelConfig { arch: "vgg6a".into(), training: Training::Backprop, ..Default::default() };
+        assert_eq!(v.training_flops_per_image(&c, 64), 6.0 * blocks);
+        // sim: a 3x3 convolution of the block's channels onto themselves, then a row of the
+        // 64-image similarity matrix over every feature.
+        let c = ModelConfig { training: Training::Local, loss: LossKind::Sim, ..c };
+        let heads: f64 =
+            convs.iter().map(|(_, o, p)| o * o * 9.0 * p + 64.0 * o * p).sum::<f64>() + 1024.0 * 1024.0 + 64.0 * 1024.0;
+        assert_eq!(v.training_flops_per_image(&c, 64), 6.0 * (blocks + heads));
     }
 
     #[test]
