@@ -38,6 +38,47 @@ impl StagePlan {
     }
 }
 
+/// Seconds per training step of each layer alone (the output layer last), as `auto`
+/// measures them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Costs {
+    /// With every thread a one-stage run would have (all of a GPU).
+    pub whole: Vec<f64>,
+    /// On one CPU thread, as each stage of a split over every core runs; CPU only.
+    pub one_thread: Option<Vec<f64>>,
+}
+
+/// Stage sizes for `auto` on a CPU with `threads` threads to give: one stage with all of
+/// them, or `k >= threads` stages of one thread each, whichever the costs predict fastest.
+/// Stages of one thread share the cores through the OS, so a step of `k` of them takes the
+/// larger of the slowest stage and the whole work spread over the cores; between splits
+/// that predict the same step, the one with the smaller slowest stage leaves the OS more
+/// room to balance (measured: four stages of mlp predsim on 2 cores ran faster than three).
+/// A split must predict a tenth less than one stage to be taken: a close call stays one
+/// stage, which is never slower than itself.
+pub fn cpu_split(whole: &[f64], one_thread: &[f64], threads: usize) -> Vec<usize> {
+    let n = whole.len();
+    let one_stage = whole.iter().sum::<f64>();
+    let spread = one_thread.iter().sum::<f64>() / threads.max(1) as f64;
+    let mut best = (0.9 * one_stage, f64::INFINITY, vec![n]);
+    for k in threads.max(2)..=n {
+        let sizes = balance(one_thread, k);
+        let mut start = 0;
+        let slowest = sizes
+            .iter()
+            .map(|&len| {
+                start += len;
+                one_thread[start - len..start].iter().sum::<f64>()
+            })
+            .fold(0.0, f64::max);
+        let step = slowest.max(spread);
+        if step < best.0 || (step == best.0 && slowest < best.1) {
+            best = (step, slowest, sizes);
+        }
+    }
+    best.2
+}
+
 /// Splits `costs` into `parts` contiguous groups minimising the largest group's sum.
 /// Returns the group sizes.
 pub fn balance(costs: &[f64], parts: usize) -> Vec<usize> {
@@ -87,11 +128,11 @@ fn auto_parts(num_layers: usize, machine: &Machine) -> usize {
 }
 
 /// Whether an `auto` placement would split by measured costs.
-pub fn wants_measurement(config: &RunConfig, stages: usize, machine: &Machine) -> bool {
+pub fn wants_measurement(config: &RunConfig, layers: usize, machine: &Machine) -> bool {
     config.pipeline.placement == Placement::Named("auto".into())
         && !is_global(config.model.training)
-        && stages > 1
-        && auto_parts(stages, machine) > 1
+        && layers > 1
+        && auto_parts(layers, machine) > 1
 }
 
 /// Resolves the config's placement for `num_layers` layers (hidden layers plus the output
@@ -100,9 +141,10 @@ pub fn resolve(
     config: &RunConfig,
     num_layers: usize,
     machine: &Machine,
-    costs: Option<&[f64]>,
+    costs: Option<&Costs>,
 ) -> Result<Vec<StagePlan>> {
-    let mut groups = groups(&config.pipeline.placement, num_layers, machine, costs)?;
+    let threads = config.train.cpu_threads.unwrap_or(machine.cores);
+    let mut groups = groups(&config.pipeline.placement, num_layers, machine, costs, threads)?;
     let remote = groups.iter().any(|g| g.host.is_some());
     if remote && config.pipeline.mode == PipelineMode::Sequential {
         return Err(EngineError::Config(
@@ -165,7 +207,13 @@ struct Group {
     host: Option<String>,
 }
 
-fn groups(placement: &Placement, num_layers: usize, machine: &Machine, costs: Option<&[f64]>) -> Result<Vec<Group>> {
+fn groups(
+    placement: &Placement,
+    num_layers: usize,
+    machine: &Machine,
+    costs: Option<&Costs>,
+    cpu_threads: usize,
+) -> Result<Vec<Group>> {
     let visible = machine.visible();
     let contiguous = |sizes: Vec<usize>| -> Vec<Group> {
         let mut next = 0;
@@ -184,11 +232,11 @@ fn groups(placement: &Placement, num_layers: usize, machine: &Machine, costs: Op
         Placement::Named(name) => match name.as_str() {
             "single" => vec![Group { layers: (0..num_layers).collect(), devices: vec![visible[0]; num_layers], host: None }],
             "per_layer" => contiguous(vec![1; num_layers]),
-            "auto" => {
-                let parts = auto_parts(num_layers, machine);
-                let uniform = vec![1.0; num_layers];
-                contiguous(balance(costs.unwrap_or(&uniform), parts))
-            }
+            "auto" => match costs {
+                Some(Costs { whole, one_thread: Some(one) }) => contiguous(cpu_split(whole, one, cpu_threads)),
+                Some(Costs { whole, one_thread: None }) => contiguous(balance(whole, auto_parts(num_layers, machine))),
+                None => contiguous(balance(&vec![1.0; num_layers], auto_parts(num_layers, machine))),
+            },
             other => {
                 return Err(EngineError::Config(format!(
                     "pipeline.placement: unknown placement {:?}, expected \"auto\", \"per_layer\", \"single\" or a list of stages",
@@ -256,12 +304,25 @@ pub fn worker_name(name: &str) -> std::result::Result<String, String> {
     }
 }
 
+/// What `auto` splits by: each layer's step time with the threads of a one-stage run and,
+/// on a CPU, with one thread.
+pub fn measure_costs(plan: &Plan) -> Result<Costs> {
+    let threads = plan.config.train.cpu_threads.unwrap_or(plan.machine.cores);
+    let whole = measure(plan, threads)?;
+    let one_thread = match plan.machine.visible()[0] {
+        DeviceId::Cpu if threads > 1 => Some(measure(plan, 1)?),
+        _ => None,
+    };
+    Ok(Costs { whole, one_thread })
+}
+
 /// Seconds per training step of each layer (the output layer last), measured on the first
-/// visible device (where `auto` puts stage 0; the devices of one machine are alike): each
-/// layer is built alone, timed over three steps after one warm-up step (synchronised on a
-/// GPU), and dropped before the next is built, so a net that only fits when split still
-/// places. A layer that cannot be built or run there is an error, not a guess.
-pub fn measure(plan: &Plan) -> Result<Vec<f64>> {
+/// visible device (where `auto` puts stage 0; the devices of one machine are alike) with
+/// `threads` intra-op threads: each layer is built alone, timed over three steps after one
+/// warm-up step (synchronised on a GPU), and dropped before the next is built, so a net
+/// that only fits when split still places. A layer that cannot be built or run there is an
+/// error, not a guess.
+pub fn measure(plan: &Plan, threads: usize) -> Result<Vec<f64>> {
     let device = plan.machine.visible()[0];
     let d = device.tch();
     let (model, optim, arch) = (&plan.config.model, &plan.config.optim, &plan.arch);
@@ -308,13 +369,12 @@ pub fn measure(plan: &Plan) -> Result<Vec<f64>> {
         })));
         Ok(costs)
     };
-    // In a thread of its own with the machine's cores, as a one-stage split would run: the
-    // OpenMP team it needs ends with it instead of staying with the coordinator's thread,
-    // where idle teams would make the stages' teams sleep instead of spin (see
-    // `crate::set_thread_count` and `run::run_inner`).
+    // In a thread of its own: the OpenMP team it needs ends with it instead of staying with
+    // the coordinator's thread, where idle teams would make the stages' teams sleep instead
+    // of spin (see `crate::set_thread_count` and `run::run_inner`).
     std::thread::scope(|scope| {
         let measuring = std::thread::Builder::new().name("placement".into()).spawn_scoped(scope, || {
-            crate::set_thread_count(plan.machine.cores);
+            crate::set_thread_count(threads);
             catch_unwind(AssertUnwindSafe(measure_all))
         });
         match measuring.map(|t| t.join()) {
@@ -353,9 +413,31 @@ mod tests {
     }
 
     #[test]
+    fn auto_on_cpu_leaves_one_stage_only_for_a_predicted_gain() {
+        // Threads that barely help one stage (one thread 1.6x slower than two): layers of
+        // one thread each spread over both cores beat one stage of two threads; three
+        // stages and four predict the same step, and four have the smaller slowest stage.
+        let whole = [1.0, 1.0, 1.0, 0.1];
+        let poor = [1.6, 1.6, 1.6, 0.16];
+        assert_eq!(cpu_split(&whole, &poor, 2), vec![1, 1, 1, 1]);
+        // Threads that scale perfectly: no split can be faster than one stage.
+        let perfect = whole.map(|c| 2.0 * c);
+        assert_eq!(cpu_split(&whole, &perfect, 2), vec![4]);
+        // A gain under a tenth is not taken.
+        let close = [1.85, 1.85, 1.85, 0.2];
+        assert_eq!(cpu_split(&whole, &close, 2), vec![4]);
+        // One dominant layer: its stage bounds every split.
+        assert_eq!(cpu_split(&[3.0, 0.1, 0.1], &[5.0, 0.2, 0.2], 2), vec![3]);
+        let c = config(Placement::Named("auto".into()), Training::Local);
+        let costs = Costs { whole: whole.to_vec(), one_thread: Some(poor.to_vec()) };
+        assert_eq!(layers(&resolve(&c, 4, &cpu(2), Some(&costs)).unwrap()), vec![vec![0], vec![1], vec![2], vec![3]]);
+    }
+
+    #[test]
     fn auto_on_cpu_splits_by_measured_cost_into_one_stage_per_core() {
         let c = config(Placement::Named("auto".into()), Training::Local);
-        let plans = resolve(&c, 4, &cpu(2), Some(&[5.0, 1.0, 1.0, 1.0])).unwrap();
+        let costs = Costs { whole: vec![5.0, 1.0, 1.0, 1.0], one_thread: None };
+        let plans = resolve(&c, 4, &cpu(2), Some(&costs)).unwrap();
         assert_eq!(layers(&plans), vec![vec![0], vec![1, 2, 3]]);
         assert!(wants_measurement(&c, 4, &cpu(2)));
         assert!(!wants_measurement(&c, 4, &cpu(1)), "one core: one stage, nothing to measure");

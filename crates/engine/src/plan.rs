@@ -184,7 +184,7 @@ impl Plan {
     /// run on. Other placements are left as they are.
     pub fn measure_placement(&mut self) -> Result<()> {
         if placement::wants_measurement(&self.config, self.stages.len(), &self.machine) {
-            let costs = placement::measure(self)?;
+            let costs = placement::measure_costs(self)?;
             self.stages = placement::resolve(&self.config, self.num_layers(), &self.machine, Some(&costs))?;
         }
         Ok(())
