@@ -154,7 +154,7 @@ pub fn small_run_config(data: &Path, arch: &str) -> layerwise_engine::RunConfig 
     c.train.epochs = 2;
     c.train.batch_size = 32;
     c.train.steps_per_epoch = Some(12);
-    c.train.eval_batch_size = 50;
+    c.train.eval_batch_size = Some(50);
     c.train.cpu_threads = Some(1);
     c
 }

@@ -32,7 +32,9 @@ pub struct TrainConfig {
     pub steps_per_epoch: Option<usize>,
     /// Cap on evaluation batches (quick runs); the whole test set when absent.
     pub eval_batches: Option<usize>,
-    pub eval_batch_size: usize,
+    /// Images per evaluation batch; the training batch size when absent, so that evaluation
+    /// never needs more memory than a training step (evaluation keeps no gradients).
+    pub eval_batch_size: Option<usize>,
     /// Read back every this many steps whether a layer's loss went NaN/inf (0: never look).
     /// Losses are watched on the device every step, so the failure names the exact step;
     /// only the read-back waits for the device. Default: 1 on the CPU, 50 on GPUs.
@@ -43,6 +45,12 @@ pub struct TrainConfig {
     pub stall_warning_s: f64,
 }
 
+impl TrainConfig {
+    pub fn eval_batch(&self) -> usize {
+        self.eval_batch_size.unwrap_or(self.batch_size)
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
@@ -51,7 +59,7 @@ impl Default for TrainConfig {
             seed: 1,
             steps_per_epoch: None,
             eval_batches: None,
-            eval_batch_size: 1000,
+            eval_batch_size: None,
             check_finite_every: None,
             cpu_threads: None,
             stall_warning_s: 60.0,

@@ -55,7 +55,7 @@ pub fn evaluate(plan: &Plan, verified: &Verified, device: Device) -> Result<Eval
     let splits = dataset::load(&plan.config.data)?;
     plan.check_data(&splits)?;
     let mut net = network(plan, verified, device)?;
-    let mut source = BatchSource::evaluation(splits.test, plan.transform.clone(), plan.config.train.eval_batch_size);
+    let mut source = BatchSource::evaluation(splits.test, plan.transform.clone(), plan.config.train.eval_batch());
     let (mut wrong, mut loss, mut predictions) = (0i64, 0.0, Vec::new());
     for i in 0..source.batches_per_epoch() {
         let b = source.batch(1, i);

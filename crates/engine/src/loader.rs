@@ -37,7 +37,7 @@ pub fn load(plan: &Plan) -> Result<Data> {
         classes_per_batch: config.data.classes_per_batch,
         seed: config.train.seed,
     };
-    let (eb, limit) = (config.train.eval_batch_size, config.train.eval_batches);
+    let (eb, limit) = (config.train.eval_batch(), config.train.eval_batches);
     let eval = |set| {
         let source = BatchSource::evaluation(set, plan.transform.clone(), eb);
         let batches = source.batches_per_epoch().min(limit.unwrap_or(usize::MAX));

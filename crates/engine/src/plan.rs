@@ -199,7 +199,7 @@ impl Plan {
         let classes = self.arch.num_classes as f64;
         let state_per_param =
             4.0 * (2.0 + if self.config.optim.kind == layerwise_nn::OptimKind::Sgd { 1.0 } else { 2.0 });
-        let (batch, eval_batch) = (t.batch_size as f64, t.eval_batch_size as f64);
+        let (batch, eval_batch) = (t.batch_size as f64, t.eval_batch() as f64);
         let mut params = self.arch.parameter_count(m.batch_norm) as f64;
         let (mut activations, mut eval) = (0.0f64, 0.0f64);
         for spec in &self.arch.hidden {
@@ -351,7 +351,7 @@ fn check_ranges(config: &RunConfig) -> Result<()> {
     let t = &config.train;
     count("train.epochs", t.epochs, EPOCHS)?;
     count("train.batch_size", t.batch_size, BATCH_SIZE)?;
-    count("train.eval_batch_size", t.eval_batch_size, BATCH_SIZE)?;
+    optional("train.eval_batch_size", t.eval_batch_size, BATCH_SIZE)?;
     optional("train.steps_per_epoch", t.steps_per_epoch, usize::MAX)?;
     optional("train.eval_batches", t.eval_batches, usize::MAX)?;
     optional("train.cpu_threads", t.cpu_threads, CPU_THREADS)?;
