@@ -7,6 +7,10 @@ per layer. Written by us from the method's spec, for comparing images/s with
 pipeline (one crop offset per batch, in the training thread), which favours it.
 
     . scripts/setup.sh && python3 scripts/torch_baseline.py [--steps 150] [--threads 2]
+        [--device cuda:0] [--synthetic]
+
+`--synthetic` trains on 50,000 random CIFAR-shaped images (3x32x32) instead of
+Fashion-MNIST, as scripts/gpu-check.sh does on a machine without the data set.
 """
 import argparse
 import gzip
@@ -63,13 +67,24 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--synthetic", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    images = read_idx(f"{ROOT}/train-images-idx3-ubyte.gz")
-    labels = read_idx(f"{ROOT}/train-labels-idx1-ubyte.gz").long()
-    blocks = [Block(784, 1024, 10), Block(1024, 1024, 10), Block(1024, 1024, 10)]
-    out = nn.Linear(1024, 10)
+    dev = torch.device(args.device)
+    if args.synthetic:
+        images = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8)
+        labels = torch.randint(0, 10, (50_000,))
+    else:
+        images = read_idx(f"{ROOT}/train-images-idx3-ubyte.gz").unsqueeze(1)
+        labels = read_idx(f"{ROOT}/train-labels-idx1-ubyte.gz").long()
+    channels, size = images.shape[1], images.shape[2]
+    d_in = channels * size * size
+    blocks = [Block(d_in, 1024, 10).to(dev), Block(1024, 1024, 10).to(dev), Block(1024, 1024, 10).to(dev)]
+    for blk in blocks:  # the optimizer was made before the move: remake it on the device
+        blk.opt = torch.optim.Adam(blk.parameters(), lr=5e-4)
+    out = nn.Linear(1024, 10).to(dev)
     out.weight.data.zero_()
     out_opt = torch.optim.Adam(out.parameters(), lr=5e-4)
     n, b = images.shape[0], 128
@@ -77,13 +92,13 @@ def main():
 
     def batch(i):
         idx = perm[(i * b) % n:(i * b) % n + b]
-        x = F.pad(images[idx].float().unsqueeze(1), (2, 2, 2, 2))
+        x = F.pad(images[idx].float(), (2, 2, 2, 2))
         dy, dx = torch.randint(0, 5, (2,))
-        x = x[:, :, dy:dy + 28, dx:dx + 28]
+        x = x[:, :, dy:dy + size, dx:dx + size]
         flip = torch.rand(len(idx)) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         x = (x / 255.0 - 0.286) / 0.353
-        return x.reshape(len(idx), -1), labels[idx]
+        return x.reshape(len(idx), -1).to(dev), labels[idx].to(dev)
 
     def step(i):
         x, y = batch(i)
@@ -95,14 +110,21 @@ def main():
         loss.backward()
         out_opt.step()
 
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     for i in range(10):  # warm-up
         step(i)
+    sync()
     start = time.perf_counter()
     for i in range(args.steps):
         step(10 + i)
+    sync()
     secs = time.perf_counter() - start
-    print(json.dumps({"recipe": "mlp 3x1024 predsim, batch 128", "threads": args.threads,
-                      "steps": args.steps, "images_per_sec": round(args.steps * b / secs)}))
+    print(json.dumps({"recipe": f"mlp 3x1024 predsim, batch 128, input {channels}x{size}x{size}",
+                      "device": args.device, "threads": args.threads, "steps": args.steps,
+                      "images_per_sec": round(args.steps * b / secs)}))
 
 
 if __name__ == "__main__":

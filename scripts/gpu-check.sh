@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Every GPU check in one call, for a GPU machine that has PyTorch but no Rust and no data
+# set. Two halves:
+#
+#   bash scripts/gpu-check.sh --pack     # here: a stripped release binary into dist/gpu/
+#   bash scripts/gpu-check.sh            # there, with dist/gpu carried: the checks
+#
+# With the device tool: run(command="bash scripts/gpu-check.sh", carry=["dist/gpu"]).
+# The checks: `layerwise devices`; on cuda:0, a pipelined run (one stage per layer) against
+# the same run sequential, and a run resumed half-way against the uninterrupted one, both
+# compared by `layerwise eval` of their final checkpoints; `bench train --json` of mlp
+# predsim and vgg8b predsim on random CIFAR-shaped data with 1, 2 and 4 stages on the one
+# GPU; the mlp recipe in eager PyTorch (scripts/torch_baseline.py) as the yardstick.
+# Figures go to stdout and to $OUT (or dist/gpu-out) as JSON.
+#
+# DEVICE=cpu QUICK=1 bash scripts/gpu-check.sh runs the same script here, on the CPU with
+# tiny benches and this checkout's torch, to check the script itself before a GPU is lent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--pack" ]]; then
+    . scripts/setup.sh
+    cargo build --release -p layerwise
+    mkdir -p dist/gpu
+    strip -o dist/gpu/layerwise target/release/layerwise
+    ls -l dist/gpu/layerwise
+    exit 0
+fi
+
+BIN=${LAYERWISE_BIN:-dist/gpu/layerwise}
+DEV=${DEVICE:-cuda:0}
+QUICK=${QUICK:-0}
+OUT=${OUT:-dist/gpu-out}
+mkdir -p "$OUT"
+[[ -x "$BIN" ]] || { echo "gpu-check: no binary at $BIN: run 'bash scripts/gpu-check.sh --pack' where Rust is, and carry dist/gpu" >&2; exit 2; }
+PY=${PYTHON:-python3}
+TORCH_DIR=$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__)')
+echo "gpu-check: torch $TORCH_VERSION at $TORCH_DIR"
+case "$TORCH_VERSION" in
+    2.11.*) ;;
+    *) echo "gpu-check: the binary is built against torch 2.11; this machine has $TORCH_VERSION" >&2; exit 2 ;;
+esac
+export LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+step() { echo; echo "=== $*"; }
+failures=()
+
+step "layerwise devices"
+"$BIN" devices | tee "$OUT/devices.txt"
+if [[ "$DEV" == cuda* ]] && ! grep -q "cuda devices: [1-9]" "$OUT/devices.txt"; then
+    echo "gpu-check: libtorch sees no CUDA device" >&2
+    exit 1
+fi
+
+step "random CIFAR-shaped data (CIFAR-10 binary format)"
+DATA=$(mktemp -d)
+"$PY" - "$DATA" <<'EOF'
+import os, sys
+root = sys.argv[1]
+def write(name, n):
+    records = bytearray(os.urandom(n * 3073))
+    for i in range(n):
+        records[i * 3073] %= 10
+    with open(os.path.join(root, name), "wb") as f:
+        f.write(records)
+for i in range(1, 6):
+    write(f"data_batch_{i}.bin", 10_000)
+write("test_batch.bin", 10_000)
+EOF
+DATA_SET=(--set data.dataset='"cifar10"' --set "data.root=\"$DATA\"")
+
+# bench: 1, 2 and 4 stages on the one GPU (the config's placement), besides sequential,
+# auto and one stage per layer.
+stages_json() {  # stages_json LAYERS PARTS: PARTS contiguous stages on $DEV
+    "$PY" -c 'import json, sys
+n, k = int(sys.argv[1]), int(sys.argv[2])
+sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+out, start = [], 0
+for s in sizes:
+    out.append({"layers": list(range(start, start + s)), "device": sys.argv[3]}); start += s
+print(json.dumps(out))' "$1" "$2" "$DEV"
+}
+# A small mlp predsim on $DEV for the exactness checks.
+run_small() {  # run_small DIR [extra args...]
+    local dir=$1; shift
+    "$BIN" train configs/demo.json --run-dir "$dir" "${DATA_SET[@]}" \
+        --set model.num_hidden=256 --set train.epochs=2 --set train.steps_per_epoch=20 \
+        --set train.eval_batches=2 --set checkpoint.every_epochs=1 "$@" 2>>"$OUT/train.log"
+}
+eval_json() { "$BIN" eval "$1" --json 2>>"$OUT/train.log"; }
+ON_GPU="[{\"layers\": [0, 1, 2, 3], \"device\": \"$DEV\"}]"
+PER_LAYER=$(stages_json 4 4)
+RUNS=$(mktemp -d)
+
+step "pipelined (one stage per layer) against sequential, on $DEV"
+run_small "$RUNS/seq" --set pipeline.mode='"sequential"' --set "pipeline.placement=$ON_GPU"
+run_small "$RUNS/pipe" --set "pipeline.placement=$PER_LAYER"
+eval_json "$RUNS/seq" > "$OUT/eval-sequential.json"
+eval_json "$RUNS/pipe" > "$OUT/eval-pipelined.json"
+if cmp -s "$OUT/eval-sequential.json" "$OUT/eval-pipelined.json"; then
+    echo "same evaluation: $(cat "$OUT/eval-pipelined.json")"
+else
+    echo "DIFFERENT: sequential $(cat "$OUT/eval-sequential.json") pipelined $(cat "$OUT/eval-pipelined.json")"
+    failures+=("pipelined != sequential on $DEV")
+fi
+
+step "resumed half-way against uninterrupted, on $DEV"
+run_small "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --set train.epochs=1
+run_small "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --resume
+eval_json "$RUNS/half" > "$OUT/eval-resumed.json"
+if cmp -s "$OUT/eval-pipelined.json" "$OUT/eval-resumed.json"; then
+    echo "same evaluation: $(cat "$OUT/eval-resumed.json")"
+else
+    echo "DIFFERENT: uninterrupted $(cat "$OUT/eval-pipelined.json") resumed $(cat "$OUT/eval-resumed.json")"
+    failures+=("resume != uninterrupted on $DEV")
+fi
+
+bench() {  # bench NAME CONFIG LAYERS STEPS [extra args...]
+    local name=$1 config=$2 layers=$3 steps=$4; shift 4
+    for parts in 1 2 4; do
+        step "bench $name, $parts stage(s) on $DEV"
+        "$BIN" bench train "$config" --steps "$steps" --repeats "$([[ "$QUICK" == 1 ]] && echo 1 || echo 3)" --json "${DATA_SET[@]}" \
+            --set "pipeline.placement=$(stages_json "$layers" "$parts")" "$@" \
+            > "$OUT/bench-$name-$parts.json" 2>>"$OUT/bench.log" || failures+=("bench $name $parts")
+        "$PY" -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+m = r["machine"]
+print(f"{m[\"device_names\"]}: matmul {m[\"matmul_gflops\"]:.0f} GFLOP/s")
+for run in r["runs"]:
+    dev = run.get("peak_device_bytes") or 0
+    print(f"{run[\"mode\"]:<11} {json.dumps(run[\"placement\"])[:40]:<40} {run[\"images_per_sec\"]:>9.0f} img/s  "
+          f"{run[\"gflops\"]:>8.0f} GFLOP/s  eff {run[\"efficiency\"]:.2f}  device {dev / 1e9:.2f} GB")' \
+            "$OUT/bench-$name-$parts.json" || true
+    done
+}
+if [[ "$QUICK" == 1 ]]; then
+    bench mlp-predsim configs/fashion-mnist-mlp-predsim.json 4 2 --set model.num_hidden=64
+    bench vgg8b-predsim configs/fashion-mnist-vgg8b-predsim.json 8 1 --set model.feat_mult=0.0625 --set train.batch_size=8
+else
+    bench mlp-predsim configs/fashion-mnist-mlp-predsim.json 4 200
+    bench vgg8b-predsim configs/fashion-mnist-vgg8b-predsim.json 8 50
+fi
+
+step "eager PyTorch yardstick: mlp predsim on $DEV"
+"$PY" scripts/torch_baseline.py --device "$DEV" --synthetic --steps "$([[ "$QUICK" == 1 ]] && echo 5 || echo 200)" \
+    | tee "$OUT/torch-baseline.json"
+
+rm -rf "$DATA" "$RUNS"
+echo
+if ((${#failures[@]})); then
+    printf 'gpu-check: FAILED: %s\n' "${failures[@]}"
+    exit 1
+fi
+echo "gpu-check: all checks passed; figures in $OUT"
