@@ -87,9 +87,12 @@ run_small() {  # run_small DIR [extra args...]
     local dir=$1; shift
     "$BIN" train configs/demo.json --run-dir "$dir" "${DATA_SET[@]}" \
         --set model.num_hidden=256 --set train.epochs=2 --set train.steps_per_epoch=20 \
-        --set train.eval_batches=2 --set checkpoint.every_epochs=1 "$@" 2>>"$OUT/train.log"
+        --set train.eval_batches=2 --set checkpoint.every_epochs=1 --set train.cpu_threads=1 \
+        "$@" 2>>"$OUT/train.log"
 }
-eval_json() { "$BIN" eval "$1" --json 2>>"$OUT/train.log"; }
+# What a final checkpoint evaluates to, less where it lies.
+eval_json() { "$BIN" eval "$1" --json 2>>"$OUT/train.log" | "$PY" -c 'import json, sys
+e = json.load(sys.stdin); e.pop("checkpoint"); print(json.dumps(e, sort_keys=True))'; }
 ON_GPU="[{\"layers\": [0, 1, 2, 3], \"device\": \"$DEV\"}]"
 PER_LAYER=$(stages_json 4 4)
 RUNS=$(mktemp -d)
@@ -117,6 +120,19 @@ else
     failures+=("resume != uninterrupted on $DEV")
 fi
 
+SUMMARY=$(mktemp --suffix .py)
+cat > "$SUMMARY" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+m = r["machine"]
+print("{}: matmul {:.0f} GFLOP/s".format(", ".join(m["device_names"]), m["matmul_gflops"]))
+for run in r["runs"]:
+    dev = (run.get("peak_device_bytes") or 0) / 1e9
+    placement = json.dumps(run["placement"])[:40]
+    print("{:<11} {:<40} {:>9.0f} img/s {:>8.1f} GFLOP/s  eff {:.2f}  RSS {:.2f} GB  device {:.2f} GB".format(
+        run["mode"], placement, run["images_per_sec"], run["gflops"], run["efficiency"],
+        run["peak_rss_bytes"] / 1e9, dev))
+EOF
 bench() {  # bench NAME CONFIG LAYERS STEPS [extra args...]
     local name=$1 config=$2 layers=$3 steps=$4; shift 4
     for parts in 1 2 4; do
@@ -124,15 +140,7 @@ bench() {  # bench NAME CONFIG LAYERS STEPS [extra args...]
         "$BIN" bench train "$config" --steps "$steps" --repeats "$([[ "$QUICK" == 1 ]] && echo 1 || echo 3)" --json "${DATA_SET[@]}" \
             --set "pipeline.placement=$(stages_json "$layers" "$parts")" "$@" \
             > "$OUT/bench-$name-$parts.json" 2>>"$OUT/bench.log" || failures+=("bench $name $parts")
-        "$PY" -c 'import json, sys
-r = json.load(open(sys.argv[1]))
-m = r["machine"]
-print(f"{m[\"device_names\"]}: matmul {m[\"matmul_gflops\"]:.0f} GFLOP/s")
-for run in r["runs"]:
-    dev = run.get("peak_device_bytes") or 0
-    print(f"{run[\"mode\"]:<11} {json.dumps(run[\"placement\"])[:40]:<40} {run[\"images_per_sec\"]:>9.0f} img/s  "
-          f"{run[\"gflops\"]:>8.0f} GFLOP/s  eff {run[\"efficiency\"]:.2f}  device {dev / 1e9:.2f} GB")' \
-            "$OUT/bench-$name-$parts.json" || true
+        "$PY" "$SUMMARY" "$OUT/bench-$name-$parts.json" || true
     done
 }
 if [[ "$QUICK" == 1 ]]; then
@@ -147,7 +155,7 @@ step "eager PyTorch yardstick: mlp predsim on $DEV"
 "$PY" scripts/torch_baseline.py --device "$DEV" --synthetic --steps "$([[ "$QUICK" == 1 ]] && echo 5 || echo 200)" \
     | tee "$OUT/torch-baseline.json"
 
-rm -rf "$DATA" "$RUNS"
+rm -rf "$DATA" "$RUNS" "$SUMMARY"
 echo
 if ((${#failures[@]})); then
     printf 'gpu-check: FAILED: %s\n' "${failures[@]}"
