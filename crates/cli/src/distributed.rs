@@ -113,9 +113,7 @@ pub fn coordinate(
     };
     let cluster = Cluster::listen(&listen, load_secret(net.secret_file.as_deref())?)?;
     std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let addr_file = run_dir.join("coordinator.addr");
-    std::fs::write(&addr_file, format!("{}\n", cluster.addr))
-        .with_context(|| format!("cannot write {}", addr_file.display()))?;
+    write_address(&run_dir.join("coordinator.addr"), &cluster.addr.to_string())?;
     let plan = match launch {
         Some(l) if plan.workers().is_empty() => {
             let names: Vec<String> = (1..l.world).map(Launch::name).collect();
@@ -141,10 +139,17 @@ pub fn listen_for_serve(
     let Some(listen) = listen else { return Ok(None) };
     let cluster = Cluster::listen(listen, load_secret(secret_file)?)?;
     std::fs::create_dir_all(runs).with_context(|| format!("cannot create {}", runs.display()))?;
-    let addr_file = runs.join(".coordinator.addr");
-    std::fs::write(&addr_file, format!("{}\n", cluster.addr))
-        .with_context(|| format!("cannot write {}", addr_file.display()))?;
+    write_address(&runs.join(".coordinator.addr"), &cluster.addr.to_string())?;
     Ok(Some(cluster))
+}
+
+/// Writes the listening address whole or not at all (a temporary file renamed over it): a
+/// script or worker that sees the file never reads it half-written.
+fn write_address(path: &Path, addr: &str) -> anyhow::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{}.tmp", name.trim_start_matches('.')));
+    std::fs::write(&tmp, format!("{addr}\n")).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Whether the NCCL library that the torch wheel ships sits beside the libtorch this
