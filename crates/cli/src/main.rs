@@ -3,6 +3,7 @@
 
 mod bench;
 mod distributed;
+mod malloc;
 mod plot;
 mod use_run;
 
@@ -306,6 +307,7 @@ fn quiet_panics() {
 }
 
 fn main() -> ExitCode {
+    malloc::tune();
     let cli = Cli::parse();
     init_logs(cli.log_format);
     quiet_panics();
