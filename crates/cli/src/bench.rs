@@ -157,7 +157,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
     // Layers without local losses (backprop) cannot be timed alone.
     let costs = match base.model.training {
         Training::Backprop => None,
-        _ => Some(placement::measure(&plan, base.train.cpu_threads.unwrap_or(machine.cores))?),
+        _ => Some(placement::measure(&plan, base.train.thread_budget(machine.cores))?),
     };
     let (matmul_gflops, matmul_size) = matmul_rate(&machine);
     let mut rows: Vec<Row> = Vec::new();

@@ -49,6 +49,11 @@ impl TrainConfig {
     pub fn eval_batch(&self) -> usize {
         self.eval_batch_size.unwrap_or(self.batch_size)
     }
+
+    /// Intra-op CPU threads to share among a process's stages: `cpu_threads`, else `cores`.
+    pub fn thread_budget(&self, cores: usize) -> usize {
+        self.cpu_threads.unwrap_or(cores).max(1)
+    }
 }
 
 impl Default for TrainConfig {

@@ -143,7 +143,7 @@ pub fn resolve(
     machine: &Machine,
     costs: Option<&Costs>,
 ) -> Result<Vec<StagePlan>> {
-    let threads = config.train.cpu_threads.unwrap_or(machine.cores);
+    let threads = config.train.thread_budget(machine.cores);
     let mut groups = groups(&config.pipeline.placement, num_layers, machine, costs, threads)?;
     let remote = groups.iter().any(|g| g.host.is_some());
     if remote && config.pipeline.mode == PipelineMode::Sequential {
@@ -189,7 +189,7 @@ pub fn resolve(
 /// at once, all of it to the one thread of a sequential run. A worker calls this for its own
 /// stages with its own cores.
 pub fn share_threads(stages: &mut [StagePlan], host: Option<&str>, config: &RunConfig, cores: usize) {
-    let budget = config.train.cpu_threads.unwrap_or(cores).max(1);
+    let budget = config.train.thread_budget(cores);
     let here = |s: &StagePlan| s.host.as_deref() == host;
     let cpu_stages = stages.iter().filter(|s| here(s) && s.device() == DeviceId::Cpu).count().max(1);
     let threads = match config.pipeline.mode {
@@ -307,7 +307,7 @@ pub fn worker_name(name: &str) -> std::result::Result<String, String> {
 /// What `auto` splits by: each layer's step time with the threads of a one-stage run and,
 /// on a CPU, with one thread.
 pub fn measure_costs(plan: &Plan) -> Result<Costs> {
-    let threads = plan.config.train.cpu_threads.unwrap_or(plan.machine.cores);
+    let threads = plan.config.train.thread_budget(plan.machine.cores);
     let whole = measure(plan, threads)?;
     let one_thread = match plan.machine.visible()[0] {
         DeviceId::Cpu if threads > 1 => Some(measure(plan, 1)?),
