@@ -97,28 +97,28 @@ ON_GPU="[{\"layers\": [0, 1, 2, 3], \"device\": \"$DEV\"}]"
 PER_LAYER=$(stages_json 4 4)
 RUNS=$(mktemp -d)
 
+# same_eval WHAT NAME_A A NAME_B B: the two evaluations (files under $OUT) must be equal.
+same_eval() {
+    if cmp -s "$OUT/$3" "$OUT/$5"; then
+        echo "same evaluation: $(cat "$OUT/$5")"
+    else
+        echo "DIFFERENT: $2 $(cat "$OUT/$3") $4 $(cat "$OUT/$5")"
+        failures+=("$1 on $DEV")
+    fi
+}
+
 step "pipelined (one stage per layer) against sequential, on $DEV"
 run_small "$RUNS/seq" --set pipeline.mode='"sequential"' --set "pipeline.placement=$ON_GPU"
 run_small "$RUNS/pipe" --set "pipeline.placement=$PER_LAYER"
 eval_json "$RUNS/seq" > "$OUT/eval-sequential.json"
 eval_json "$RUNS/pipe" > "$OUT/eval-pipelined.json"
-if cmp -s "$OUT/eval-sequential.json" "$OUT/eval-pipelined.json"; then
-    echo "same evaluation: $(cat "$OUT/eval-pipelined.json")"
-else
-    echo "DIFFERENT: sequential $(cat "$OUT/eval-sequential.json") pipelined $(cat "$OUT/eval-pipelined.json")"
-    failures+=("pipelined != sequential on $DEV")
-fi
+same_eval "pipelined != sequential" sequential eval-sequential.json pipelined eval-pipelined.json
 
 step "resumed half-way against uninterrupted, on $DEV"
 run_small "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --set train.epochs=1
 run_small "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --resume
 eval_json "$RUNS/half" > "$OUT/eval-resumed.json"
-if cmp -s "$OUT/eval-pipelined.json" "$OUT/eval-resumed.json"; then
-    echo "same evaluation: $(cat "$OUT/eval-resumed.json")"
-else
-    echo "DIFFERENT: uninterrupted $(cat "$OUT/eval-pipelined.json") resumed $(cat "$OUT/eval-resumed.json")"
-    failures+=("resume != uninterrupted on $DEV")
-fi
+same_eval "resume != uninterrupted" uninterrupted eval-pipelined.json resumed eval-resumed.json
 
 SUMMARY=$(mktemp --suffix .py)
 cat > "$SUMMARY" <<'EOF'
