@@ -45,6 +45,20 @@ LAYERWISE_TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$LAYERWISE_
         say "installed torch $TORCH_VERSION"
     fi
 
+    # CUDA headers that the torch wheel leaves out and c10d's headers need, for the NCCL
+    # shim (crates/nccl): the versions of the wheel's CUDA runtime.
+    CUDA_INCLUDE="$("$TORCH_VENV/bin/python3" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))' 2>/dev/null || true)"
+    if [ -z "$CUDA_INCLUDE" ] || [ ! -d "$CUDA_INCLUDE" ]; then
+        say "no CUDA headers beside torch: NCCL links are built without"
+    elif [ -f "$CUDA_INCLUDE/crt/host_config.h" ] && [ -d "$CUDA_INCLUDE/nv" ]; then
+        say "CUDA headers for the NCCL shim already in $CUDA_INCLUDE"
+    else
+        say "installing nvidia-cuda-crt and nvidia-cuda-cccl headers (about 20 MB) into $TORCH_VENV"
+        "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+            nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
+        say "installed CUDA headers"
+    fi
+
     if [ -f "$FASHION_DIR/train-images-idx3-ubyte.gz" ] && [ -f "$FASHION_DIR/t10k-labels-idx1-ubyte.gz" ]; then
         say "Fashion-MNIST already in $FASHION_DIR"
     else

@@ -1,0 +1,379 @@
+//! NCCL point-to-point between two processes, through libtorch's own c10d: a `TCPStore`
+//! carries the NCCL unique id, a two-rank `ProcessGroupNCCL` sends and receives. c10d
+//! orders the transfers against libtorch's CUDA streams and keeps sent memory alive in its
+//! caching allocator until NCCL is done with it.
+//!
+//! Built only against a libtorch with CUDA (see build.rs); elsewhere every call says why
+//! NCCL is missing. A TCPStore has no authentication: layerwise passes its port over a link
+//! that has proved the shared secret, and keys live under a fresh random prefix; NCCL's own
+//! connections are not authenticated either (as with torchrun: a trusted network).
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::time::Duration;
+
+use tch::Tensor;
+
+const ERR_LEN: usize = 1024;
+
+/// Why NCCL cannot be used by this build, or `None` when it was built with NCCL.
+pub fn missing() -> Option<&'static str> {
+    option_env!("LAYERWISE_NCCL_MISSING")
+}
+
+#[cfg(nccl)]
+mod ffi {
+    use super::*;
+    extern "C" {
+        pub fn lw_nccl_version(out: *mut c_char, len: usize, err: *mut c_char, errlen: usize) -> c_int;
+        pub fn lw_store_new(
+            host: *const c_char,
+            port: u16,
+            server: c_int,
+            timeout_ms: i64,
+            err: *mut c_char,
+            errlen: usize,
+        ) -> *mut c_void;
+        pub fn lw_store_port(store: *mut c_void) -> u16;
+        pub fn lw_store_set(
+            store: *mut c_void,
+            key: *const c_char,
+            value: *const c_char,
+            err: *mut c_char,
+            errlen: usize,
+        ) -> c_int;
+        pub fn lw_store_get(
+            store: *mut c_void,
+            key: *const c_char,
+            out: *mut c_char,
+            len: usize,
+            err: *mut c_char,
+            errlen: usize,
+        ) -> c_int;
+        pub fn lw_store_free(store: *mut c_void);
+        pub fn lw_group_new(
+            store: *mut c_void,
+            prefix: *const c_char,
+            rank: c_int,
+            size: c_int,
+            timeout_ms: i64,
+            err: *mut c_char,
+            errlen: usize,
+        ) -> *mut c_void;
+        pub fn lw_group_send(
+            group: *mut c_void,
+            t: *const c_void,
+            peer: c_int,
+            err: *mut c_char,
+            errlen: usize,
+        ) -> c_int;
+        pub fn lw_group_recv(group: *mut c_void, t: *mut c_void, peer: c_int, err: *mut c_char, errlen: usize)
+            -> c_int;
+        pub fn lw_group_abort(group: *mut c_void);
+        pub fn lw_group_free(group: *mut c_void, clean: c_int);
+    }
+}
+
+/// A C call's error text buffer.
+struct ErrBuf([u8; ERR_LEN]);
+
+impl ErrBuf {
+    fn new() -> Self {
+        Self([0; ERR_LEN])
+    }
+    fn ptr(&mut self) -> *mut c_char {
+        self.0.as_mut_ptr().cast()
+    }
+    fn text(&self) -> String {
+        CStr::from_bytes_until_nul(&self.0).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+}
+
+fn c_string(s: &str, what: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{what} {s:?} contains a NUL byte"))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(not(nccl))]
+fn not_built<T>() -> Result<T, String> {
+    Err(format!("this build has no NCCL: {}", missing().unwrap_or("unknown reason")))
+}
+
+/// The NCCL version that libtorch loaded, such as "2.28.9".
+pub fn version() -> Result<String, String> {
+    #[cfg(nccl)]
+    {
+        let mut out = ErrBuf::new();
+        let mut err = ErrBuf::new();
+        // SAFETY: both buffers are ERR_LEN bytes and outlive the call.
+        let rc = unsafe { ffi::lw_nccl_version(out.ptr(), ERR_LEN, err.ptr(), ERR_LEN) };
+        if rc == 0 {
+            Ok(out.text())
+        } else {
+            Err(err.text())
+        }
+    }
+    #[cfg(not(nccl))]
+    not_built()
+}
+
+/// A c10d TCPStore: a server on a free port, or a client of one.
+pub struct Store {
+    #[cfg_attr(not(nccl), allow(dead_code))]
+    ptr: *mut c_void,
+}
+
+// SAFETY: c10d's TCPStore is used from several threads by c10d itself; the handle is only
+// freed in Drop.
+unsafe impl Send for Store {}
+unsafe impl Sync for Store {}
+
+impl Store {
+    /// A server listening on a free port (on every interface); see [`Store::port`].
+    pub fn serve(timeout: Duration) -> Result<Store, String> {
+        Self::open("0.0.0.0", 0, true, timeout)
+    }
+
+    /// A client of the server at `host:port`, retrying until `timeout`.
+    pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Store, String> {
+        Self::open(host, port, false, timeout)
+    }
+
+    #[cfg_attr(not(nccl), allow(unused_variables))]
+    fn open(host: &str, port: u16, server: bool, timeout: Duration) -> Result<Store, String> {
+        #[cfg(nccl)]
+        {
+            let host = c_string(host, "host")?;
+            let mut err = ErrBuf::new();
+            // SAFETY: `host` is a NUL-terminated string alive for the call; err is ERR_LEN bytes.
+            let ptr =
+                unsafe { ffi::lw_store_new(host.as_ptr(), port, server as c_int, millis(timeout), err.ptr(), ERR_LEN) };
+            if ptr.is_null() {
+                Err(format!("TCPStore {}:{port}: {}", host.to_string_lossy(), err.text()))
+            } else {
+                Ok(Store { ptr })
+            }
+        }
+        #[cfg(not(nccl))]
+        not_built()
+    }
+
+    /// The port the server listens on (or the client connected to).
+    pub fn port(&self) -> u16 {
+        #[cfg(nccl)]
+        // SAFETY: `ptr` is a live store.
+        return unsafe { ffi::lw_store_port(self.ptr) };
+        #[cfg(not(nccl))]
+        0
+    }
+
+    #[cfg_attr(not(nccl), allow(unused_variables))]
+    pub fn set(&self, key: &str, value: &str) -> Result<(), String> {
+        #[cfg(nccl)]
+        {
+            let (k, v) = (c_string(key, "key")?, c_string(value, "value")?);
+            let mut err = ErrBuf::new();
+            // SAFETY: live store, NUL-terminated strings, err of ERR_LEN bytes.
+            let rc = unsafe { ffi::lw_store_set(self.ptr, k.as_ptr(), v.as_ptr(), err.ptr(), ERR_LEN) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(err.text())
+            }
+        }
+        #[cfg(not(nccl))]
+        not_built()
+    }
+
+    /// The value under `key`, waiting for it up to the store's timeout (values of at most
+    /// 1023 bytes: the store carries ids and ports here).
+    #[cfg_attr(not(nccl), allow(unused_variables))]
+    pub fn get(&self, key: &str) -> Result<String, String> {
+        #[cfg(nccl)]
+        {
+            let k = c_string(key, "key")?;
+            let (mut out, mut err) = (ErrBuf::new(), ErrBuf::new());
+            // SAFETY: live store, NUL-terminated key, buffers of ERR_LEN bytes.
+            let rc = unsafe { ffi::lw_store_get(self.ptr, k.as_ptr(), out.ptr(), ERR_LEN, err.ptr(), ERR_LEN) };
+            if rc == 0 {
+                Ok(out.text())
+            } else {
+                Err(err.text())
+            }
+        }
+        #[cfg(not(nccl))]
+        not_built()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        #[cfg(nccl)]
+        // SAFETY: `ptr` came from lw_store_new and is freed once, here.
+        unsafe {
+            ffi::lw_store_free(self.ptr)
+        }
+    }
+}
+
+/// A two-rank NCCL process group for one link: rank 0 sends, rank 1 receives.
+pub struct Group {
+    #[cfg_attr(not(nccl), allow(dead_code))]
+    ptr: *mut c_void,
+    // The group holds the store through c10d's own reference; this keeps the server (on
+    // the receiving side) alive for as long as the group.
+    _store: std::sync::Arc<Store>,
+}
+
+// SAFETY: ProcessGroupNCCL is thread-safe (c10d calls it from user and watchdog threads);
+// the handle is only freed in Drop.
+unsafe impl Send for Group {}
+unsafe impl Sync for Group {}
+
+impl Group {
+    /// The group of `size` ranks meeting under `prefix` in `store`. No communicator exists
+    /// (and no GPU is touched) until the first send or receive; `timeout` bounds each
+    /// transfer, after which c10d's watchdog aborts the communicator.
+    #[cfg_attr(not(nccl), allow(unused_variables))]
+    pub fn new(
+        store: std::sync::Arc<Store>,
+        prefix: &str,
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<Group, String> {
+        #[cfg(nccl)]
+        {
+            let p = c_string(prefix, "prefix")?;
+            let mut err = ErrBuf::new();
+            // SAFETY: live store, NUL-terminated prefix, err of ERR_LEN bytes.
+            let ptr = unsafe {
+                ffi::lw_group_new(
+                    store.ptr,
+                    p.as_ptr(),
+                    rank as c_int,
+                    size as c_int,
+                    millis(timeout),
+                    err.ptr(),
+                    ERR_LEN,
+                )
+            };
+            if ptr.is_null() {
+                Err(format!("NCCL process group (rank {rank} of {size}): {}", err.text()))
+            } else {
+                Ok(Group { ptr, _store: store })
+            }
+        }
+        #[cfg(not(nccl))]
+        not_built()
+    }
+
+    /// Sends a CUDA tensor to `peer`; work queued afterwards on this thread's current
+    /// stream runs after the send.
+    #[cfg_attr(not(nccl), allow(unused_variables))]
+    pub fn send(&self, t: &Tensor, peer: usize) -> Result<(), String> {
+        #[cfg(nccl)]
+        {
+            let mut err = ErrBuf::new();
+            // SAFETY: `t.as_ptr()` is tch's at::Tensor*, alive for the call.
+            let rc =
+                unsafe { ffi::lw_group_send(self.ptr, t.as_ptr() as *const c_void, peer as c_int, err.ptr(), ERR_LEN) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(format!("NCCL send to rank {peer}: {}", err.text()))
+            }
+        }
+        #[cfg(not(nccl))]
+        not_built()
+    }
+
+    /// Receives into `t`, a contiguous CUDA tensor of the sent shape and type; work queued
+    /// afterwards on this thread's current stream sees the data.
+    #[cfg_attr(not(nccl), allow(unused_variables))]
+    pub fn recv(&self, t: &mut Tensor, peer: usize) -> Result<(), String> {
+        #[cfg(nccl)]
+        {
+            let mut err = ErrBuf::new();
+            // SAFETY: `t.as_mut_ptr()` is tch's at::Tensor*, alive and exclusively ours for the call.
+            let rc = unsafe {
+                ffi::lw_group_recv(self.ptr, t.as_mut_ptr() as *mut c_void, peer as c_int, err.ptr(), ERR_LEN)
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(format!("NCCL receive from rank {peer}: {}", err.text()))
+            }
+        }
+        #[cfg(not(nccl))]
+        not_built()
+    }
+
+    /// Ends the communicator now: NCCL work waiting on a lost peer returns (with an error).
+    pub fn abort(&self) {
+        #[cfg(nccl)]
+        // SAFETY: `ptr` is a live group.
+        unsafe {
+            ffi::lw_group_abort(self.ptr)
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        #[cfg(nccl)]
+        // SAFETY: `ptr` came from lw_group_new and is freed once, here; a clean shutdown
+        // when no thread is panicking, an abort otherwise.
+        unsafe {
+            ffi::lw_group_free(self.ptr, (!std::thread::panicking()) as c_int)
+        }
+    }
+}
+
+/// What c10d does on an NCCL error or timeout, set for a service: abort the communicators
+/// and report the error to the waiting call, never end the process (c10d's defaults tear
+/// the process down, and a watchdog monitor kills it if the watchdog hangs). Values the
+/// user set in the environment are kept. Call before any thread starts.
+pub fn configure_environment() {
+    for (key, value) in [("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2"), ("TORCH_NCCL_ENABLE_MONITORING", "0")] {
+        if std::env::var_os(key).is_none() {
+            std::env::set_var(key, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(nccl)]
+    #[test]
+    fn the_loaded_nccl_has_a_version() {
+        let v = version().unwrap();
+        let parts: Vec<u32> = v.split('.').map(|p| p.parse().expect("numeric")).collect();
+        assert!(parts.len() == 3 && parts[0] >= 2, "{v}");
+    }
+
+    #[cfg(not(nccl))]
+    #[test]
+    fn a_build_without_nccl_says_why() {
+        let why = missing().expect("build.rs gives the reason");
+        assert!(version().unwrap_err().contains(why));
+    }
+}
+
+#[cfg(all(test, nccl))]
+mod store_tests {
+    use super::*;
+
+    #[test]
+    fn a_client_reads_what_the_server_holds_on_its_free_port() {
+        let server = Store::serve(Duration::from_secs(30)).unwrap();
+        assert_ne!(server.port(), 0);
+        let client = Store::connect("127.0.0.1", server.port(), Duration::from_secs(30)).unwrap();
+        server.set("link/3", "port 4242").unwrap();
+        assert_eq!(client.get("link/3").unwrap(), "port 4242");
+    }
+}
