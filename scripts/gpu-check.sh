@@ -10,7 +10,10 @@
 # the same run sequential, and a run resumed half-way against the uninterrupted one, both
 # compared by `layerwise eval` of their final checkpoints; `bench train --json` of mlp
 # predsim and vgg8b predsim on random CIFAR-shaped data with 1, 2 and 4 stages on the one
-# GPU; the mlp recipe in eager PyTorch (scripts/torch_baseline.py) as the yardstick.
+# GPU; two processes (a torchrun-style launch of 2 ranks, both on the one GPU) with the GPU
+# link over TCP and over NCCL, each against the single-process run (NCCL may refuse two
+# ranks on one GPU: the script says so); the mlp recipe in eager PyTorch
+# (scripts/torch_baseline.py) as the yardstick.
 # Figures go to stdout and to $OUT (or dist/gpu-out) as JSON.
 #
 # DEVICE=cpu QUICK=1 bash scripts/gpu-check.sh runs the same script here, on the CPU with
@@ -119,6 +122,37 @@ run_small "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --set train.epochs=
 run_small "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --resume
 eval_json "$RUNS/half" > "$OUT/eval-resumed.json"
 same_eval "resume != uninterrupted" uninterrupted eval-pipelined.json resumed eval-resumed.json
+
+# Two ranks launched as torchrun launches them, both on $DEV: rank 0 coordinates and holds
+# the first layers, rank 1 the rest; the link between them carries GPU tensors.
+two_ranks() {  # two_ranks DIR LINK
+    local dir=$1 link=$2 port pids=() rc=0
+    port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    for rank in 0 1; do
+        RANK=$rank WORLD_SIZE=2 LOCAL_RANK=$rank MASTER_ADDR=127.0.0.1 LAYERWISE_PORT=$port \
+            LAYERWISE_SECRET=gpu-check-shared-secret run_small "$dir" --set "pipeline.gpu_link=\"$link\"" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    return $rc
+}
+links=(tcp)
+[[ "$DEV" == cuda* ]] && links+=(nccl)
+for link in "${links[@]}"; do
+    step "two processes on $DEV, GPU link over $link, against one process"
+    if two_ranks "$RUNS/ranks-$link" "$link"; then
+        eval_json "$RUNS/ranks-$link" > "$OUT/eval-two-processes-$link.json"
+        same_eval "two processes ($link link) != one process" one-process eval-sequential.json \
+            "two-processes-$link" "eval-two-processes-$link.json"
+    elif [[ "$link" == nccl ]] && grep -qi "duplicate GPU\|same device\|invalid usage" "$OUT/train.log"; then
+        echo "NCCL refuses two ranks on one GPU here: the NCCL link needs two GPUs; its error:"
+        grep -i -m1 "duplicate GPU\|same device\|invalid usage" "$OUT/train.log" | tee "$OUT/nccl-one-gpu.txt"
+    else
+        echo "FAILED: two processes over $link; the log's last lines:"
+        tail -n 5 "$OUT/train.log"
+        failures+=("two processes over $link on $DEV")
+    fi
+done
 
 SUMMARY=$(mktemp --suffix .py)
 cat > "$SUMMARY" <<'EOF'

@@ -152,20 +152,12 @@ fn write_address(path: &Path, addr: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Whether the NCCL library that the torch wheel ships sits beside the libtorch this
-/// process loaded. This build does not use it: links between processes are TCP, and
-/// tensors on GPUs pass through the host.
+/// Whether links between GPUs in two processes can go over NCCL in this build and on this
+/// machine: the NCCL version libtorch loaded, or why not.
 pub fn nccl_status() -> String {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let torch_lib = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| p.ends_with("/libtorch_cpu.so"))
-        .and_then(|p| Path::new(p).parent().map(Path::to_path_buf));
-    let nccl = torch_lib.and_then(|lib| std::fs::canonicalize(lib.join("../../nvidia/nccl/lib/libnccl.so.2")).ok());
-    let found = match nccl {
-        Some(p) => format!("libnccl.so.2 present ({})", p.display()),
-        None => "libnccl.so.2 not found beside libtorch".into(),
-    };
-    format!("{found}; not used by this build: links between processes are TCP (GPU tensors pass through the host)")
+    match layerwise_nccl::version() {
+        Ok(v) if tch::Cuda::device_count() > 0 => format!("NCCL {v} (links between GPUs of two processes use it)"),
+        Ok(v) => format!("NCCL {v} loaded, but no GPU here: links between processes are TCP"),
+        Err(e) => format!("unavailable ({e}): links between processes are TCP, GPU tensors pass through the host"),
+    }
 }

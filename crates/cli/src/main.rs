@@ -308,6 +308,7 @@ fn quiet_panics() {
 
 fn main() -> ExitCode {
     malloc::tune();
+    layerwise_nccl::configure_environment();
     let cli = Cli::parse();
     init_logs(cli.log_format);
     quiet_panics();

@@ -105,12 +105,30 @@ pub struct PipelineConfig {
     pub placement: Placement,
     /// Messages a link holds before its sender blocks: the backpressure bound.
     pub channel_capacity: usize,
+    /// How activations on GPUs cross between processes.
+    pub gpu_link: GpuLink,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        Self { mode: PipelineMode::Pipelined, placement: Placement::Named("auto".into()), channel_capacity: 2 }
+        Self {
+            mode: PipelineMode::Pipelined,
+            placement: Placement::Named("auto".into()),
+            channel_capacity: 2,
+            gpu_link: GpuLink::Nccl,
+        }
     }
+}
+
+/// The transport of a link between stages in two processes whose devices are both GPUs.
+/// Control (and credits) always go over the link's TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuLink {
+    /// NCCL point-to-point between the two GPUs (through libtorch's c10d).
+    Nccl,
+    /// Through the hosts: copied to the CPU, sent over TCP, copied to the receiving GPU.
+    Tcp,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -160,6 +160,7 @@ impl Cluster {
                 hosts,
                 stages: plan.stages.clone(),
                 capacity: plan.config.pipeline.channel_capacity,
+                gpu_link: plan.config.pipeline.gpu_link,
                 sockets: sockets.clone(),
                 incoming: self.incoming.clone(),
             }),

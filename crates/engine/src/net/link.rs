@@ -5,11 +5,19 @@
 //! credits: the sender starts with `capacity` and spends one per message; the receiver
 //! returns one each time its stage takes a message. So at most `capacity` messages are in
 //! flight per link, whatever the socket buffers hold, and memory stays flat.
+//!
+//! A link between two GPUs can carry its tensors over NCCL instead (`pipeline.gpu_link`):
+//! the header still goes over TCP, marking each tensor that follows over NCCL, and the
+//! receiver posts the matching receive into a tensor on its own GPU. Both sides take the
+//! tensors in header order, so the two channels never disagree about what comes next.
 
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::thread::JoinHandle;
+
+use layerwise_nccl::Group;
 
 use crossbeam_channel::{bounded, Receiver};
 use serde::{Deserialize, Serialize};
@@ -26,6 +34,9 @@ const MAX_PAYLOAD: u64 = 16 << 30;
 struct TensorHeader {
     kind: String,
     shape: Vec<i64>,
+    /// The bytes follow over the link's NCCL group, not the TCP stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    nccl: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -63,8 +74,7 @@ fn kind_of(name: &str) -> WireResult<Kind> {
         .ok_or_else(|| WireError::Garbage(format!("unknown tensor type {name:?}")))
 }
 
-/// A tensor's bytes as they lie in memory. Tensors on a GPU pass through the host here
-/// (NCCL point-to-point is the GPU path; see README).
+/// A tensor's bytes as they lie in memory, on the host.
 fn host_contiguous(t: &Tensor) -> Tensor {
     let t = if t.device() == Device::Cpu { t.shallow_clone() } else { t.to_device(Device::Cpu) };
     t.contiguous()
@@ -80,26 +90,41 @@ fn bytes_of(t: &Tensor) -> &[u8] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
 }
 
-/// Writes one message: header frame, then each tensor's bytes.
-pub fn write_message(w: &mut impl Write, msg: &Message) -> WireResult<()> {
-    let tensors: Vec<Tensor> = match &msg.payload {
-        Some(p) => vec![host_contiguous(&p.input), host_contiguous(&p.labels)],
+/// Ranks within a link's NCCL group.
+pub const NCCL_SENDER: usize = 0;
+pub const NCCL_RECEIVER: usize = 1;
+
+/// Writes one message: header frame, then each tensor: its bytes on `w`, or, for a tensor
+/// on a GPU when the link has an NCCL group, an NCCL send.
+pub fn write_message(w: &mut impl Write, msg: &Message, nccl: Option<&Group>) -> WireResult<()> {
+    let tensors: Vec<(Tensor, bool)> = match &msg.payload {
+        Some(p) => [&p.input, &p.labels]
+            .into_iter()
+            .map(|t| match nccl {
+                Some(_) if t.device().is_cuda() => (t.contiguous(), true),
+                _ => (host_contiguous(t), false),
+            })
+            .collect(),
         None => vec![],
     };
     let headers = tensors
         .iter()
-        .map(|t| Ok(TensorHeader { kind: kind_name(t.kind())?.into(), shape: t.size() }))
+        .map(|(t, nccl)| Ok(TensorHeader { kind: kind_name(t.kind())?.into(), shape: t.size(), nccl: *nccl }))
         .collect::<WireResult<Vec<_>>>()?;
     write_frame(w, &Header { control: msg.control, tensors: headers })?;
-    for t in &tensors {
-        w.write_all(bytes_of(t))?;
+    for (t, over_nccl) in &tensors {
+        match nccl {
+            Some(group) if *over_nccl => group.send(t, NCCL_RECEIVER).map_err(WireError::Nccl)?,
+            _ => w.write_all(bytes_of(t))?,
+        }
     }
     w.flush()?;
     Ok(())
 }
 
-/// Reads one message, checking the header's claims before allocating.
-pub fn read_message(r: &mut impl Read) -> WireResult<Message> {
+/// Reads one message, checking the header's claims before allocating. Tensors marked as
+/// sent over NCCL are received from `nccl`'s group into its device.
+pub fn read_message(r: &mut impl Read, nccl: Option<(&Group, Device)>) -> WireResult<Message> {
     let header: Header = read_frame(r)?;
     let with_batch = matches!(header.control, Control::Train { .. } | Control::Eval { .. });
     if header.tensors.len() != if with_batch { 2 } else { 0 } {
@@ -121,6 +146,14 @@ pub fn read_message(r: &mut impl Read) -> WireResult<Message> {
                 h.shape, h.kind
             ))
         })?;
+        if h.nccl {
+            let (group, device) = nccl
+                .ok_or_else(|| WireError::Garbage("a tensor sent over NCCL on a link that has no NCCL group".into()))?;
+            let mut t = Tensor::empty(h.shape.as_slice(), (kind, device));
+            group.recv(&mut t, NCCL_SENDER).map_err(WireError::Nccl)?;
+            tensors.push(t);
+            continue;
+        }
         let t = Tensor::empty(h.shape.as_slice(), (kind, Device::Cpu));
         let len = bytes.unwrap_or(0) as usize;
         if len > 0 {
@@ -141,11 +174,13 @@ pub fn read_message(r: &mut impl Read) -> WireResult<Message> {
 pub struct TcpSender {
     stream: TcpStream,
     credits: Cell<usize>,
+    nccl: Option<Arc<Group>>,
 }
 
 impl TcpSender {
-    pub fn new(stream: TcpStream, capacity: usize) -> Self {
-        Self { stream, credits: Cell::new(capacity.max(1)) }
+    /// `nccl`: the link's group, over which tensors on GPUs go.
+    pub fn new(stream: TcpStream, capacity: usize, nccl: Option<Arc<Group>>) -> Self {
+        Self { stream, credits: Cell::new(capacity.max(1)), nccl }
     }
 }
 
@@ -160,7 +195,12 @@ impl LinkSender for TcpSender {
         }
         self.credits.set(self.credits.get() - 1);
         let mut w = std::io::BufWriter::with_capacity(1 << 16, &self.stream);
-        write_message(&mut w, &msg).map_err(|_| Closed)
+        write_message(&mut w, &msg, self.nccl.as_deref()).map_err(|e| {
+            if matches!(e, WireError::Nccl(_)) {
+                tracing::error!("link out: {e}");
+            }
+            Closed
+        })
     }
 }
 
@@ -173,13 +213,21 @@ pub struct TcpReceiver {
 }
 
 impl TcpReceiver {
-    pub fn new(stream: TcpStream, capacity: usize, what: String) -> std::io::Result<Self> {
+    /// `nccl`: the link's group and this side's GPU, into which tensors sent over NCCL
+    /// are received.
+    pub fn new(
+        stream: TcpStream,
+        capacity: usize,
+        what: String,
+        nccl: Option<(Arc<Group>, Device)>,
+    ) -> std::io::Result<Self> {
         let credit = stream.try_clone()?;
         let (tx, messages) = bounded(capacity.max(1));
         let reader = std::thread::Builder::new().name(format!("link-in-{what}")).spawn(move || {
             let mut r = std::io::BufReader::with_capacity(1 << 16, &stream);
+            let nccl = nccl.as_ref().map(|(g, d)| (&**g, *d));
             loop {
-                match read_message(&mut r) {
+                match read_message(&mut r, nccl) {
                     Ok(m) => {
                         let last = m.control == Control::Shutdown;
                         if tx.send(m).is_err() || last {
@@ -221,7 +269,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
-        (TcpSender::new(a, capacity), TcpReceiver::new(b, capacity, "test".into()).unwrap())
+        (TcpSender::new(a, capacity, None), TcpReceiver::new(b, capacity, "test".into(), None).unwrap())
     }
 
     #[test]
@@ -271,15 +319,26 @@ mod tests {
         let h = Header {
             control: Control::Train { epoch: 1, step: 1 },
             tensors: vec![
-                TensorHeader { kind: "f32".into(), shape: vec![1 << 40, 1 << 20] },
-                TensorHeader { kind: "i64".into(), shape: vec![1] },
+                TensorHeader { kind: "f32".into(), shape: vec![1 << 40, 1 << 20], nccl: false },
+                TensorHeader { kind: "i64".into(), shape: vec![1], nccl: false },
             ],
         };
         write_frame(&mut buf, &h).unwrap();
-        let e = read_message(&mut buf.as_slice()).unwrap_err().to_string();
+        let e = read_message(&mut buf.as_slice(), None).unwrap_err().to_string();
         assert!(e.contains("over the"), "{e}");
         let mut buf = Vec::new();
+        let h = Header {
+            control: Control::Eval { set: crate::message::EvalSet::Test, index: 0 },
+            tensors: vec![
+                TensorHeader { kind: "f32".into(), shape: vec![2, 3], nccl: true },
+                TensorHeader { kind: "i64".into(), shape: vec![2], nccl: false },
+            ],
+        };
+        write_frame(&mut buf, &h).unwrap();
+        let e = read_message(&mut buf.as_slice(), None).unwrap_err().to_string();
+        assert!(e.contains("has no NCCL group"), "{e}");
+        let mut buf = Vec::new();
         write_frame(&mut buf, &Header { control: Control::Shutdown, tensors: vec![] }).unwrap();
-        assert_eq!(read_message(&mut buf.as_slice()).unwrap().control, Control::Shutdown);
+        assert_eq!(read_message(&mut buf.as_slice(), None).unwrap().control, Control::Shutdown);
     }
 }

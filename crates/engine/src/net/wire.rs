@@ -18,7 +18,7 @@ use crate::plan::DeviceId;
 /// The first bytes each side writes: anything else on the port is not a layerwise peer.
 const MAGIC: &[u8; 8] = b"LWIRE01\n";
 /// The wire format's version; peers of another version are refused with both named.
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
 /// A control frame is a JSON object: configs, plans, reports. Larger is garbage.
 pub const MAX_CONTROL_FRAME: usize = 16 << 20;
 /// How long a peer may take over its part of the handshake.
@@ -42,6 +42,8 @@ pub enum WireError {
     /// This side refused the peer.
     #[error("refused: {0}")]
     Denied(String),
+    #[error("{0}")]
+    Nccl(String),
 }
 
 pub type WireResult<T> = std::result::Result<T, WireError>;
@@ -101,7 +103,7 @@ enum Answer {
     Refused { reason: String },
 }
 
-fn nonce() -> String {
+pub(crate) fn nonce() -> String {
     let mut b = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut b);
     hex(&b)

@@ -292,6 +292,7 @@ fn start(
         hosts: a.hosts.clone(),
         stages: plan.stages.clone(),
         capacity: a.config.pipeline.channel_capacity,
+        gpu_link: a.config.pipeline.gpu_link,
         sockets,
         incoming,
     });
