@@ -13,7 +13,9 @@ use crossbeam_channel::Sender;
 
 use super::wire::{self, Role};
 use super::{heartbeat, host_key, Assignment, Net, Rendezvous, Sockets, ToCoordinator, ToWorker, PEER_TIMEOUT};
+use crate::config::GpuLink;
 use crate::message::{Report, StageFailure};
+use crate::placement::StagePlan;
 use crate::plan::{DeviceId, Plan};
 use crate::{EngineError, Result};
 
@@ -124,6 +126,7 @@ impl Cluster {
         reports: &Sender<Report>,
         stop: Option<&AtomicBool>,
     ) -> Result<RemoteJob> {
+        check_gpu_links(plan.config.pipeline.gpu_link, &plan.stages, layerwise_nccl::missing())?;
         let names: Vec<String> = plan.workers().into_iter().collect();
         let workers = self.wait_for(&names, stop)?;
         let mut hosts = BTreeMap::from([(String::new(), self.addr)]);
@@ -331,5 +334,63 @@ fn serve_worker(conn: &WorkerConn, mut stream: TcpStream) -> String {
             }
             Err(e) => return e.to_string(),
         }
+    }
+}
+
+/// Refuses, before any worker is waited for, a plan with a link between GPUs in two
+/// processes that should go over NCCL when this build has none (`missing`: why).
+fn check_gpu_links(gpu_link: GpuLink, stages: &[StagePlan], missing: Option<&str>) -> Result<()> {
+    let Some(why) = missing else { return Ok(()) };
+    if gpu_link != GpuLink::Nccl {
+        return Ok(());
+    }
+    for pair in stages.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let ends = (a.devices.last(), b.devices.first());
+        if a.host != b.host && matches!(ends, (Some(x), Some(y)) if x.is_cuda() && y.is_cuda()) {
+            return Err(EngineError::Config(format!(
+                "pipeline.gpu_link: stages {} and {} are GPUs in two processes, and \"nccl\" is asked for, but this build has no NCCL ({why}); set pipeline.gpu_link to \"tcp\" to send through the hosts",
+                a.index, b.index
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::DeviceId;
+
+    fn stages(devices: [(Option<&str>, DeviceId); 2]) -> Vec<StagePlan> {
+        devices
+            .iter()
+            .enumerate()
+            .map(|(index, (host, d))| StagePlan {
+                index,
+                layers: vec![index],
+                devices: vec![*d],
+                threads: 1,
+                check_finite_every: 1,
+                host: host.map(str::to_string),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_gpu_link_over_nccl_without_nccl_is_refused_before_anything_starts() {
+        let (gpu, cpu) = (DeviceId::Cuda(0), DeviceId::Cpu);
+        let apart = stages([(None, gpu), (Some("w1"), gpu)]);
+        let e = check_gpu_links(GpuLink::Nccl, &apart, Some("no libtorch_cuda.so")).unwrap_err().to_string();
+        assert!(
+            e.contains("pipeline.gpu_link") && e.contains("stages 0 and 1") && e.contains("no libtorch_cuda.so"),
+            "{e}"
+        );
+        assert!(check_gpu_links(GpuLink::Tcp, &apart, Some("none")).is_ok(), "tcp needs no NCCL");
+        assert!(check_gpu_links(GpuLink::Nccl, &apart, None).is_ok(), "a build with NCCL");
+        let together = stages([(Some("w1"), gpu), (Some("w1"), gpu)]);
+        assert!(check_gpu_links(GpuLink::Nccl, &together, Some("none")).is_ok(), "one process: a channel");
+        let via_cpu = stages([(None, cpu), (Some("w1"), gpu)]);
+        assert!(check_gpu_links(GpuLink::Nccl, &via_cpu, Some("none")).is_ok(), "from a CPU: TCP");
     }
 }
