@@ -369,3 +369,21 @@ fn a_hung_worker_is_noticed_by_its_silence_and_the_run_fails_naming_it() {
     assert!(!w1.output().status.success(), "w1's job was aborted");
     assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
 }
+
+/// A worker that never comes: after `--worker-wait` the run fails naming it, and the run
+/// directory says so (a coordinator never waits for good).
+#[test]
+fn a_worker_that_never_registers_fails_the_run_after_the_wait_naming_it() {
+    let s = setup();
+    let run = s.dir.path().join("ghost");
+    let placement = r#"pipeline.placement=[{"layers":[0,1],"device":"cpu"},{"layers":[2,3],"device":"ghost/cpu"}]"#;
+    let out = train(&s.config, &run, &[placement], false)
+        .args(["--listen", "127.0.0.1:0", "--worker-wait", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let log = text(&out);
+    assert!(log.contains("[\"ghost\"] did not register") && log.contains("within 1 s"), "{log}");
+    let status = std::fs::read_to_string(run.join("status.json")).unwrap();
+    assert!(status.contains("\"failed\"") && status.contains("ghost"), "{status}");
+}

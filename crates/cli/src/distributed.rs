@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use layerwise_engine::net::cluster::Cluster;
@@ -21,6 +22,10 @@ pub struct CoordinatorArgs {
     /// A file holding the shared secret that authenticates workers (else LAYERWISE_SECRET).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Seconds to wait for the workers the placement names (or the launcher's ranks) to
+    /// register before the run fails naming the missing ones.
+    #[arg(long, default_value_t = 600.0)]
+    pub worker_wait: f64,
 }
 
 #[derive(clap::Args)]
@@ -111,7 +116,8 @@ pub fn coordinate(
         None if !plan.workers().is_empty() => net.listen.clone(),
         None => return Ok((plan, None)),
     };
-    let cluster = Cluster::listen(&listen, load_secret(net.secret_file.as_deref())?)?;
+    let wait = crate::seconds("--worker-wait", net.worker_wait, 1.0)?;
+    let cluster = Cluster::listen(&listen, load_secret(net.secret_file.as_deref())?, wait)?;
     std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     write_address(&run_dir.join("coordinator.addr"), &cluster.addr.to_string())?;
     let plan = match launch {
@@ -134,10 +140,11 @@ pub fn coordinate(
 pub fn listen_for_serve(
     listen: Option<&str>,
     secret_file: Option<&Path>,
+    worker_wait: Duration,
     runs: &Path,
 ) -> anyhow::Result<Option<Arc<Cluster>>> {
     let Some(listen) = listen else { return Ok(None) };
-    let cluster = Cluster::listen(listen, load_secret(secret_file)?)?;
+    let cluster = Cluster::listen(listen, load_secret(secret_file)?, worker_wait)?;
     std::fs::create_dir_all(runs).with_context(|| format!("cannot create {}", runs.display()))?;
     write_address(&runs.join(".coordinator.addr"), &cluster.addr.to_string())?;
     Ok(Some(cluster))

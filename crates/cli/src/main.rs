@@ -106,6 +106,9 @@ enum Command {
         /// A file holding the shared secret (else LAYERWISE_SECRET).
         #[arg(long)]
         secret_file: Option<PathBuf>,
+        /// Seconds a job waits for the workers it names to register before it fails.
+        #[arg(long, default_value_t = 600.0)]
+        worker_wait: f64,
     },
     /// Hand a config to a running service: written into --jobs atomically, as NAME.json.
     Submit {
@@ -322,21 +325,23 @@ fn main() -> ExitCode {
         Command::Bench(Bench::Train { config, steps, repeats, overrides, json, one }) => {
             bench::train(bench::TrainBench { config, steps, repeats, overrides, json, one })
         }
-        Command::Serve { jobs, runs, scan_every, stop_timeout, max_crash_restarts, listen, secret_file } => {
-            seconds("--scan-every", scan_every, 0.05).and_then(|scan_every| {
-                let stop_timeout = seconds("--stop-timeout", stop_timeout, 0.0)?;
-                let cluster = distributed::listen_for_serve(listen.as_deref(), secret_file.as_deref(), &runs)?;
-                let options = layerwise_daemon::ServeOptions {
-                    jobs,
-                    runs,
-                    scan_every,
-                    stop_timeout,
-                    max_crash_restarts,
-                    cluster,
-                };
-                layerwise_daemon::serve(options).map_err(Into::into)
-            })
-        }
+        Command::Serve {
+            jobs,
+            runs,
+            scan_every,
+            stop_timeout,
+            max_crash_restarts,
+            listen,
+            secret_file,
+            worker_wait,
+        } => seconds("--scan-every", scan_every, 0.05).and_then(|scan_every| {
+            let stop_timeout = seconds("--stop-timeout", stop_timeout, 0.0)?;
+            let worker_wait = seconds("--worker-wait", worker_wait, 1.0)?;
+            let cluster = distributed::listen_for_serve(listen.as_deref(), secret_file.as_deref(), worker_wait, &runs)?;
+            let options =
+                layerwise_daemon::ServeOptions { jobs, runs, scan_every, stop_timeout, max_crash_restarts, cluster };
+            layerwise_daemon::serve(options).map_err(Into::into)
+        }),
         Command::Submit { config, jobs, name } => layerwise_daemon::jobs::submit(&config, name.as_deref(), &jobs)
             .map(|p| println!("submitted {}", p.display()))
             .map_err(|e| anyhow::anyhow!(e)),

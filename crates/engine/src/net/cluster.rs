@@ -55,19 +55,23 @@ type Registry = Arc<(Mutex<BTreeMap<String, Arc<WorkerConn>>>, Condvar)>;
 /// The coordinator's listener and its workers.
 pub struct Cluster {
     pub addr: SocketAddr,
+    /// How long a job waits for the workers it names to register before it fails.
+    wait_limit: Duration,
     secret: Arc<Vec<u8>>,
     workers: Registry,
     incoming: Rendezvous,
 }
 
 impl Cluster {
-    /// Listens on `addr` for workers and links.
-    pub fn listen(addr: &str, secret: Vec<u8>) -> Result<Arc<Cluster>> {
+    /// Listens on `addr` for workers and links; a job waits at most `wait_limit` for the
+    /// workers it names.
+    pub fn listen(addr: &str, secret: Vec<u8>, wait_limit: Duration) -> Result<Arc<Cluster>> {
         let listener = TcpListener::bind(addr)
             .map_err(|e| EngineError::Config(format!("--listen {addr}: cannot listen there: {e}")))?;
         let addr = listener.local_addr().map_err(|e| EngineError::Other(e.to_string()))?;
         let cluster = Arc::new(Cluster {
             addr,
+            wait_limit,
             secret: Arc::new(secret),
             workers: Arc::default(),
             incoming: Rendezvous::default(),
@@ -94,11 +98,13 @@ impl Cluster {
         self.workers.0.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
-    /// Waits until every worker named has registered (or `stop` is set).
+    /// Waits until every worker named has registered; fails naming the missing ones after
+    /// the wait limit (or when `stop` is set).
     pub fn wait_for(&self, names: &[String], stop: Option<&AtomicBool>) -> Result<Vec<Arc<WorkerConn>>> {
         let (m, cv) = &*self.workers;
         let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
-        let mut said = Instant::now() - Duration::from_secs(3600);
+        let start = Instant::now();
+        let mut said: Option<Instant> = None;
         loop {
             let missing: Vec<&String> = names.iter().filter(|n| !g.contains_key(*n)).collect();
             if missing.is_empty() {
@@ -107,9 +113,16 @@ impl Cluster {
             if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
                 return Err(EngineError::Other(format!("stopped while waiting for workers {missing:?}")));
             }
-            if said.elapsed() >= Duration::from_secs(30) {
+            if start.elapsed() >= self.wait_limit {
+                return Err(EngineError::Other(format!(
+                    "workers {missing:?} did not register on {} within {} s (--worker-wait)",
+                    self.addr,
+                    self.wait_limit.as_secs_f64()
+                )));
+            }
+            if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
                 tracing::info!("waiting for workers {missing:?} to register on {}", self.addr);
-                said = Instant::now();
+                said = Some(Instant::now());
             }
             g = cv.wait_timeout(g, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
         }
