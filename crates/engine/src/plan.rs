@@ -4,7 +4,7 @@
 //! `train`, `serve`, `eval`, `export`, `inspect` and `bench` all start from a plan; nothing
 //! after it parses the config's strings again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use layerwise_data::batches::Transform;
@@ -195,44 +195,67 @@ impl Plan {
     /// training activations with their gradients, one layer's evaluation activations
     /// (evaluation keeps no gradients).
     pub fn memory_estimate(&self) -> f64 {
+        combine(&self.layer_memory())
+    }
+
+    /// Each layer's part of [`Plan::memory_estimate`] (hidden layers, then the output
+    /// layer): its parameter state, its training activations, its evaluation activations.
+    fn layer_memory(&self) -> Vec<LayerMemory> {
         let (m, t) = (&self.config.model, &self.config.train);
         let classes = self.arch.num_classes as f64;
         let state_per_param =
             4.0 * (2.0 + if self.config.optim.kind == layerwise_nn::OptimKind::Sgd { 1.0 } else { 2.0 });
         let (batch, eval_batch) = (t.batch_size as f64, t.eval_batch() as f64);
-        let mut params = self.arch.parameter_count(m.batch_norm) as f64;
-        let (mut activations, mut eval) = (0.0f64, 0.0f64);
-        for spec in &self.arch.hidden {
-            let (features, head) = match *spec {
-                layerwise_nn::LayerSpec::Conv { out_channels, size_out, .. } => {
-                    let c = out_channels as f64;
-                    ((c * (size_out * size_out) as f64), 9.0 * c * c + m.dim_in_decoder as f64 * classes)
+        let mut layers: Vec<LayerMemory> = self
+            .arch
+            .hidden
+            .iter()
+            .map(|spec| {
+                let (features, head) = match *spec {
+                    layerwise_nn::LayerSpec::Conv { out_channels, size_out, .. } => {
+                        let c = out_channels as f64;
+                        ((c * (size_out * size_out) as f64), 9.0 * c * c + m.dim_in_decoder as f64 * classes)
+                    }
+                    layerwise_nn::LayerSpec::Linear { out_features, .. } => {
+                        let d = out_features as f64;
+                        (d, d * d + d * classes.max(m.target_proj_size as f64))
+                    }
+                };
+                LayerMemory {
+                    state: (spec.block_parameters(m.batch_norm) as f64 + head) * state_per_param,
+                    train: 4.0 * 4.0 * batch * features,
+                    eval: 4.0 * 2.0 * eval_batch * features,
                 }
-                layerwise_nn::LayerSpec::Linear { out_features, .. } => {
-                    let d = out_features as f64;
-                    (d, d * d + d * classes.max(m.target_proj_size as f64))
-                }
-            };
-            params += head;
-            activations += 4.0 * 4.0 * batch * features;
-            eval = eval.max(4.0 * 2.0 * eval_batch * features);
-        }
-        params * state_per_param + activations.max(eval)
+            })
+            .collect();
+        let output = (self.arch.output_in * self.arch.num_classes + self.arch.num_classes) as f64;
+        layers.push(LayerMemory { state: output * state_per_param, train: 0.0, eval: 0.0 });
+        layers
     }
 
-    /// Refuses a plan whose memory need is more than the machine has, with both figures.
+    /// Refuses a plan whose memory need is more than the machine has, with both figures:
+    /// the whole estimate against the host's memory when a stage runs on the CPU, and each
+    /// GPU's share (the layers placed on it) against that GPU's memory.
     fn check_memory(&self) -> Result<()> {
-        let need = self.memory_estimate();
-        let Some(have) = host_memory() else { return Ok(()) };
-        if self.devices().contains(&DeviceId::Cpu) && need > have as f64 {
-            return Err(EngineError::Config(format!(
-                "the model does not fit: it needs about {:.1} GiB (parameters with their optimizer state, and activations at a batch of {}), this machine has {:.1} GiB; lower model.num_hidden, model.num_layers, model.feat_mult or the batch sizes",
-                need / GIB,
-                self.config.train.batch_size,
-                have as f64 / GIB
-            )));
+        let layers = self.layer_memory();
+        let mut needs: BTreeMap<DeviceId, f64> = BTreeMap::new();
+        if self.devices().contains(&DeviceId::Cpu) {
+            needs.insert(DeviceId::Cpu, combine(&layers));
         }
-        Ok(())
+        let mut on: BTreeMap<DeviceId, Vec<LayerMemory>> = BTreeMap::new();
+        for s in self.stages.iter().filter(|s| s.host.is_none()) {
+            for (layer, device) in s.layers.iter().zip(&s.devices) {
+                if device.is_cuda() {
+                    on.entry(*device).or_default().push(layers[*layer]);
+                }
+            }
+        }
+        needs.extend(on.iter().map(|(d, l)| (*d, combine(l))));
+        let have = |d: DeviceId| match d {
+            DeviceId::Cpu => host_memory(),
+            DeviceId::Cuda(i) => layerwise_nccl::cuda_total_memory(i),
+        };
+        check_fits(&needs, have, self.config.train.batch_size)
     }
 
     /// Hidden layers plus the output layer.
@@ -295,6 +318,48 @@ impl Plan {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// One layer's part of a plan's memory estimate, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct LayerMemory {
+    /// Parameters (heads included) with their gradients and optimizer state.
+    state: f64,
+    /// Training activations with their gradients.
+    train: f64,
+    /// Evaluation activations (no gradients).
+    eval: f64,
+}
+
+/// What a set of layers on one device needs: all their state, and the larger of all their
+/// training activations and the largest evaluation activations of one.
+fn combine(layers: &[LayerMemory]) -> f64 {
+    let state: f64 = layers.iter().map(|l| l.state).sum();
+    let train: f64 = layers.iter().map(|l| l.train).sum();
+    let eval = layers.iter().map(|l| l.eval).fold(0.0, f64::max);
+    state + train.max(eval)
+}
+
+/// Refuses the first device whose need is more than it has (`have`: its memory, where
+/// known), naming the device and both figures.
+fn check_fits(needs: &BTreeMap<DeviceId, f64>, have: impl Fn(DeviceId) -> Option<u64>, batch: usize) -> Result<()> {
+    for (&device, &need) in needs {
+        let Some(have) = have(device) else { continue };
+        if need > have as f64 {
+            let (what, part, hint) = match device {
+                DeviceId::Cpu => ("this machine".to_string(), "", ""),
+                DeviceId::Cuda(_) => {
+                    (device.to_string(), " (the layers placed on it)", ", or spread the layers over more devices")
+                }
+            };
+            return Err(EngineError::Config(format!(
+                "the model does not fit: it needs about {:.1} GiB{part} (parameters with their optimizer state, and activations at a batch of {batch}), {what} has {:.1} GiB; lower model.num_hidden, model.num_layers, model.feat_mult or the batch sizes{hint}",
+                need / GIB,
+                have as f64 / GIB,
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// Physical memory of this host (MemTotal), where the system says.
 fn host_memory() -> Option<u64> {
@@ -416,6 +481,33 @@ mod tests {
         assert!(DeviceId::parse("gpu0").unwrap_err().contains("expected \"cpu\""));
         let m = Machine { cuda_devices: 1, cores: 2 };
         assert!(m.check(DeviceId::Cuda(1)).unwrap_err().contains("1 CUDA device"));
+    }
+
+    #[test]
+    fn each_gpu_is_checked_for_the_layers_placed_on_it() {
+        let mut c = RunConfig::default();
+        c.model.num_layers = 4;
+        c.pipeline.placement = crate::config::Placement::Stages(vec![
+            crate::config::StageSpec { layers: vec![0, 1], device: "cuda:0".into() },
+            crate::config::StageSpec { layers: vec![2, 3, 4], device: "cuda:1".into() },
+        ]);
+        let plan = Plan::build(&c, Machine { cuda_devices: 2, cores: 2 }).unwrap();
+        let layers = plan.layer_memory();
+        let (first, rest) = (combine(&layers[..2]), combine(&layers[2..]));
+        let whole = plan.memory_estimate();
+        assert!(first < whole && rest < whole && first + rest >= whole, "{first} + {rest} against {whole}");
+        let needs = BTreeMap::from([(DeviceId::Cuda(0), first), (DeviceId::Cuda(1), rest)]);
+        // A second GPU just too small for its share is refused, by name and with both figures.
+        let small = (rest * 0.9) as u64;
+        let e = check_fits(&needs, |d| Some(if d == DeviceId::Cuda(1) { small } else { u64::MAX }), 128)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cuda:1 has") && e.contains("(the layers placed on it)") && e.contains("more devices"),
+            "{e}"
+        );
+        assert!(check_fits(&needs, |_| Some((first.max(rest) * 1.1) as u64), 128).is_ok());
+        assert!(check_fits(&needs, |_| None, 128).is_ok(), "unknown memory is not refused");
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub fn missing() -> Option<&'static str> {
 mod ffi {
     use super::*;
     extern "C" {
+        pub fn lw_cuda_total_memory(device: c_int) -> i64;
         pub fn lw_nccl_version(out: *mut c_char, len: usize, err: *mut c_char, errlen: usize) -> c_int;
         pub fn lw_store_new(
             host: *const c_char,
@@ -117,6 +118,21 @@ pub fn version() -> Result<String, String> {
     }
     #[cfg(not(nccl))]
     not_built()
+}
+
+/// Total memory of CUDA device `index` in bytes, where libtorch can read it (none without
+/// that device, or in a build without CUDA).
+#[cfg_attr(not(nccl), allow(unused_variables))]
+pub fn cuda_total_memory(index: usize) -> Option<u64> {
+    #[cfg(nccl)]
+    {
+        let index = c_int::try_from(index).ok()?;
+        // SAFETY: a plain query; the shim catches every C++ exception.
+        let total = unsafe { ffi::lw_cuda_total_memory(index) };
+        u64::try_from(total).ok()
+    }
+    #[cfg(not(nccl))]
+    None
 }
 
 /// A c10d TCPStore: a server on a free port, or a client of one.
@@ -347,6 +363,16 @@ pub fn configure_environment() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(nccl)]
+    #[test]
+    fn a_device_that_is_not_there_has_no_memory() {
+        let beyond = tch::Cuda::device_count() as usize;
+        assert_eq!(cuda_total_memory(beyond), None);
+        if beyond > 0 {
+            assert!(cuda_total_memory(0).is_some_and(|b| b > 1 << 30));
+        }
+    }
 
     #[cfg(nccl)]
     #[test]

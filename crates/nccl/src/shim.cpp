@@ -4,6 +4,7 @@
 //
 // Every function catches C++ exceptions and returns them as text: nothing unwinds into Rust.
 
+#include <ATen/cuda/CUDAContext.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -50,6 +51,13 @@ struct Group {
 }  // namespace
 
 extern "C" {
+
+// Total memory of CUDA device `device` in bytes, or -1 where it cannot be read.
+int64_t lw_cuda_total_memory(int device) {
+  int64_t total = -1;
+  guarded(nullptr, 0, [&] { total = static_cast<int64_t>(at::cuda::getDeviceProperties(device)->totalGlobalMem); });
+  return total;
+}
 
 // The NCCL version libtorch was built with and loaded ("2.28.9").
 int lw_nccl_version(char* out, size_t len, char* err, size_t errlen) {
