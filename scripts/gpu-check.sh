@@ -10,10 +10,10 @@
 # the same run sequential, and a run resumed half-way against the uninterrupted one, both
 # compared by `layerwise eval` of their final checkpoints; `bench train --json` of mlp
 # predsim and vgg8b predsim on random CIFAR-shaped data with 1, 2 and 4 stages on the one
-# GPU; two processes (a torchrun-style launch of 2 ranks, both on the one GPU) with the GPU
-# link over TCP and over NCCL, each against the single-process run (NCCL may refuse two
-# ranks on one GPU: the script says so); the mlp recipe in eager PyTorch
-# (scripts/torch_baseline.py) as the yardstick.
+# GPU; a model too big for the GPU refused by validate; two processes (a torchrun-style
+# launch of 2 ranks, both on the one GPU) with the GPU link over TCP and over NCCL, each
+# against the single-process run (NCCL may refuse two ranks on one GPU: the script says
+# so); the mlp recipe in eager PyTorch (scripts/torch_baseline.py) as the yardstick.
 # Figures go to stdout and to $OUT (or dist/gpu-out) as JSON.
 #
 # DEVICE=cpu QUICK=1 bash scripts/gpu-check.sh runs the same script here, on the CPU with
@@ -153,6 +153,22 @@ for link in "${links[@]}"; do
         failures+=("two processes over $link on $DEV")
     fi
 done
+
+if [[ "$DEV" == cuda* ]]; then
+    step "a model too big for $DEV is refused before anything runs"
+    BIG=$(mktemp --suffix .json)
+    "$PY" -c 'import json, sys
+json.dump({"model": {"arch": "mlp", "num_layers": 3, "num_hidden": 120000},
+           "pipeline": {"placement": [{"layers": [0, 1, 2, 3], "device": sys.argv[2]}]}}, open(sys.argv[1], "w"))' "$BIG" "$DEV"
+    if "$BIN" validate --no-data "$BIG" > "$OUT/too-big.txt" 2>&1; then
+        echo "FAILED: accepted: $(cat "$OUT/too-big.txt")"; failures+=("a model too big for $DEV was accepted")
+    elif grep -q "$DEV has" "$OUT/too-big.txt"; then
+        echo "refused: $(cat "$OUT/too-big.txt")"
+    else
+        echo "FAILED: refused, but not for $DEV's memory: $(cat "$OUT/too-big.txt")"; failures+=("too big for $DEV")
+    fi
+    rm -f "$BIG"
+fi
 
 SUMMARY=$(mktemp --suffix .py)
 cat > "$SUMMARY" <<'EOF'
