@@ -162,13 +162,19 @@ impl Plan {
 
     /// As [`Plan::build`], for a data shape known otherwise (read from the data).
     pub fn build_for(config: &RunConfig, machine: Machine, shape: DataShape) -> Result<Plan> {
+        let plan = Self::build_unplaced(config, machine, shape)?;
+        plan.check_memory(None)?;
+        Ok(plan)
+    }
+
+    /// As [`Plan::build_for`], without the memory check: for a worker, whose stages come
+    /// from the coordinator's plan; it checks them with [`Plan::check_memory`] once set.
+    pub fn build_unplaced(config: &RunConfig, machine: Machine, shape: DataShape) -> Result<Plan> {
         check_ranges(config)?;
         let transform = Transform::from_config(&config.data, shape.input.channels, shape.input.size)?;
         let arch = Architecture::new(&config.model, shape.input, shape.num_classes)?;
         let stages = placement::resolve(config, arch.hidden.len() + 1, &machine, None)?;
-        let plan = Plan { config: config.clone(), shape, arch, transform, stages, machine };
-        plan.check_memory()?;
-        Ok(plan)
+        Ok(Plan { config: config.clone(), shape, arch, transform, stages, machine })
     }
 
     /// `validate`: the plan for this machine, and the data files present when asked.
@@ -233,29 +239,29 @@ impl Plan {
         layers
     }
 
-    /// Refuses a plan whose memory need is more than the machine has, with both figures:
-    /// the whole estimate against the host's memory when a stage runs on the CPU, and each
-    /// GPU's share (the layers placed on it) against that GPU's memory.
-    fn check_memory(&self) -> Result<()> {
-        let layers = self.layer_memory();
-        let mut needs: BTreeMap<DeviceId, f64> = BTreeMap::new();
-        if self.devices().contains(&DeviceId::Cpu) {
-            needs.insert(DeviceId::Cpu, combine(&layers));
-        }
-        let mut on: BTreeMap<DeviceId, Vec<LayerMemory>> = BTreeMap::new();
-        for s in self.stages.iter().filter(|s| s.host.is_none()) {
-            for (layer, device) in s.layers.iter().zip(&s.devices) {
-                if device.is_cuda() {
-                    on.entry(*device).or_default().push(layers[*layer]);
-                }
-            }
-        }
-        needs.extend(on.iter().map(|(d, l)| (*d, combine(l))));
+    /// Refuses a plan whose memory need is more than this process's devices have, with both
+    /// figures: for each device of the stages run by `host` (the worker's name; none for
+    /// the coordinator's own), the layers placed on it against its memory (the host's
+    /// memory for the CPU).
+    pub fn check_memory(&self, host: Option<&str>) -> Result<()> {
+        let needs = self.device_needs(host);
         let have = |d: DeviceId| match d {
             DeviceId::Cpu => host_memory(),
             DeviceId::Cuda(i) => layerwise_nccl::cuda_total_memory(i),
         };
         check_fits(&needs, have, self.config.train.batch_size)
+    }
+
+    /// The memory each device of `host`'s stages needs, by [`combine`] of its layers.
+    fn device_needs(&self, host: Option<&str>) -> BTreeMap<DeviceId, f64> {
+        let layers = self.layer_memory();
+        let mut on: BTreeMap<DeviceId, Vec<LayerMemory>> = BTreeMap::new();
+        for s in self.stages.iter().filter(|s| s.host.as_deref() == host) {
+            for (layer, device) in s.layers.iter().zip(&s.devices) {
+                on.entry(*device).or_default().push(layers[*layer]);
+            }
+        }
+        on.iter().map(|(d, l)| (*d, combine(l))).collect()
     }
 
     /// Hidden layers plus the output layer.
@@ -491,9 +497,14 @@ mod tests {
             crate::config::StageSpec { layers: vec![0, 1], device: "cuda:0".into() },
             crate::config::StageSpec { layers: vec![2, 3, 4], device: "cuda:1".into() },
         ]);
-        let plan = Plan::build(&c, Machine { cuda_devices: 2, cores: 2 }).unwrap();
+        let mut plan = Plan::build(&c, Machine { cuda_devices: 2, cores: 2 }).unwrap();
         let layers = plan.layer_memory();
         let (first, rest) = (combine(&layers[..2]), combine(&layers[2..]));
+        assert_eq!(plan.device_needs(None), BTreeMap::from([(DeviceId::Cuda(0), first), (DeviceId::Cuda(1), rest)]));
+        // A worker counts only the stages placed on it.
+        plan.stages[1].host = Some("w1".into());
+        assert_eq!(plan.device_needs(None), BTreeMap::from([(DeviceId::Cuda(0), first)]));
+        assert_eq!(plan.device_needs(Some("w1")), BTreeMap::from([(DeviceId::Cuda(1), rest)]));
         let whole = plan.memory_estimate();
         assert!(first < whole && rest < whole && first + rest >= whole, "{first} + {rest} against {whole}");
         let needs = BTreeMap::from([(DeviceId::Cuda(0), first), (DeviceId::Cuda(1), rest)]);

@@ -276,7 +276,7 @@ fn start(
     // The coordinator resolved the placement; this side checks only its own devices.
     let mut config = a.config.clone();
     config.pipeline.placement = crate::config::Placement::Named("single".into());
-    let mut plan = Plan::build_for(&config, machine, shape)?;
+    let mut plan = Plan::build_unplaced(&config, machine, shape)?;
     plan.config = a.config.clone();
     plan.stages = a.stages.clone();
     share_threads(&mut plan.stages, Some(host), &a.config, machine.cores);
@@ -285,6 +285,7 @@ fn start(
             machine.check(*d).map_err(|e| EngineError::Config(format!("stage {}: {e}", s.index)))?;
         }
     }
+    plan.check_memory(Some(host))?;
     let resume = a.resume.as_deref().map(checkpoint::open).transpose()?;
     let net = Arc::new(Net {
         job: a.job,
