@@ -74,10 +74,10 @@ mod ffi {
     }
 }
 
-/// A C call's error text buffer.
-struct ErrBuf([u8; ERR_LEN]);
+/// A text buffer a C call writes into (a value, or an error's first line).
+struct TextBuf([u8; ERR_LEN]);
 
-impl ErrBuf {
+impl TextBuf {
     fn new() -> Self {
         Self([0; ERR_LEN])
     }
@@ -86,6 +86,18 @@ impl ErrBuf {
     }
     fn text(&self) -> String {
         CStr::from_bytes_until_nul(&self.0).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+}
+
+/// Runs a shim call that returns 0, or nonzero with its error written into the buffer it
+/// is handed (`ERR_LEN` bytes).
+#[cfg(nccl)]
+fn checked(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
+    let mut err = TextBuf::new();
+    if call(err.ptr(), ERR_LEN) == 0 {
+        Ok(())
+    } else {
+        Err(err.text())
     }
 }
 
@@ -106,15 +118,10 @@ fn not_built<T>() -> Result<T, String> {
 pub fn version() -> Result<String, String> {
     #[cfg(nccl)]
     {
-        let mut out = ErrBuf::new();
-        let mut err = ErrBuf::new();
+        let mut out = TextBuf::new();
         // SAFETY: both buffers are ERR_LEN bytes and outlive the call.
-        let rc = unsafe { ffi::lw_nccl_version(out.ptr(), ERR_LEN, err.ptr(), ERR_LEN) };
-        if rc == 0 {
-            Ok(out.text())
-        } else {
-            Err(err.text())
-        }
+        checked(|err, len| unsafe { ffi::lw_nccl_version(out.ptr(), ERR_LEN, err, len) })?;
+        Ok(out.text())
     }
     #[cfg(not(nccl))]
     not_built()
@@ -162,7 +169,7 @@ impl Store {
         #[cfg(nccl)]
         {
             let host = c_string(host, "host")?;
-            let mut err = ErrBuf::new();
+            let mut err = TextBuf::new();
             // SAFETY: `host` is a NUL-terminated string alive for the call; err is ERR_LEN bytes.
             let ptr =
                 unsafe { ffi::lw_store_new(host.as_ptr(), port, server as c_int, millis(timeout), err.ptr(), ERR_LEN) };
@@ -190,14 +197,8 @@ impl Store {
         #[cfg(nccl)]
         {
             let (k, v) = (c_string(key, "key")?, c_string(value, "value")?);
-            let mut err = ErrBuf::new();
             // SAFETY: live store, NUL-terminated strings, err of ERR_LEN bytes.
-            let rc = unsafe { ffi::lw_store_set(self.ptr, k.as_ptr(), v.as_ptr(), err.ptr(), ERR_LEN) };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(err.text())
-            }
+            checked(|err, len| unsafe { ffi::lw_store_set(self.ptr, k.as_ptr(), v.as_ptr(), err, len) })
         }
         #[cfg(not(nccl))]
         not_built()
@@ -210,14 +211,10 @@ impl Store {
         #[cfg(nccl)]
         {
             let k = c_string(key, "key")?;
-            let (mut out, mut err) = (ErrBuf::new(), ErrBuf::new());
+            let mut out = TextBuf::new();
             // SAFETY: live store, NUL-terminated key, buffers of ERR_LEN bytes.
-            let rc = unsafe { ffi::lw_store_get(self.ptr, k.as_ptr(), out.ptr(), ERR_LEN, err.ptr(), ERR_LEN) };
-            if rc == 0 {
-                Ok(out.text())
-            } else {
-                Err(err.text())
-            }
+            checked(|err, len| unsafe { ffi::lw_store_get(self.ptr, k.as_ptr(), out.ptr(), ERR_LEN, err, len) })?;
+            Ok(out.text())
         }
         #[cfg(not(nccl))]
         not_built()
@@ -263,7 +260,7 @@ impl Group {
         #[cfg(nccl)]
         {
             let p = c_string(prefix, "prefix")?;
-            let mut err = ErrBuf::new();
+            let mut err = TextBuf::new();
             // SAFETY: live store, NUL-terminated prefix, err of ERR_LEN bytes.
             let ptr = unsafe {
                 ffi::lw_group_new(
@@ -292,15 +289,11 @@ impl Group {
     pub fn send(&self, t: &Tensor, peer: usize) -> Result<(), String> {
         #[cfg(nccl)]
         {
-            let mut err = ErrBuf::new();
             // SAFETY: `t.as_ptr()` is tch's at::Tensor*, alive for the call.
-            let rc =
-                unsafe { ffi::lw_group_send(self.ptr, t.as_ptr() as *const c_void, peer as c_int, err.ptr(), ERR_LEN) };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(format!("NCCL send to rank {peer}: {}", err.text()))
-            }
+            checked(|err, len| unsafe {
+                ffi::lw_group_send(self.ptr, t.as_ptr() as *const c_void, peer as c_int, err, len)
+            })
+            .map_err(|e| format!("NCCL send to rank {peer}: {e}"))
         }
         #[cfg(not(nccl))]
         not_built()
@@ -312,16 +305,10 @@ impl Group {
     pub fn recv(&self, t: &mut Tensor, peer: usize) -> Result<(), String> {
         #[cfg(nccl)]
         {
-            let mut err = ErrBuf::new();
-            // SAFETY: `t.as_mut_ptr()` is tch's at::Tensor*, alive and exclusively ours for the call.
-            let rc = unsafe {
-                ffi::lw_group_recv(self.ptr, t.as_mut_ptr() as *mut c_void, peer as c_int, err.ptr(), ERR_LEN)
-            };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(format!("NCCL receive from rank {peer}: {}", err.text()))
-            }
+            let ptr = t.as_mut_ptr() as *mut c_void;
+            // SAFETY: `ptr` is tch's at::Tensor* of `t`, alive and exclusively ours for the call.
+            checked(|err, len| unsafe { ffi::lw_group_recv(self.ptr, ptr, peer as c_int, err, len) })
+                .map_err(|e| format!("NCCL receive from rank {peer}: {e}"))
         }
         #[cfg(not(nccl))]
         not_built()
