@@ -354,16 +354,11 @@ fn serve_worker(conn: &WorkerConn, mut stream: TcpStream) -> String {
 /// processes that should go over NCCL when this build has none (`missing`: why).
 fn check_gpu_links(gpu_link: GpuLink, stages: &[StagePlan], missing: Option<&str>) -> Result<()> {
     let Some(why) = missing else { return Ok(()) };
-    if gpu_link != GpuLink::Nccl {
-        return Ok(());
-    }
-    for pair in stages.windows(2) {
-        let (a, b) = (&pair[0], &pair[1]);
-        let ends = (a.devices.last(), b.devices.first());
-        if a.host != b.host && matches!(ends, (Some(x), Some(y)) if x.is_cuda() && y.is_cuda()) {
+    for b in 1..stages.len() {
+        if stages[b - 1].host != stages[b].host && super::nccl_ends(gpu_link, stages, b).is_some() {
             return Err(EngineError::Config(format!(
-                "pipeline.gpu_link: stages {} and {} are GPUs in two processes, and \"nccl\" is asked for, but this build has no NCCL ({why}); set pipeline.gpu_link to \"tcp\" to send through the hosts",
-                a.index, b.index
+                "pipeline.gpu_link: stages {} and {b} are GPUs in two processes, and \"nccl\" is asked for, but this build has no NCCL ({why}); set pipeline.gpu_link to \"tcp\" to send through the hosts",
+                b - 1
             )));
         }
     }

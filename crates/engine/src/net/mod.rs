@@ -197,18 +197,24 @@ struct NcclOffer {
     prefix: String,
 }
 
+/// The GPUs at both ends of the link into `stage` when that link, should it cross
+/// processes, goes over NCCL: the sending stage's last device and the receiving stage's
+/// first, both GPUs, with `pipeline.gpu_link` "nccl". Every process decides from the same
+/// plan.
+pub fn nccl_ends(gpu_link: GpuLink, stages: &[StagePlan], stage: usize) -> Option<(usize, usize)> {
+    if gpu_link != GpuLink::Nccl || stage == 0 {
+        return None;
+    }
+    match (stages[stage - 1].devices.last()?, stages.get(stage)?.devices.first()?) {
+        (DeviceId::Cuda(from), DeviceId::Cuda(to)) => Some((*from, *to)),
+        _ => None,
+    }
+}
+
 impl Net {
-    /// The GPUs at both ends of the link into `stage` when that link goes over NCCL: the
-    /// sending stage's last device and the receiving stage's first, both GPUs, with
-    /// `pipeline.gpu_link` "nccl". Both ends decide from the same plan.
+    /// [`nccl_ends`] of the link into `stage`, in this job's plan.
     pub fn nccl_ends(&self, stage: usize) -> Option<(usize, usize)> {
-        if self.gpu_link != GpuLink::Nccl || stage == 0 {
-            return None;
-        }
-        match (self.stages[stage - 1].devices.last()?, self.stages[stage].devices.first()?) {
-            (DeviceId::Cuda(from), DeviceId::Cuda(to)) => Some((*from, *to)),
-            _ => None,
-        }
+        nccl_ends(self.gpu_link, &self.stages, stage)
     }
 
     /// The link into `stage` from whichever process holds stage - 1 (waits for it).
