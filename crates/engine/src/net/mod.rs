@@ -211,6 +211,12 @@ pub fn nccl_ends(gpu_link: GpuLink, stages: &[StagePlan], stage: usize) -> Optio
     }
 }
 
+/// The store key by which the sender of an NCCL link says it has joined the receiver's
+/// store (outside the prefix that c10d's keys take).
+fn joined_key(prefix: &str) -> String {
+    format!("{prefix}:joined")
+}
+
 impl Net {
     /// [`nccl_ends`] of the link into `stage`, in this job's plan.
     pub fn nccl_ends(&self, stage: usize) -> Option<(usize, usize)> {
@@ -230,6 +236,8 @@ impl Net {
                 let store = Store::serve(NCCL_TIMEOUT).map_err(|e| format!("link into stage {stage}: {e}"))?;
                 let offer = NcclOffer { port: store.port(), prefix: format!("layerwise/{}", wire::nonce()) };
                 wire::write_frame(&mut s, &offer).map_err(|e| format!("link into stage {stage}: {e}"))?;
+                // The store must outlive the sender's joining it, whatever happens here next.
+                store.get(&joined_key(&offer.prefix)).map_err(|e| format!("link into stage {stage}: {e}"))?;
                 let group = Group::new(Arc::new(store), &offer.prefix, link::NCCL_RECEIVER, 2, NCCL_TIMEOUT)
                     .map(Arc::new)
                     .map_err(|e| format!("link into stage {stage} (cuda:{gpu}): {e}"))?;
@@ -257,6 +265,7 @@ impl Net {
                 let offer: NcclOffer = wire::read_frame(&mut s).map_err(|e| what(e.to_string()))?;
                 s.set_read_timeout(None).map_err(|e| what(e.to_string()))?;
                 let store = Store::connect(&addr.ip().to_string(), offer.port, NCCL_TIMEOUT).map_err(what)?;
+                store.set(&joined_key(&offer.prefix), "1").map_err(what)?;
                 let group = Group::new(Arc::new(store), &offer.prefix, link::NCCL_SENDER, 2, NCCL_TIMEOUT)
                     .map(Arc::new)
                     .map_err(what)?;
