@@ -85,9 +85,15 @@ def pool_for_decoder(c, d, dim_in):
     return (kh, kw), ((kh * (dh - d // kh)) // 2, (kw * (dw - d // kw)) // 2), n
 
 
+def channels_last(w):
+    """A convolution weight in channels-last layout, as layerwise keeps them: the
+    convolution then runs channels-last (the same values to rounding as contiguous)."""
+    return w.contiguous(memory_format=torch.channels_last)
+
+
 def block_hidden(p, x, kind, cfg, train=True):
     if kind == "conv":
-        z = F.conv2d(x, p["encoder.weight"], p["encoder.bias"], stride=cfg.get("stride", 1), padding=cfg.get("padding", 1))
+        z = F.conv2d(x, channels_last(p["encoder.weight"]), p["encoder.bias"], stride=cfg.get("stride", 1), padding=cfg.get("padding", 1))
     else:
         z = F.linear(x.reshape(x.shape[0], -1), p["encoder.weight"], p["encoder.bias"])
     if cfg["batch_norm"]:
@@ -120,7 +126,7 @@ def local_losses(p, h, kind, cfg, y, sim_target, bce_target):
         if bio:
             g = pooled(h)
         elif kind == "conv":
-            g = F.conv2d(h, p["sim_transform.weight"], None, 1, 1)
+            g = F.conv2d(h, channels_last(p["sim_transform.weight"]), None, 1, 1)
         else:
             g = F.linear(h, p["sim_transform.weight"])
         sim = F.mse_loss(sim_matrix(g, cfg["similarity_std"]), sim_target)

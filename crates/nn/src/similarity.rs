@@ -13,9 +13,9 @@ pub fn similarity_matrix(x: &Tensor, use_std: bool) -> Tensor {
     let b = x.size()[0];
     let x = if x.dim() == 4 && use_std && x.size()[1] > 3 && x.size()[2] > 1 {
         let s = x.size();
-        x.view([s[0], s[1], -1]).std_dim(2, true, false)
+        x.reshape([s[0], s[1], -1]).std_dim(2, true, false)
     } else {
-        x.view([b, -1])
+        x.reshape([b, -1])
     };
     let xc = &x - x.mean_dim(1, false, None::<Kind>).unsqueeze(1);
     let norm = xc.pow_tensor_scalar(2).sum_dim_intlist(1, false, None::<Kind>).sqrt() + 1e-8;
