@@ -107,8 +107,7 @@ struct Row {
     #[serde(flatten)]
     measured: Measured,
     speedup: f64,
-    /// The best speed-up over sequential that the split allows here: the stages' summed
-    /// step time over the largest's, at most the parallel units (CUDA devices used, or cores).
+    /// The best speed-up over sequential that the split allows here (see `best_speedup`).
     best_speedup: f64,
     efficiency: f64,
     gflops: f64,
@@ -126,6 +125,8 @@ struct Report {
     /// images, as `auto` measures them: the basis of `best_speedup`.
     /// None where layers have no local losses to time them by (backprop).
     layer_step_seconds: Option<Vec<f64>>,
+    /// The same on one thread (CPU only): what each stage of a split over the cores runs at.
+    layer_step_seconds_one_thread: Option<Vec<f64>>,
     runs: Vec<Row>,
 }
 
@@ -157,7 +158,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
     // Layers without local losses (backprop) cannot be timed alone.
     let costs = match base.model.training {
         Training::Backprop => None,
-        _ => Some(placement::measure(&plan, base.train.thread_budget(machine.cores))?),
+        _ => Some(placement::measure_costs(&plan)?),
     };
     let (matmul_gflops, matmul_size) = matmul_rate(&machine);
     let mut rows: Vec<Row> = Vec::new();
@@ -167,7 +168,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
         let sequential = rows.first().map_or(measured.images_per_sec, |r| r.measured.images_per_sec);
         let speedup = measured.images_per_sec / sequential;
         let best_speedup =
-            if *mode == PipelineMode::Sequential { 1.0 } else { best_speedup(&measured, costs.as_deref(), &machine) };
+            if *mode == PipelineMode::Sequential { 1.0 } else { best_speedup(&measured, costs.as_ref(), &machine) };
         rows.push(Row {
             speedup,
             best_speedup,
@@ -189,7 +190,8 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
         measured_epochs: args.repeats,
         batch_size: base.train.batch_size,
         train_gflop_per_image: flops / 1e9,
-        layer_step_seconds: costs,
+        layer_step_seconds: costs.as_ref().map(|c| c.whole.clone()),
+        layer_step_seconds_one_thread: costs.and_then(|c| c.one_thread),
         runs: rows,
     };
     if args.json {
@@ -200,18 +202,35 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Speed-up the stages of a run allow over one stage: the sum of their step times over the
-/// largest, at most the parallel units there are (CUDA devices in use, or the CPU's cores).
-/// Without layer times (backprop), the units alone bound it.
-fn best_speedup(m: &Measured, costs: Option<&[f64]>, machine: &Machine) -> f64 {
+/// The speed-up over sequential that a run's split allows on this machine, by the model
+/// `auto` chooses with (`placement::cpu_split`): sequential takes the layers' summed step
+/// times with every thread; a stage takes its layers' times at its own thread count (with
+/// every thread, or with one), and a pipelined step takes the larger of the slowest stage
+/// and the CPU time of all stages spread over the cores. So a split can only gain what the
+/// sequential run's own threads leave unused: where threads scale perfectly, the best is
+/// 1.0. On GPUs, each device runs its stages alone: the stages' summed times over the
+/// slowest device's. Without layer times (backprop), the units alone bound it.
+fn best_speedup(m: &Measured, costs: Option<&placement::Costs>, machine: &Machine) -> f64 {
     let mut gpus: Vec<&String> = m.devices.iter().filter(|d| d.starts_with("cuda")).collect();
     gpus.dedup();
-    let units = if gpus.is_empty() { machine.cores.min(m.stages.len()) } else { gpus.len() } as f64;
-    let Some(costs) = costs else { return units.max(1.0) };
-    let stage_costs: Vec<f64> = m.stages.iter().map(|layers| layers.iter().map(|&l| costs[l]).sum()).collect();
-    let largest = stage_costs.iter().cloned().fold(0.0, f64::max);
-    let total: f64 = stage_costs.iter().sum();
-    (total / largest).min(units).max(1.0)
+    let units = if gpus.is_empty() { machine.cores.min(m.stages.len()) } else { gpus.len() }.max(1) as f64;
+    let Some(costs) = costs else { return units };
+    let sum = |c: &[f64], layers: &[usize]| layers.iter().map(|&l| c[l]).sum::<f64>();
+    let sequential: f64 = costs.whole.iter().sum();
+    let step = match &costs.one_thread {
+        Some(one) if gpus.is_empty() => {
+            let (slowest, cpu_time) = m.stages.iter().zip(&m.threads).fold((0.0f64, 0.0), |(slowest, cpu), (l, &t)| {
+                let stage = if t == 1 { sum(one, l) } else { sum(&costs.whole, l) };
+                (slowest.max(stage), cpu + stage * t as f64)
+            });
+            slowest.max(cpu_time / machine.cores.max(1) as f64)
+        }
+        _ => {
+            let slowest = m.stages.iter().map(|l| sum(&costs.whole, l)).fold(0.0, f64::max);
+            slowest.max(sequential / units)
+        }
+    };
+    sequential / step
 }
 
 /// Runs `runs()[i]` in a child process (this binary, `--one i`) and reads its result; the
