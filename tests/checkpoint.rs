@@ -50,6 +50,22 @@ fn a_run_stopped_and_resumed_equals_the_run_done_in_one_go() {
 }
 
 #[test]
+fn a_conv_net_stopped_and_resumed_equals_the_run_done_in_one_go() {
+    // Convolution weights and their Adam slots are channels-last in memory; checkpoints hold
+    // them contiguous, and a resume must put every value back where it was.
+    let data = data_dir();
+    let config = pipelined(data.path(), "per_layer");
+    let config = RunConfig { model: small_run_config(data.path(), "vgg6a").model, ..config };
+    let whole = run_in_temp(&config);
+    let dir = tempfile::tempdir().unwrap();
+    let first = run(&config, dir.path(), stop_at(17));
+    assert!(first.stopped && first.step == 17);
+    let resumed = run(&config, dir.path(), resume());
+    assert!(resumed.resumed_from.is_some());
+    assert_same_run(&whole, &resumed, "vgg6a stopped at step 17");
+}
+
+#[test]
 fn a_checkpoint_taken_under_one_placement_resumes_under_another() {
     let data = data_dir();
     let whole = run_in_temp(&pipelined(data.path(), "per_layer"));
