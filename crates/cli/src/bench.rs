@@ -121,8 +121,8 @@ struct Report {
     measured_epochs: usize,
     batch_size: usize,
     train_gflop_per_image: f64,
-    /// Seconds per training step of each layer alone (the output layer last), at up to 64
-    /// images, as `auto` measures them: the basis of `best_speedup`.
+    /// Seconds per training step of each layer alone (the output layer last), at the run's
+    /// batch size, as `auto` measures them: the basis of `best_speedup`.
     /// None where layers have no local losses to time them by (backprop).
     layer_step_seconds: Option<Vec<f64>>,
     /// The same on one thread (CPU only): what each stage of a split over the cores runs at.
