@@ -274,7 +274,7 @@ def optimizer_case(name, ctor, cfg):
 
 
 def network_case(name, arch, steps=2, **over):
-    """A whole network trained for `steps` steps with one torch.optim.Adam per layer."""
+    """A whole network trained for `steps` steps with one fused torch.optim.Adam per layer."""
     cfg = dict(BASE, **over)
     gen = torch.Generator().manual_seed(11)
     classes, b = 4, 8
@@ -307,7 +307,9 @@ def network_case(name, arch, steps=2, **over):
     def trainable(d):
         return [v for v in d.values() if v.requires_grad]
 
-    opts = [torch.optim.Adam(trainable(blk), lr=1e-2) for blk in blocks] + [torch.optim.Adam(trainable(out_p), lr=1e-2)]
+    # Fused, as layerwise's default (optim.fused).
+    opts = [torch.optim.Adam(trainable(blk), lr=1e-2, fused=True) for blk in blocks] + [
+        torch.optim.Adam(trainable(out_p), lr=1e-2, fused=True)]
     scale = (1 - cfg["beta"]) if cfg["loss"] == "predsim" and cfg["training"] != "backprop" else 1.0
     for step, (x, y) in enumerate(zip(xs, ys)):
         tensors[f"x.{step}"] = x
@@ -354,8 +356,12 @@ def main():
             block_case(f"block_{kind}_{loss}", kind, loss=loss)
             block_case(f"block_{kind}_bio_{loss}", kind, loss=loss, training="bio")
         block_case(f"block_{kind}_leaky_nobn_nostd", kind, nonlin="leakyrelu", batch_norm=False, similarity_std=False)
-    optimizer_case("optim_adam", lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3), {"kind": "adam", "lr": 1e-2, "weight_decay": 1e-3})
-    optimizer_case("optim_amsgrad", lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True), {"kind": "amsgrad", "lr": 1e-2, "weight_decay": 0.0})
+    # Adam in both of torch.optim's CPU paths: the single-tensor default and the fused kernel.
+    for fused, suffix in ((False, ""), (True, "_fused")):
+        optimizer_case(f"optim_adam{suffix}", lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3, fused=fused),
+                       {"kind": "adam", "lr": 1e-2, "weight_decay": 1e-3, "fused": fused})
+        optimizer_case(f"optim_amsgrad{suffix}", lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, fused=fused),
+                       {"kind": "amsgrad", "lr": 1e-2, "weight_decay": 0.0, "fused": fused})
     optimizer_case("optim_sgd_momentum", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
                    {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "nesterov": False})
     optimizer_case("optim_sgd_nesterov", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),

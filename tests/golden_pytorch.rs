@@ -165,12 +165,13 @@ fn check_optimizer(case: &str) {
         weight_decay: g.f64("weight_decay"),
         momentum: g.config["momentum"].as_f64().unwrap_or(0.0),
         nesterov: g.config["nesterov"].as_bool().unwrap_or(false),
+        fused: g.config["fused"].as_bool().unwrap_or(false),
         ..Default::default()
     };
     let param = g.get("init").copy().set_requires_grad(true);
     let mut opt = Optimizer::new(&config, vec![("p".into(), param.shallow_clone())]);
     for i in 0..5 {
-        opt.step(&[g.get(&format!("grad.{i}")).shallow_clone()]);
+        opt.step(&[g.get(&format!("grad.{i}")).shallow_clone()]).unwrap();
         assert_bit_identical(
             &format!("{case}: parameter after step {}", i + 1),
             &param.detach(),
@@ -194,6 +195,16 @@ fn adam_with_weight_decay_is_bit_identical_to_torch_optim() {
 #[test]
 fn amsgrad_is_bit_identical_to_torch_optim() {
     check_optimizer("optim_amsgrad");
+}
+
+#[test]
+fn fused_adam_with_weight_decay_is_bit_identical_to_torch_optims_fused_kernel() {
+    check_optimizer("optim_adam_fused");
+}
+
+#[test]
+fn fused_amsgrad_is_bit_identical_to_torch_optims_fused_kernel() {
+    check_optimizer("optim_amsgrad_fused");
 }
 
 #[test]
@@ -255,8 +266,10 @@ fn check_network(case: &str) {
     let mut compared = 0;
     for (name, expected) in g.with_prefix("final.") {
         let (_, actual) = state.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("{case}: no tensor {name}"));
-        // Adam normalises the step, so parameters agree far better than raw gradients.
-        assert_close(&format!("{case}: {name} after training"), actual, &expected, RTOL_GRAD, 1e-5);
+        // Adam normalises the step, so parameters agree far better than raw gradients. Each
+        // step moves a weight by about `lr`, so a weight that two steps brought near zero
+        // keeps the float32 rounding of weights of size `lr`: the floor is `lr / 100`.
+        assert_close(&format!("{case}: {name} after training"), actual, &expected, RTOL_GRAD, g.f64("lr") / 100.0);
         compared += 1;
     }
     assert!(compared >= 8, "{case}: compared only {compared} tensors");

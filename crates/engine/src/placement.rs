@@ -366,9 +366,9 @@ pub fn measure(plan: &Plan, threads: usize) -> Result<Vec<f64>> {
         let i = arch.hidden.len();
         let mut output = OutputLayer::new(i, arch.output_in, arch.num_classes, model, optim, seed, d);
         let labels = targets.labels.shallow_clone();
-        costs.push(time(Box::new(|| {
-            let _ = output.train_local(&x, &labels);
-        })));
+        let mut out = Ok(());
+        costs.push(time(Box::new(|| out = output.train_local(&x, &labels).map(drop))));
+        out.map_err(|e| failed(i, e.to_string()))?;
         Ok(costs)
     };
     // In a thread of its own: the OpenMP team it needs ends with it instead of staying with

@@ -322,7 +322,8 @@ impl Stage {
         if let Some(layer) = self.output.as_ref().map(|o| o.index) {
             let loss = self.guard(Some(layer), Some(step), |s| {
                 let x = s.inject(layer, step, x.shallow_clone())?;
-                Ok(s.output.as_mut().expect("checked").train_local(&x, &targets.labels).1)
+                let out = s.output.as_mut().expect("checked").train_local(&x, &targets.labels);
+                out.map(|(_, loss)| loss).map_err(|e| s.fail(Some(layer), Some(step), e.to_string()))
             })??;
             self.check_finite(&loss, Some(layer), step)?;
         }

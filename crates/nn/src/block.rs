@@ -359,7 +359,7 @@ impl HiddenBlock {
         let output = tch::no_grad(|| self.output(&h, true));
         let losses = self.local_losses(&h, targets)?;
         let grads = Tensor::run_backward(&[&losses.total], &self.optimizer.tensors(), false, false);
-        self.optimizer.step(&grads);
+        self.optimizer.step(&grads)?;
         self.stats.record(&losses, &targets.labels);
         Ok(LocalStep { output, loss: losses.total.detach() })
     }

@@ -110,6 +110,11 @@ pub struct OptimConfig {
     pub momentum: f64,
     pub dampening: f64,
     pub nesterov: bool,
+    /// Adam and AMSGrad in libtorch's fused kernel (`torch.optim.Adam(fused=True)`): one
+    /// pass over each parameter instead of about ten. `false` takes `torch.optim`'s default
+    /// single-tensor path instead, bit for bit; the two differ in the last bit of some
+    /// updates. SGD always takes the single-tensor path.
+    pub fused: bool,
     /// Epochs after which the learning rate is multiplied by `lr_decay`.
     pub milestones: Vec<usize>,
     pub lr_decay: f64,
@@ -126,6 +131,7 @@ impl Default for OptimConfig {
             momentum: 0.9,
             dampening: 0.0,
             nesterov: false,
+            fused: true,
             milestones: vec![],
             lr_decay: 0.25,
         }

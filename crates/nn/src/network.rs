@@ -61,7 +61,7 @@ impl Network {
         let logits = match self.model.training {
             Training::Local | Training::Bio => {
                 let x = train_local_blocks(&mut self.blocks, x, &targets)?;
-                self.output.train_local(&x, labels).0
+                self.output.train_local(&x, labels)?.0
             }
             Training::Backprop | Training::LocalGlobal => {
                 let with_local = self.model.training == Training::LocalGlobal;
@@ -198,10 +198,10 @@ pub fn train_global(
     let mut rest = &grads[..];
     for block in blocks.iter_mut() {
         let n = block.optimizer.len();
-        block.optimizer.step(&rest[..n]);
+        block.optimizer.step(&rest[..n])?;
         rest = &rest[n..];
     }
-    output.optimizer.step(rest);
+    output.optimizer.step(rest)?;
     for (block, losses) in blocks.iter_mut().zip(&local) {
         block.record_stats(losses, &targets.labels.to_device(block.device()));
     }

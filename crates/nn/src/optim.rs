@@ -1,9 +1,13 @@
 //! Optimizers written on tensors, so that their state is a set of named tensors that a
 //! checkpoint saves (tch's own optimizers hide theirs).
 //!
-//! Each step follows `torch.optim`'s single-tensor path op for op, with fused equivalents
-//! where tch lacks the `alpha`/`value` arguments, so that on CPU the result is bit-identical
-//! to PyTorch's (checked by the golden tests).
+//! Adam and AMSGrad run libtorch's fused kernel by default (`optim.fused`), as
+//! `torch.optim.Adam(fused=True)` does. Otherwise, and for SGD, each step follows
+//! `torch.optim`'s single-tensor path op for op, with fused equivalents where tch lacks the
+//! `alpha`/`value` arguments. On CPU either path is bit-identical to PyTorch's same path
+//! (checked by the golden tests).
+
+use std::ffi::{c_int, CStr};
 
 use tch::{Kind, Tensor};
 
@@ -21,6 +25,9 @@ struct ParamState {
     exp_avg_sq: Option<Tensor>,
     max_exp_avg_sq: Option<Tensor>,
     momentum_buffer: Option<Tensor>,
+    /// `step` as a float32 scalar on the parameter's device, which the fused kernel reads;
+    /// made from `step` when first needed (and again after a restore).
+    step_tensor: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -47,6 +54,7 @@ impl Optimizer {
                 exp_avg_sq: None,
                 max_exp_avg_sq: None,
                 momentum_buffer: None,
+                step_tensor: None,
             })
             .collect();
         Self { config: config.clone(), lr: config.lr, params }
@@ -76,10 +84,13 @@ impl Optimizer {
 
     /// One update. `grads[i]` belongs to the i-th parameter; an undefined gradient (the
     /// parameter took no part in the loss) skips that parameter, as PyTorch skips `None`.
-    pub fn step(&mut self, grads: &[Tensor]) {
+    pub fn step(&mut self, grads: &[Tensor]) -> Result<()> {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         let _guard = tch::no_grad_guard();
         let c = &self.config;
+        if c.fused && matches!(c.kind, OptimKind::Adam | OptimKind::Amsgrad) {
+            return fused_adam_step(&mut self.params, grads, c, self.lr);
+        }
         for (state, grad) in self.params.iter_mut().zip(grads) {
             if !grad.defined() {
                 continue;
@@ -95,6 +106,7 @@ impl Optimizer {
                 OptimKind::Sgd => sgd_update(state, grad, c, self.lr),
             }
         }
+        Ok(())
     }
 
     /// The state as named tensors: `{param}.step` (int64), `.exp_avg`, `.exp_avg_sq`,
@@ -127,6 +139,7 @@ impl Optimizer {
             let step = find(&format!("{}.step", p.name))
                 .ok_or_else(|| NnError::State(format!("optimizer: missing \"{}.step\"", p.name)))?;
             p.step = step.int64_value(&[]);
+            p.step_tensor = None;
             let slot = |suffix: &str| -> Result<Option<Tensor>> {
                 match find(&format!("{}.{suffix}", p.name)) {
                     None => Ok(None),
@@ -157,6 +170,103 @@ impl Optimizer {
         let params: Vec<Named> = self.params.iter().map(|p| (p.name.clone(), p.param.shallow_clone())).collect();
         load_into(&params, named, owner)
     }
+}
+
+mod ffi {
+    use std::ffi::{c_char, c_int};
+
+    use tch::Tensor;
+
+    /// tch's tensor handle is libtorch's `at::Tensor*`.
+    pub type TensorPtr = *const torch_sys::C_tensor;
+
+    extern "C" {
+        // src/fused.cpp
+        pub fn lw_fused_adam(
+            params: *const TensorPtr,
+            grads: *const TensorPtr,
+            exp_avgs: *const TensorPtr,
+            exp_avg_sqs: *const TensorPtr,
+            max_exp_avg_sqs: *const TensorPtr,
+            steps: *const TensorPtr,
+            n: usize,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+            amsgrad: c_int,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+    }
+
+    pub fn ptrs<'a>(ts: impl Iterator<Item = &'a Tensor>) -> Vec<TensorPtr> {
+        ts.map(|t| t.as_ptr()).collect()
+    }
+}
+
+/// One step of every parameter with a gradient, in libtorch's fused Adam kernel.
+fn fused_adam_step(params: &mut [ParamState], grads: &[Tensor], c: &OptimConfig, lr: f64) -> Result<()> {
+    let amsgrad = c.kind == OptimKind::Amsgrad;
+    let mut taking: Vec<(&ParamState, &Tensor)> = Vec::with_capacity(params.len());
+    for (state, grad) in params.iter_mut().zip(grads) {
+        if !grad.defined() {
+            continue;
+        }
+        state.step += 1;
+        let step = state.step as f64;
+        match state.step_tensor.as_mut() {
+            Some(t) => {
+                let _ = t.g_add_scalar_(1.0);
+            }
+            None => state.step_tensor = Some(Tensor::from(step as f32).to_device(state.param.device())),
+        }
+        let zeros = || state.param.zeros_like();
+        state.exp_avg.get_or_insert_with(zeros);
+        state.exp_avg_sq.get_or_insert_with(zeros);
+        if amsgrad {
+            state.max_exp_avg_sq.get_or_insert_with(zeros);
+        }
+        taking.push((state, grad));
+    }
+    if taking.is_empty() {
+        return Ok(());
+    }
+    let slot = |f: fn(&ParamState) -> &Option<Tensor>| -> Vec<ffi::TensorPtr> {
+        ffi::ptrs(taking.iter().map(|(s, _)| f(s).as_ref().expect("made above")))
+    };
+    let p = ffi::ptrs(taking.iter().map(|(s, _)| &s.param));
+    let g = ffi::ptrs(taking.iter().map(|(_, g)| *g));
+    let (m, v, steps) = (slot(|s| &s.exp_avg), slot(|s| &s.exp_avg_sq), slot(|s| &s.step_tensor));
+    let vmax = if amsgrad { slot(|s| &s.max_exp_avg_sq) } else { Vec::new() };
+    let mut err = [0u8; 1024];
+    // SAFETY: every pointer is a live tensor handle borrowed for the call; each list holds
+    // `p.len()` of them (`vmax` too when AMSGrad reads it); `err` is as long as said.
+    let rc = unsafe {
+        ffi::lw_fused_adam(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            if amsgrad { vmax.as_ptr() } else { std::ptr::null() },
+            steps.as_ptr(),
+            p.len(),
+            lr,
+            c.betas.0,
+            c.betas.1,
+            c.weight_decay,
+            c.eps,
+            amsgrad as c_int,
+            err.as_mut_ptr().cast(),
+            err.len(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let why = CStr::from_bytes_until_nul(&err).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+    Err(NnError::Model(format!("optimizer step (fused Adam): {why}")))
 }
 
 fn adam_update(state: &mut ParamState, grad: &Tensor, c: &OptimConfig, lr: f64) {
@@ -204,4 +314,61 @@ fn sgd_update(state: &mut ParamState, grad: Tensor, c: &OptimConfig, lr: f64) {
         grad
     };
     let _ = state.param.addcmul_(&grad, &Tensor::from(-lr));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn adam(fused: bool, kind: OptimKind) -> OptimConfig {
+        OptimConfig { kind, lr: 0.1, weight_decay: 1e-3, fused, ..Default::default() }
+    }
+
+    /// A conv weight kept channels-last, stepped with gradients in either layout.
+    fn stepped(config: &OptimConfig, grads_channels_last: bool) -> Vec<Named> {
+        tch::manual_seed(3);
+        let w = crate::init::channels_last(Tensor::randn([6, 4, 3, 3], (Kind::Float, Device::Cpu)));
+        let mut opt = Optimizer::new(config, vec![("w".into(), w.shallow_clone())]);
+        for _ in 0..3 {
+            let g = Tensor::randn([6, 4, 3, 3], (Kind::Float, Device::Cpu));
+            let g = if grads_channels_last { crate::init::channels_last(g) } else { g };
+            opt.step(&[g]).unwrap();
+        }
+        let mut out = opt.state();
+        out.push(("w".into(), w.contiguous()));
+        out
+    }
+
+    #[test]
+    fn the_fused_kernel_steps_a_channels_last_weight_right_whatever_its_gradients_layout() {
+        for kind in [OptimKind::Adam, OptimKind::Amsgrad] {
+            let single = stepped(&adam(false, kind), false);
+            for grads_channels_last in [false, true] {
+                let fused = stepped(&adam(true, kind), grads_channels_last);
+                assert_eq!(fused.len(), single.len(), "{kind:?}: the same state");
+                for ((name, a), (_, b)) in fused.iter().zip(&single) {
+                    // The two paths round the final update differently: a few ulps apart.
+                    let diff = (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[]);
+                    assert!(diff < 1e-6, "{kind:?}, channels-last grads {grads_channels_last}: {name} off by {diff}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_parameter_without_a_gradient_is_left_alone_by_the_fused_step() {
+        let (a, b) = (Tensor::ones([3], (Kind::Float, Device::Cpu)), Tensor::ones([2], (Kind::Float, Device::Cpu)));
+        let mut opt = Optimizer::new(
+            &adam(true, OptimKind::Adam),
+            vec![("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())],
+        );
+        opt.step(&[Tensor::ones([3], (Kind::Float, Device::Cpu)), Tensor::new()]).unwrap();
+        opt.step(&[Tensor::ones([3], (Kind::Float, Device::Cpu)), Tensor::new()]).unwrap();
+        assert_eq!(b, Tensor::ones([2], (Kind::Float, Device::Cpu)), "b took no step");
+        let state: Vec<String> = opt.state().into_iter().map(|(n, _)| n).collect();
+        assert!(state.contains(&"a.exp_avg".to_string()) && !state.contains(&"b.exp_avg".to_string()), "{state:?}");
+        let step = opt.state().into_iter().find(|(n, _)| n == "a.step").unwrap().1.int64_value(&[]);
+        assert_eq!(step, 2);
+    }
 }

@@ -75,13 +75,13 @@ impl OutputLayer {
 
     /// One local step on a detached input; returns the logits (before the update) and the
     /// loss descended, both detached.
-    pub fn train_local(&mut self, x: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+    pub fn train_local(&mut self, x: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
         let logits = self.forward(&x.detach());
         let (scaled, ce) = self.loss(&logits, labels);
         let grads = Tensor::run_backward(&[&scaled], &self.optimizer.tensors(), false, false);
-        self.optimizer.step(&grads);
+        self.optimizer.step(&grads)?;
         self.record(&logits, &ce, labels);
-        (logits.detach(), scaled.detach())
+        Ok((logits.detach(), scaled.detach()))
     }
 
     pub fn record(&mut self, logits: &Tensor, ce: &Tensor, labels: &Tensor) {
