@@ -186,6 +186,30 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
     assert_same_newest_checkpoint(&whole, &three_then_one, "begun in three processes, resumed in one");
 }
 
+/// `auto` with `pipeline.workers`: one stage here and one on each worker named, the layers
+/// split by their measured cost, trained to the single process's weights bit for bit.
+#[test]
+fn an_auto_placement_spreads_over_the_workers_named_and_trains_as_one_process() {
+    let s = setup();
+    let (c, d) = (&s.config, s.dir.path());
+    let whole = d.join("whole");
+    let out = train(c, &whole, &[], false).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let run = d.join("auto");
+    let (coordinator, addr) = coordinator(c, &run, &[r#"pipeline.workers=["w1","w2"]"#], false);
+    let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
+    let out = coordinator.output();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("on 3 stage(s)"), "{log}");
+    assert!(log.contains("worker w1") && log.contains("runs stage(s) [1]"), "{log}");
+    assert!(log.contains("worker w2") && log.contains("runs stage(s) [2]"), "{log}");
+    for w in workers {
+        assert!(w.output().status.success());
+    }
+    assert_same_newest_checkpoint(&whole, &run, "auto over two workers against one process");
+}
+
 /// kill -9 of a worker mid-run: the coordinator fails the run at once, naming the worker,
 /// the other worker stops, the run's status says failed; a rerun with --resume (with a new
 /// set of workers) ends where the uninterrupted run does.

@@ -113,7 +113,7 @@ pub fn coordinate(
     let plan = Plan::build(cfg, machine)?;
     let listen = match launch {
         Some(l) => l.coordinator(),
-        None if !plan.workers().is_empty() => net.listen.clone(),
+        None if !plan.workers().is_empty() || !cfg.pipeline.workers.is_empty() => net.listen.clone(),
         None => return Ok((plan, None)),
     };
     let wait = crate::seconds("--worker-wait", net.worker_wait, 1.0)?;
@@ -121,7 +121,7 @@ pub fn coordinate(
     std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     write_address(&run_dir.join("coordinator.addr"), &cluster.addr.to_string())?;
     let plan = match launch {
-        Some(l) if plan.workers().is_empty() => {
+        Some(l) if plan.workers().is_empty() && cfg.pipeline.workers.is_empty() => {
             let names: Vec<String> = (1..l.world).map(Launch::name).collect();
             tracing::info!("rank 0 of {}: waiting for {names:?} on {}", l.world, cluster.addr);
             let workers = cluster.wait_for(&names, Some(stop))?;

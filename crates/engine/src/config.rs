@@ -107,6 +107,9 @@ pub struct PipelineConfig {
     pub channel_capacity: usize,
     /// How activations on GPUs cross between processes.
     pub gpu_link: GpuLink,
+    /// Workers an `auto` placement spreads over: one stage per device of this process and
+    /// of each worker named, in that order, the layers split by their measured cost.
+    pub workers: Vec<String>,
 }
 
 impl Default for PipelineConfig {
@@ -116,6 +119,7 @@ impl Default for PipelineConfig {
             placement: Placement::Named("auto".into()),
             channel_capacity: 2,
             gpu_link: GpuLink::Nccl,
+            workers: Vec::new(),
         }
     }
 }

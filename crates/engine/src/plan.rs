@@ -10,7 +10,7 @@ use std::fmt;
 use layerwise_data::batches::Transform;
 use layerwise_data::DatasetKind;
 use layerwise_nn::arch::InputShape;
-use layerwise_nn::Architecture;
+use layerwise_nn::{Architecture, Training};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
@@ -189,9 +189,57 @@ impl Plan {
     /// Re-splits an `auto` placement by each layer's cost measured on the device it will
     /// run on. Other placements are left as they are.
     pub fn measure_placement(&mut self) -> Result<()> {
-        if placement::wants_measurement(&self.config, self.stages.len(), &self.machine) {
+        if self.config.pipeline.workers.is_empty()
+            && placement::wants_measurement(&self.config, self.stages.len(), &self.machine)
+        {
             let costs = placement::measure_costs(self)?;
             self.stages = placement::resolve(&self.config, self.num_layers(), &self.machine, Some(&costs))?;
+        }
+        Ok(())
+    }
+
+    /// Places an `auto` placement with `pipeline.workers` once they have registered
+    /// (`workers`: each one's name and devices, in the config's order): one stage per
+    /// device, this process's first, the layers split by their step times measured here.
+    /// A worker's device is taken to be as fast as this process's first: with devices
+    /// unlike each other, name each stage's device instead.
+    pub fn place_over_workers(&mut self, workers: &[(String, Vec<DeviceId>)]) -> Result<()> {
+        let mut devices: Vec<(Option<&str>, DeviceId)> =
+            self.machine.visible().into_iter().map(|d| (None, d)).collect();
+        for (name, offered) in workers {
+            devices.extend(offered.iter().map(|d| (Some(name.as_str()), *d)));
+        }
+        let parts = devices.len().min(self.num_layers());
+        let sizes = if parts > 1 {
+            // Each stage gets a device of its own: time the layers as one stage runs them.
+            let threads = self.config.train.thread_budget(self.machine.cores);
+            placement::balance(&placement::measure(self, threads)?, parts)
+        } else {
+            vec![self.num_layers()]
+        };
+        let mut next = 0;
+        let specs = sizes
+            .iter()
+            .zip(&devices)
+            .map(|(&size, (host, device))| {
+                let layers: Vec<usize> = (next..next + size).collect();
+                next += size;
+                let device = host.map_or_else(|| device.to_string(), |h| format!("{h}/{device}"));
+                crate::config::StageSpec { layers, device }
+            })
+            .collect();
+        let mut placed = self.config.clone();
+        placed.pipeline.placement = crate::config::Placement::Stages(specs);
+        placed.pipeline.workers.clear();
+        self.stages = placement::resolve(&placed, self.num_layers(), &self.machine, None)?;
+        let idle: Vec<&str> =
+            workers.iter().map(|(n, _)| n.as_str()).filter(|n| !self.workers().contains(*n)).collect();
+        if !idle.is_empty() {
+            tracing::warn!(
+                "workers {idle:?} get no stage: the model has {} layers for {} devices",
+                self.num_layers(),
+                devices.len()
+            );
         }
         Ok(())
     }
@@ -244,12 +292,13 @@ impl Plan {
     /// the coordinator's own), the layers placed on it against its memory (the host's
     /// memory for the CPU).
     pub fn check_memory(&self, host: Option<&str>) -> Result<()> {
-        let needs = self.device_needs(host);
-        let have = |d: DeviceId| match d {
-            DeviceId::Cpu => host_memory(),
-            DeviceId::Cuda(i) => layerwise_nccl::cuda_total_memory(i),
-        };
-        check_fits(&needs, have, self.config.train.batch_size)
+        check_fits(&self.device_needs(host), device_memory, self.config.train.batch_size, None)
+    }
+
+    /// As [`Plan::check_memory`], on the coordinator's side: the stages placed on worker
+    /// `name` against the memory it registered with (`have`), before it is sent anything.
+    pub fn check_worker_memory(&self, name: &str, have: impl Fn(DeviceId) -> Option<u64>) -> Result<()> {
+        check_fits(&self.device_needs(Some(name)), have, self.config.train.batch_size, Some(name))
     }
 
     /// The memory each device of `host`'s stages needs, by [`combine`] of its layers.
@@ -346,15 +395,23 @@ fn combine(layers: &[LayerMemory]) -> f64 {
 }
 
 /// Refuses the first device whose need is more than it has (`have`: its memory, where
-/// known), naming the device and both figures.
-fn check_fits(needs: &BTreeMap<DeviceId, f64>, have: impl Fn(DeviceId) -> Option<u64>, batch: usize) -> Result<()> {
+/// known), naming the device (and its worker, `owner`) and both figures.
+fn check_fits(
+    needs: &BTreeMap<DeviceId, f64>,
+    have: impl Fn(DeviceId) -> Option<u64>,
+    batch: usize,
+    owner: Option<&str>,
+) -> Result<()> {
     for (&device, &need) in needs {
         let Some(have) = have(device) else { continue };
         if need > have as f64 {
-            let (what, part, hint) = match device {
-                DeviceId::Cpu => ("this machine".to_string(), "", ""),
-                DeviceId::Cuda(_) => {
-                    (device.to_string(), " (the layers placed on it)", ", or spread the layers over more devices")
+            let spread = ", or spread the layers over more devices";
+            let (what, part, hint) = match (device, owner) {
+                (DeviceId::Cpu, None) => ("this machine".to_string(), "", ""),
+                (DeviceId::Cpu, Some(w)) => (format!("worker {w}'s host"), " (the layers placed on it)", spread),
+                (DeviceId::Cuda(_), None) => (device.to_string(), " (the layers placed on it)", spread),
+                (DeviceId::Cuda(_), Some(w)) => {
+                    (format!("worker {w}'s {device}"), " (the layers placed on it)", spread)
                 }
             };
             return Err(EngineError::Config(format!(
@@ -365,6 +422,15 @@ fn check_fits(needs: &BTreeMap<DeviceId, f64>, have: impl Fn(DeviceId) -> Option
         }
     }
     Ok(())
+}
+
+/// Memory of a device of this process, where known: the host's for the CPU, the card's
+/// for a CUDA device.
+pub fn device_memory(device: DeviceId) -> Option<u64> {
+    match device {
+        DeviceId::Cpu => host_memory(),
+        DeviceId::Cuda(i) => layerwise_nccl::cuda_total_memory(i),
+    }
 }
 
 /// Physical memory of this host (MemTotal), where the system says.
@@ -388,6 +454,7 @@ pub mod limits {
     pub const QUEUE: usize = 1024;
     pub const KEEP: usize = 10_000;
     pub const ARCH_NAME: usize = 64;
+    pub const WORKERS: usize = 4096;
 }
 
 fn bad(key: &str, what: impl fmt::Display) -> EngineError {
@@ -428,6 +495,7 @@ fn check_ranges(config: &RunConfig) -> Result<()> {
     optional("train.cpu_threads", t.cpu_threads, CPU_THREADS)?;
     in_range("train.stall_warning_s", t.stall_warning_s, 0.001, 1e9, "a positive number of seconds")?;
     count("pipeline.channel_capacity", config.pipeline.channel_capacity, QUEUE)?;
+    check_workers(&config.pipeline, config.model.training)?;
     count("data.prefetch", config.data.prefetch, QUEUE)?;
     count("checkpoint.keep", config.checkpoint.keep, KEEP)?;
     let o = &config.optim;
@@ -474,6 +542,42 @@ fn check_ranges(config: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// `pipeline.workers`: names as a placement gives them, each once, for an `auto` placement
+/// of a pipelined local-loss run (the only one that spreads over processes by itself).
+fn check_workers(p: &crate::config::PipelineConfig, training: Training) -> Result<()> {
+    let key = "pipeline.workers";
+    if p.workers.is_empty() {
+        return Ok(());
+    }
+    if p.workers.len() > limits::WORKERS {
+        return Err(bad(key, format!("expected at most {} workers, got {}", limits::WORKERS, p.workers.len())));
+    }
+    for (i, name) in p.workers.iter().enumerate() {
+        placement::worker_name(name).map_err(|e| bad(&format!("{key}[{i}]"), e))?;
+        if p.workers[..i].contains(name) {
+            return Err(bad(&format!("{key}[{i}]"), format!("worker {name} is named twice")));
+        }
+    }
+    if p.placement != crate::config::Placement::Named("auto".into()) {
+        return Err(bad(
+            key,
+            "only an \"auto\" placement spreads over workers; a list of stages names each stage's worker in its device (\"w1/cpu\")",
+        ));
+    }
+    if p.mode != crate::config::PipelineMode::Pipelined {
+        return Err(bad(key, "pipeline.mode \"sequential\" runs in one process: workers need \"pipelined\""));
+    }
+    if matches!(training, Training::Backprop | Training::LocalGlobal) {
+        return Err(bad(
+            key,
+            format!(
+                "model.training {training:?} sends gradients through every layer, so its layers cannot span processes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,15 +614,69 @@ mod tests {
         let needs = BTreeMap::from([(DeviceId::Cuda(0), first), (DeviceId::Cuda(1), rest)]);
         // A second GPU just too small for its share is refused, by name and with both figures.
         let small = (rest * 0.9) as u64;
-        let e = check_fits(&needs, |d| Some(if d == DeviceId::Cuda(1) { small } else { u64::MAX }), 128)
+        let e = check_fits(&needs, |d| Some(if d == DeviceId::Cuda(1) { small } else { u64::MAX }), 128, None)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("cuda:1 has") && e.contains("(the layers placed on it)") && e.contains("more devices"),
             "{e}"
         );
-        assert!(check_fits(&needs, |_| Some((first.max(rest) * 1.1) as u64), 128).is_ok());
-        assert!(check_fits(&needs, |_| None, 128).is_ok(), "unknown memory is not refused");
+        assert!(check_fits(&needs, |_| Some((first.max(rest) * 1.1) as u64), 128, None).is_ok());
+        assert!(check_fits(&needs, |_| None, 128, None).is_ok(), "unknown memory is not refused");
+        // A worker's device is named with the worker.
+        let e = plan.check_worker_memory("w1", |_| Some(small)).unwrap_err().to_string();
+        assert!(e.contains("worker w1's cuda:1 has") && e.contains("needs about"), "{e}");
+        assert!(plan.check_worker_memory("w1", |_| Some((rest * 1.1) as u64)).is_ok());
+    }
+
+    #[test]
+    fn workers_for_auto_are_refused_where_a_run_cannot_spread_over_them() {
+        let cpu = Machine { cuda_devices: 0, cores: 2 };
+        let with = |workers: &[&str], edit: fn(&mut RunConfig)| {
+            let mut c = RunConfig::default();
+            c.pipeline.workers = workers.iter().map(|w| w.to_string()).collect();
+            edit(&mut c);
+            Plan::build(&c, cpu).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(with(&["w1", "w2"], |_| {}).is_ok());
+        let e = with(&["w1", "w1"], |_| {}).unwrap_err();
+        assert!(e.contains("pipeline.workers[1]") && e.contains("named twice"), "{e}");
+        let e = with(&["w 1"], |_| {}).unwrap_err();
+        assert!(e.contains("pipeline.workers[0]") && e.contains("not a worker name"), "{e}");
+        let e =
+            with(&["w1"], |c| c.pipeline.placement = crate::config::Placement::Named("per_layer".into())).unwrap_err();
+        assert!(e.contains("pipeline.workers") && e.contains("only an \"auto\" placement"), "{e}");
+        let e = with(&["w1"], |c| c.pipeline.mode = crate::config::PipelineMode::Sequential).unwrap_err();
+        assert!(e.contains("pipeline.workers") && e.contains("sequential"), "{e}");
+        let e = with(&["w1"], |c| c.model.training = Training::Backprop).unwrap_err();
+        assert!(e.contains("pipeline.workers") && e.contains("cannot span processes"), "{e}");
+        let many: Vec<String> = (0..=limits::WORKERS).map(|i| format!("w{i}")).collect();
+        let e = with(&many.iter().map(String::as_str).collect::<Vec<_>>(), |_| {}).unwrap_err();
+        assert!(e.contains("at most 4096 workers"), "{e}");
+    }
+
+    #[test]
+    fn auto_over_workers_gives_each_device_a_stage_this_process_first() {
+        let mut c = RunConfig::default();
+        c.model.num_layers = 3; // four layers with the output layer
+        c.pipeline.workers = vec!["w1".into(), "w2".into()];
+        let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
+        // Layer costs are measured here (a tiny default net): every stage gets a layer.
+        plan.place_over_workers(&[("w1".into(), vec![DeviceId::Cpu]), ("w2".into(), vec![DeviceId::Cuda(0)])]).unwrap();
+        let placed: Vec<(Option<&str>, DeviceId, usize)> =
+            plan.stages.iter().map(|s| (s.host.as_deref(), s.device(), s.layers.len())).collect();
+        assert_eq!(placed.len(), 3, "{placed:?}");
+        assert_eq!((placed[0].0, placed[0].1), (None, DeviceId::Cpu));
+        assert_eq!((placed[1].0, placed[1].1), (Some("w1"), DeviceId::Cpu));
+        assert_eq!((placed[2].0, placed[2].1), (Some("w2"), DeviceId::Cuda(0)));
+        assert_eq!(placed.iter().map(|p| p.2).sum::<usize>(), 4);
+        assert_eq!(plan.stages[0].threads, 2, "this process's one CPU stage keeps its threads");
+        // More devices than layers: the last workers get nothing.
+        let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
+        let five: Vec<(String, Vec<DeviceId>)> = (1..=5).map(|i| (format!("w{i}"), vec![DeviceId::Cpu])).collect();
+        plan.place_over_workers(&five).unwrap();
+        assert_eq!(plan.stages.len(), 4);
+        assert_eq!(plan.workers(), BTreeSet::from(["w1".to_string(), "w2".into(), "w3".into()]));
     }
 
     #[test]

@@ -148,6 +148,16 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
     dir.write_config(&plan.config)?;
     let mut data = loader::load(&plan)?;
     plan.measure_placement()?;
+    if !plan.config.pipeline.workers.is_empty() {
+        let names = plan.config.pipeline.workers.clone();
+        let cluster = options.cluster.as_ref().ok_or_else(|| {
+            EngineError::Config(format!(
+                "pipeline.workers names workers {names:?}, but this process does not listen for workers (serve: start it with --listen)"
+            ))
+        })?;
+        let workers = cluster.wait_for(&names, options.stop.as_deref())?;
+        plan.place_over_workers(&workers.iter().map(|w| (w.name.clone(), w.devices.clone())).collect::<Vec<_>>())?;
+    }
     let plan = Arc::new(plan);
     let config = &plan.config;
     tracing::info!(

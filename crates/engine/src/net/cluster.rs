@@ -23,6 +23,8 @@ use crate::{EngineError, Result};
 pub struct WorkerConn {
     pub name: String,
     pub devices: Vec<DeviceId>,
+    /// Each device's memory in bytes, where the worker knows it.
+    pub memory: Vec<Option<u64>>,
     pub cores: usize,
     pub data_addr: SocketAddr,
     pub peer: SocketAddr,
@@ -129,7 +131,7 @@ impl Cluster {
     }
 
     /// Starts `plan`'s remote stages: checks each worker offers the devices placed on it,
-    /// hands each its assignment, and returns the job's network. Reports from the workers'
+    /// with the memory its layers need, hands each its assignment, and returns the job's network. Reports from the workers'
     /// stages go to `reports`.
     pub fn start_job(
         &self,
@@ -155,6 +157,7 @@ impl Cluster {
                     )));
                 }
             }
+            plan.check_worker_memory(&w.name, |d| w.devices.iter().position(|o| *o == d).and_then(|i| w.memory[i]))?;
         }
         let id = rand::random::<u64>();
         let sockets = Sockets::default();
@@ -258,11 +261,12 @@ fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Re
     };
     match role {
         Role::Link { job, stage } => incoming.arrive(job, stage, stream),
-        Role::Worker { name, devices, cores, data_addr } => {
+        Role::Worker { name, devices, memory, cores, data_addr } => {
             let Ok(control) = stream.try_clone() else { return };
             let conn = Arc::new(WorkerConn {
                 name: name.clone(),
                 devices,
+                memory,
                 cores,
                 data_addr,
                 peer: stream.peer_addr().unwrap_or(data_addr),
@@ -273,6 +277,17 @@ fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Re
             {
                 let (m, cv) = &**workers;
                 let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+                if conn.memory.len() != conn.devices.len() {
+                    conn.send(&ToWorker::Refused {
+                        reason: format!(
+                            "worker {name} gave {} memory sizes for {} devices",
+                            conn.memory.len(),
+                            conn.devices.len()
+                        ),
+                    });
+                    tracing::warn!("refused worker {name} from {peer}: memory sizes do not match its devices");
+                    return;
+                }
                 if conn.devices.is_empty() {
                     conn.send(&ToWorker::Refused { reason: format!("worker {name} offers no device") });
                     tracing::warn!("refused worker {name} from {peer}: it offers no device");
@@ -368,7 +383,62 @@ fn check_gpu_links(gpu_link: GpuLink, stages: &[StagePlan], missing: Option<&str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::DeviceId;
+    use crate::config::{Placement, RunConfig, StageSpec};
+    use crate::plan::{DeviceId, Machine};
+
+    /// Registers a worker named `name` whose CPU has `memory` bytes; returns its control socket.
+    fn fake_worker(cluster: &Cluster, name: &str, memory: u64) -> TcpStream {
+        let role = Role::Worker {
+            name: name.into(),
+            devices: vec![DeviceId::Cpu],
+            memory: vec![Some(memory)],
+            cores: 1,
+            data_addr: "127.0.0.1:9".parse().unwrap(),
+        };
+        let stream = wire::connect(cluster.addr, b"s", role).unwrap();
+        cluster.wait_for(&[name.to_string()], None).unwrap();
+        stream
+    }
+
+    fn placed_on(worker: &str) -> Plan {
+        let mut c = RunConfig::default();
+        c.model.num_layers = 3;
+        c.pipeline.placement = Placement::Stages(vec![
+            StageSpec { layers: vec![0, 1], device: "cpu".into() },
+            StageSpec { layers: vec![2, 3], device: format!("{worker}/cpu") },
+        ]);
+        Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap()
+    }
+
+    #[test]
+    fn a_worker_without_the_memory_for_its_layers_is_refused_before_it_is_sent_anything() {
+        let cluster = Cluster::listen("127.0.0.1:0", b"s".to_vec(), Duration::from_secs(600)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (reports, _) = crossbeam_channel::unbounded();
+        let _small = fake_worker(&cluster, "small", 1 << 20);
+        let e = match cluster.start_job(&placed_on("small"), dir.path(), None, &reports, None) {
+            Ok(_) => panic!("a worker with 1 MiB was given the job"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("worker small's host has 0.0 GiB") && e.contains("needs about"), "{e}");
+        // Refused before the worker was held for the job (it is held before it is sent its
+        // assignment), and still registered.
+        let small = cluster.wait_for(&["small".to_string()], None).unwrap();
+        assert!(small[0].lock_job().is_none(), "the refused job holds the worker");
+        // A worker with the memory is sent the job.
+        let mut big = fake_worker(&cluster, "big", 1 << 40);
+        let plan = placed_on("big");
+        let job = cluster.start_job(&plan, dir.path(), None, &reports, None).unwrap();
+        let assigned = loop {
+            match wire::read_frame::<ToWorker>(&mut big).unwrap() {
+                ToWorker::Heartbeat => continue,
+                ToWorker::Assign(a) => break a,
+                other => panic!("sent {other:?}"),
+            }
+        };
+        assert_eq!(assigned.job, job.id);
+        job.abort("test over");
+    }
 
     fn stages(devices: [(Option<&str>, DeviceId); 2]) -> Vec<StagePlan> {
         devices

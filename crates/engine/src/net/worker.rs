@@ -85,6 +85,7 @@ pub fn serve(options: WorkerOptions) -> Result<()> {
     let role = Role::Worker {
         name: name.clone(),
         devices: options.devices.clone(),
+        memory: options.devices.iter().map(|d| crate::plan::device_memory(*d)).collect(),
         cores: Machine::detect().cores,
         data_addr,
     };
@@ -276,6 +277,7 @@ fn start(
     // The coordinator resolved the placement; this side checks only its own devices.
     let mut config = a.config.clone();
     config.pipeline.placement = crate::config::Placement::Named("single".into());
+    config.pipeline.workers.clear();
     let mut plan = Plan::build_unplaced(&config, machine, shape)?;
     plan.config = a.config.clone();
     plan.stages = a.stages.clone();
