@@ -277,4 +277,12 @@ fn bench_train_prints_one_json_object_of_consistent_figures() {
     }
     let per_layer = runs.iter().find(|r| r["placement"] == "per_layer").unwrap();
     assert_eq!(per_layer["stages"].as_array().unwrap().len(), layers);
+    // The process pair: the same three stages in one process and in three (two workers).
+    let processes: Vec<u64> = runs.iter().map(|r| r["processes"].as_u64().unwrap()).collect();
+    assert_eq!(processes.iter().filter(|&&p| p == 3).count(), 1, "{processes:?}");
+    let (together, apart) = (&runs[runs.len() - 2], &runs[runs.len() - 1]);
+    assert_eq!((together["processes"].as_u64(), apart["processes"].as_u64()), (Some(1), Some(3)));
+    assert_eq!(together["stages"], apart["stages"]);
+    assert_eq!(together["threads"], apart["threads"]);
+    assert_eq!(apart["stages"].as_array().unwrap().len(), 3);
 }

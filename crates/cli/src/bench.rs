@@ -12,6 +12,7 @@ use layerwise_data::batches::{BatchSource, Sampler, Transform};
 use layerwise_data::dataset::{self, Dataset};
 use layerwise_data::{DataConfig, DatasetKind};
 use layerwise_engine::config::Placement;
+use layerwise_engine::net::cluster::Cluster;
 use layerwise_engine::{placement, DeviceId, Machine, PipelineMode, Plan, RunConfig, RunOptions};
 use layerwise_nn::config::Training;
 use serde::{Deserialize, Serialize};
@@ -69,18 +70,60 @@ pub struct TrainBench {
     pub one: Option<usize>,
 }
 
+/// One run of `bench train`.
+#[derive(Debug, Clone)]
+struct BenchRun {
+    mode: PipelineMode,
+    placement: Placement,
+    /// `train.cpu_threads` for the run, where the bench sets it (the process pair below).
+    cpu_threads: Option<usize>,
+}
+
+/// Worker names of the process-pipeline run, after the coordinator.
+const BENCH_WORKERS: [&str; 2] = ["bench1", "bench2"];
+
 /// The runs compared: sequential, then pipelined under the config's placement, under
-/// `auto` and one stage per layer (a placement already listed is not run twice).
-fn runs(config: &RunConfig) -> Vec<(PipelineMode, Placement)> {
-    let mut runs = vec![(PipelineMode::Sequential, Placement::Named("single".into()))];
+/// `auto` and one stage per layer (a placement already listed is not run twice). On a CPU
+/// machine, with three layers or more, also a pair alike in all but processes: three
+/// stages in this process, and the same three stages in three processes on 127.0.0.1 (this
+/// one and two workers, linked over TCP), each with a third of the cores.
+fn runs(config: &RunConfig, machine: &Machine) -> anyhow::Result<Vec<BenchRun>> {
+    let run = |mode, placement| BenchRun { mode, placement, cpu_threads: None };
+    let mut runs = vec![run(PipelineMode::Sequential, Placement::Named("single".into()))];
     for placement in
         [config.pipeline.placement.clone(), Placement::Named("auto".into()), Placement::Named("per_layer".into())]
     {
-        if !runs.iter().any(|(m, p)| *m == PipelineMode::Pipelined && *p == placement) {
-            runs.push((PipelineMode::Pipelined, placement));
+        if !runs.iter().any(|r| r.mode == PipelineMode::Pipelined && r.placement == placement) {
+            runs.push(run(PipelineMode::Pipelined, placement));
         }
     }
-    runs
+    let layers = Plan::build(config, *machine)?.num_layers();
+    let global = matches!(config.model.training, Training::Backprop | Training::LocalGlobal);
+    if machine.cuda_devices == 0 && layers >= 3 && !global {
+        let Placement::Stages(apart) = layerwise_engine::net::launch::spread(layers, &[DeviceId::Cpu; 3])? else {
+            unreachable!("spread gives stages")
+        };
+        let mut together = apart.clone();
+        let mut names = BENCH_WORKERS.iter();
+        for s in &mut together {
+            s.device = "cpu".into();
+        }
+        let apart = apart
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut s)| {
+                if i > 0 {
+                    s.device = format!("{}/cpu", names.next().expect("three stages"));
+                }
+                s
+            })
+            .collect();
+        let cpu_threads = Some((machine.cores / 3).max(1));
+        for placement in [together, apart] {
+            runs.push(BenchRun { mode: PipelineMode::Pipelined, placement: Placement::Stages(placement), cpu_threads });
+        }
+    }
+    Ok(runs)
 }
 
 /// One run's figures, measured in a process of its own (a fresh allocator and OpenMP
@@ -89,6 +132,8 @@ fn runs(config: &RunConfig) -> Vec<(PipelineMode, Placement)> {
 struct Measured {
     mode: PipelineMode,
     placement: Placement,
+    /// Processes the run's stages ran in (this one and its workers).
+    processes: usize,
     /// The layers of each stage, as the run placed them.
     stages: Vec<Vec<usize>>,
     /// Intra-op threads of each stage.
@@ -145,14 +190,14 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.steps >= 1, "--steps: expected at least 1");
     anyhow::ensure!((1..=100).contains(&args.repeats), "--repeats: expected 1 to 100, got {}", args.repeats);
     let base = RunConfig::load(&args.config, &args.overrides)?;
-    let runs = runs(&base);
+    let machine = Machine::detect();
+    let runs = runs(&base, &machine)?;
     if let Some(i) = args.one {
-        let (mode, placement) = runs.get(i).ok_or_else(|| anyhow::anyhow!("--one {i}: no such run"))?.clone();
-        let measured = measure_one(&base, mode, placement, args.steps, args.repeats)?;
+        let run = runs.get(i).ok_or_else(|| anyhow::anyhow!("--one {i}: no such run"))?.clone();
+        let measured = measure_one(&base, run, args.steps, args.repeats)?;
         println!("{}", serde_json::to_string(&measured)?);
         return Ok(());
     }
-    let machine = Machine::detect();
     let plan = Plan::build(&base, machine)?;
     let flops = plan.arch.training_flops_per_image(&base.model, base.train.batch_size as i64);
     // Layers without local losses (backprop) cannot be timed alone.
@@ -162,7 +207,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
     };
     let (matmul_gflops, matmul_size) = matmul_rate(&machine);
     let mut rows: Vec<Row> = Vec::new();
-    for (i, (mode, placement)) in runs.iter().enumerate() {
+    for (i, BenchRun { mode, placement, .. }) in runs.iter().enumerate() {
         eprintln!("bench: run {} of {}: {mode:?} {}", i + 1, runs.len(), serde_json::to_string(placement)?);
         let measured = measure_in_child(&args, i)?;
         let sequential = rows.first().map_or(measured.images_per_sec, |r| r.measured.images_per_sec);
@@ -293,26 +338,46 @@ fn poll_device_memory(pid: u32, done: &AtomicBool) -> Option<u64> {
 }
 
 /// One run, in this process: `repeats` measured epochs of `steps` steps after a warm-up epoch.
-fn measure_one(
-    base: &RunConfig,
-    mode: PipelineMode,
-    placement: Placement,
-    steps: usize,
-    repeats: usize,
-) -> anyhow::Result<Measured> {
+/// A run with stages on workers listens on 127.0.0.1 and starts them as child processes of
+/// this binary (`worker --once`, sharing a fresh secret).
+fn measure_one(base: &RunConfig, run: BenchRun, steps: usize, repeats: usize) -> anyhow::Result<Measured> {
+    let BenchRun { mode, placement, cpu_threads } = run;
     let mut c = base.clone();
     c.pipeline.mode = mode;
     c.pipeline.placement = placement.clone();
+    c.pipeline.workers.clear();
     c.train.epochs = 1 + repeats;
     c.train.steps_per_epoch = Some(steps);
     c.train.eval_batches = Some(1);
+    c.train.cpu_threads = cpu_threads.or(c.train.cpu_threads);
     c.checkpoint.every_epochs = 0;
     c.checkpoint.every_steps = 0;
     let dir = tempfile::tempdir()?;
-    let summary = layerwise_engine::run(&c, dir.path(), RunOptions::default())?;
+    let workers = Plan::build(&c, Machine::detect())?.workers();
+    let mut options = RunOptions::default();
+    let mut children = Vec::new();
+    if !workers.is_empty() {
+        let secret = layerwise_engine::net::wire::nonce();
+        let cluster = Cluster::listen("127.0.0.1:0", secret.clone().into_bytes(), Duration::from_secs(120))?;
+        for name in &workers {
+            let child = Command::new(std::env::current_exe()?)
+                .args(["worker", "--coordinator", &cluster.addr.to_string(), "--name", name, "--once"])
+                .env("LAYERWISE_SECRET", &secret)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            children.push(KillOnDrop(child));
+        }
+        options.cluster = Some(cluster);
+    }
+    let summary = layerwise_engine::run(&c, dir.path(), options)?;
+    for mut child in children {
+        child.0.wait()?;
+    }
     let epochs: Vec<f64> = summary.epochs.iter().skip(1).map(|e| e.images_per_sec).collect();
     Ok(Measured {
         mode,
+        processes: 1 + workers.len(),
         placement,
         stages: summary.plan.iter().map(|s| s.layers.clone()).collect(),
         threads: summary.plan.iter().map(|s| s.threads).collect(),
@@ -322,6 +387,18 @@ fn measure_one(
         peak_rss_bytes: peak_rss_bytes(),
         peak_device_bytes: None,
     })
+}
+
+/// A child process ended when its handle goes (a bench run that failed leaves no worker).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -420,7 +497,11 @@ fn print_table(r: &Report) {
     );
     for row in &r.runs {
         let m = &row.measured;
-        let placement = serde_json::to_string(&m.placement).unwrap_or_default();
+        let placement = match &m.placement {
+            Placement::Named(name) => format!("{name:?}"),
+            Placement::Stages(_) if m.processes > 1 => format!("listed, {} processes", m.processes),
+            Placement::Stages(_) => "listed, 1 process".into(),
+        };
         let stages = m.stages.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join("");
         let gib = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
         println!(

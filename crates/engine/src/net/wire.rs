@@ -104,7 +104,9 @@ enum Answer {
     Refused { reason: String },
 }
 
-pub(crate) fn nonce() -> String {
+/// 32 random bytes as hex: a handshake's nonce, or a fresh secret for processes started
+/// together (`bench train`'s workers).
+pub fn nonce() -> String {
     let mut b = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut b);
     hex(&b)
