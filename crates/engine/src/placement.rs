@@ -6,7 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
 use layerwise_nn::network::label_projection;
-use layerwise_nn::{HiddenBlock, OutputLayer, Targets, Training};
+use layerwise_nn::{Architecture, HiddenBlock, LayerSpec, OutputLayer, Targets, Training};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -55,7 +55,8 @@ pub struct Costs {
 /// that predict the same step, the one with the smaller slowest stage leaves the OS more
 /// room to balance (measured: four stages of mlp predsim on 2 cores ran faster than three).
 /// A split must predict a tenth less than one stage to be taken: a close call stays one
-/// stage, which is never slower than itself.
+/// stage, which is never slower than itself. [`Plan::measure_placement`] then measures the
+/// split chosen ([`measure_split`]) before taking it.
 pub fn cpu_split(whole: &[f64], one_thread: &[f64], threads: usize) -> Vec<usize> {
     let n = whole.len();
     let one_stage = whole.iter().sum::<f64>();
@@ -384,6 +385,137 @@ pub fn measure(plan: &Plan, threads: usize) -> Result<Vec<f64>> {
             Ok(Ok(Err(panic)) | Err(panic)) => Err(failed(0, crate::stage::panic_message(&*panic))),
             Err(e) => Err(failed(0, format!("cannot start a thread: {e}"))),
         }
+    })
+}
+
+/// Random input of layer `i` at batch `b`, in the shape and memory format it gets in a run:
+/// the data's images for the first layer, channels-last activations into a convolution.
+fn layer_input(arch: &Architecture, i: usize, b: i64, d: tch::Device) -> Tensor {
+    let randn = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, d));
+    if i == 0 {
+        return randn(&[b, arch.input.channels, arch.input.size, arch.input.size]);
+    }
+    match arch.hidden.get(i) {
+        Some(&LayerSpec::Conv { in_channels, size_in, .. }) => {
+            layerwise_nn::init::channels_last(randn(&[b, in_channels, size_in, size_in]))
+        }
+        Some(&LayerSpec::Linear { in_features, .. }) => randn(&[b, in_features]),
+        None => randn(&[b, arch.output_in]),
+    }
+}
+
+/// A barrier that can be opened from outside (`std::sync::Barrier` cannot): threads that
+/// arrive wait for all `n`, or for `open`.
+struct Gate {
+    state: std::sync::Mutex<(usize, bool)>,
+    cv: std::sync::Condvar,
+    n: usize,
+}
+
+impl Gate {
+    fn new(n: usize) -> Self {
+        Self { state: std::sync::Mutex::new((0, false)), cv: std::sync::Condvar::new(), n }
+    }
+
+    fn arrive(&self) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        self.cv.notify_all();
+        while g.0 < self.n && !g.1 {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn open(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Seconds per step of a CPU split into contiguous stages of `sizes` layers, all running
+/// at once, each on a thread of its own with one intra-op thread, as a pipeline's stages
+/// run when every one is busy (their links left out): the larger of the threads' times
+/// over four steps, after a warm-up step and a barrier. `cpu_split` only models how
+/// one-thread stages share the cores; `auto` measures the split it chose with this before
+/// taking it.
+pub fn measure_split(plan: &Plan, sizes: &[usize]) -> Result<f64> {
+    const STEPS: u32 = 4;
+    let (model, optim, arch) = (&plan.config.model, &plan.config.optim, &plan.arch);
+    let (seed, b, d) = (plan.config.train.seed, plan.config.train.batch_size as i64, tch::Device::Cpu);
+    let failed =
+        |what: String| EngineError::Other(format!("measuring the split {sizes:?} for the auto placement: {what}"));
+    let mut stages = Vec::with_capacity(sizes.len());
+    let mut start = 0;
+    for &n in sizes {
+        stages.push(start..start + n);
+        start += n;
+    }
+    let barrier = Gate::new(stages.len());
+    // One stage's layers, built and stepped once; every thread reaches the barrier once,
+    // whether or not its setup failed, so none waits for good.
+    let run_stage = |layers: std::ops::Range<usize>| -> Result<f64> {
+        crate::set_thread_count(1);
+        let labels = Tensor::zeros([b], (Kind::Int64, d));
+        let projection = label_projection(model, arch, seed);
+        let targets = Targets::new(&labels, arch.num_classes, projection.as_ref());
+        let x = layer_input(arch, layers.start, b, d);
+        let setup = catch_unwind(AssertUnwindSafe(|| -> Result<_> {
+            let mut blocks = Vec::new();
+            let mut output = None;
+            for i in layers.clone() {
+                match arch.hidden.get(i) {
+                    Some(spec) => blocks.push(HiddenBlock::new(i, spec, arch.num_classes, model, optim, seed, d)?),
+                    None => output = Some(OutputLayer::new(i, arch.output_in, arch.num_classes, model, optim, seed, d)),
+                }
+            }
+            Ok((blocks, output))
+        }));
+        let step = |blocks: &mut Vec<HiddenBlock>, output: &mut Option<OutputLayer>| -> Result<()> {
+            let mut x = x.shallow_clone();
+            for block in blocks.iter_mut() {
+                x = block.train_local(&x, &targets)?.output;
+            }
+            if let Some(o) = output.as_mut() {
+                let _ = o.train_local(&x, &labels)?;
+            }
+            Ok(())
+        };
+        let ready = match setup {
+            Ok(Ok((mut blocks, mut output))) => step(&mut blocks, &mut output).map(|_| (blocks, output)),
+            Ok(Err(e)) => Err(e),
+            Err(panic) => Err(failed(crate::stage::panic_message(&*panic))),
+        };
+        barrier.arrive();
+        let (mut blocks, mut output) = ready?;
+        let t = Instant::now();
+        for _ in 0..STEPS {
+            step(&mut blocks, &mut output)?;
+        }
+        Ok(t.elapsed().as_secs_f64() / STEPS as f64)
+    };
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = stages
+            .iter()
+            .map(|layers| {
+                let layers = layers.clone();
+                let run = &run_stage;
+                std::thread::Builder::new()
+                    .name("placement".into())
+                    .spawn_scoped(scope, move || catch_unwind(AssertUnwindSafe(|| run(layers))))
+            })
+            .collect();
+        if threads.iter().any(|t| t.is_err()) {
+            barrier.open(); // the threads that started do not wait for the one that did not
+        }
+        let mut slowest: f64 = 0.0;
+        for t in threads {
+            match t.map_err(|e| failed(format!("cannot start a thread: {e}")))?.join() {
+                Ok(Ok(Ok(secs))) => slowest = slowest.max(secs),
+                Ok(Ok(Err(e))) => return Err(e),
+                Ok(Err(panic)) | Err(panic) => return Err(failed(crate::stage::panic_message(&*panic))),
+            }
+        }
+        Ok(slowest)
     })
 }
 

@@ -193,9 +193,37 @@ impl Plan {
             && placement::wants_measurement(&self.config, self.stages.len(), &self.machine)
         {
             let costs = placement::measure_costs(self)?;
-            self.stages = placement::resolve(&self.config, self.num_layers(), &self.machine, Some(&costs))?;
+            let stages = placement::resolve(&self.config, self.num_layers(), &self.machine, Some(&costs))?;
+            self.stages =
+                if costs.one_thread.is_some() && stages.len() > 1 { self.try_split(stages, &costs)? } else { stages };
         }
         Ok(())
+    }
+
+    /// The CPU split `auto` chose, if it measures at least 5% faster than one stage with
+    /// every thread, else one stage: the split's model (see `placement::cpu_split`) only
+    /// predicts how its one-thread stages share the cores, and the measurement leaves out
+    /// the links, which cost a little more.
+    fn try_split(&self, split: Vec<StagePlan>, costs: &placement::Costs) -> Result<Vec<StagePlan>> {
+        let sizes: Vec<usize> = split.iter().map(|s| s.layers.len()).collect();
+        let measured = placement::measure_split(self, &sizes)?;
+        let one_stage: f64 = costs.whole.iter().sum();
+        if measured <= 0.95 * one_stage {
+            tracing::info!(
+                "auto: stages of {sizes:?} layers measured {:.1} ms a step at once, one stage {:.1} ms: split",
+                measured * 1e3,
+                one_stage * 1e3
+            );
+            return Ok(split);
+        }
+        tracing::info!(
+            "auto: stages of {sizes:?} layers measured {:.1} ms a step at once, one stage {:.1} ms: keeping one stage",
+            measured * 1e3,
+            one_stage * 1e3
+        );
+        let mut single = self.config.clone();
+        single.pipeline.placement = crate::config::Placement::Named("single".into());
+        placement::resolve(&single, self.num_layers(), &self.machine, None)
     }
 
     /// Places an `auto` placement with `pipeline.workers` once they have registered
@@ -677,6 +705,28 @@ mod tests {
         plan.place_over_workers(&five).unwrap();
         assert_eq!(plan.stages.len(), 4);
         assert_eq!(plan.workers(), BTreeSet::from(["w1".to_string(), "w2".into(), "w3".into()]));
+    }
+
+    #[test]
+    fn auto_takes_a_cpu_split_only_when_it_measures_faster_than_one_stage() {
+        let mut c = RunConfig::default();
+        c.model.num_layers = 2;
+        c.model.num_hidden = 64;
+        c.train.batch_size = 16;
+        let plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
+        let mut per_layer = c.clone();
+        per_layer.pipeline.placement = crate::config::Placement::Named("per_layer".into());
+        let split = placement::resolve(&per_layer, 3, &plan.machine, None).unwrap();
+        let costs =
+            |one_stage: f64| placement::Costs { whole: vec![one_stage / 3.0; 3], one_thread: Some(vec![1.0; 3]) };
+        // The split really runs (three threads at once) and is timed against one stage.
+        let measured = placement::measure_split(&plan, &[1, 1, 1]).unwrap();
+        assert!(measured > 0.0 && measured.is_finite(), "{measured}");
+        let kept = plan.try_split(split.clone(), &costs(1e-12)).unwrap();
+        assert_eq!(kept.len(), 1, "one stage far faster than any split: {kept:?}");
+        assert_eq!((kept[0].layers.clone(), kept[0].threads), (vec![0, 1, 2], 2));
+        let taken = plan.try_split(split.clone(), &costs(1e3)).unwrap();
+        assert_eq!(taken, split, "a split far faster than one stage is taken as chosen");
     }
 
     #[test]
