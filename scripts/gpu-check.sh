@@ -178,7 +178,8 @@ m = r["machine"]
 print("{}: matmul {:.0f} GFLOP/s".format(", ".join(m["device_names"]), m["matmul_gflops"]))
 for run in r["runs"]:
     dev = (run.get("peak_device_bytes") or 0) / 1e9
-    placement = json.dumps(run["placement"])[:40]
+    placement = run["placement"] if isinstance(run["placement"], str) else json.dumps(run["stages"])
+    placement = "{} ({} process{})".format(placement, run["processes"], "es" if run["processes"] > 1 else "")[:40]
     print("{:<11} {:<40} {:>9.0f} img/s {:>8.1f} GFLOP/s  eff {:.2f}  RSS {:.2f} GB  device {:.2f} GB".format(
         run["mode"], placement, run["images_per_sec"], run["gflops"], run["efficiency"],
         run["peak_rss_bytes"] / 1e9, dev))
