@@ -3,10 +3,11 @@
 //! threads. `auto` splits by each layer's cost, measured here on the device it will use.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use layerwise_nn::network::label_projection;
-use layerwise_nn::{Architecture, HiddenBlock, LayerSpec, OutputLayer, Targets, Training};
+use layerwise_nn::{HiddenBlock, OutputLayer, Targets, Training};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -388,22 +389,6 @@ pub fn measure(plan: &Plan, threads: usize) -> Result<Vec<f64>> {
     })
 }
 
-/// Random input of layer `i` at batch `b`, in the shape and memory format it gets in a run:
-/// the data's images for the first layer, channels-last activations into a convolution.
-fn layer_input(arch: &Architecture, i: usize, b: i64, d: tch::Device) -> Tensor {
-    let randn = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, d));
-    if i == 0 {
-        return randn(&[b, arch.input.channels, arch.input.size, arch.input.size]);
-    }
-    match arch.hidden.get(i) {
-        Some(&LayerSpec::Conv { in_channels, size_in, .. }) => {
-            layerwise_nn::init::channels_last(randn(&[b, in_channels, size_in, size_in]))
-        }
-        Some(&LayerSpec::Linear { in_features, .. }) => randn(&[b, in_features]),
-        None => randn(&[b, arch.output_in]),
-    }
-}
-
 /// A barrier that can be opened from outside (`std::sync::Barrier` cannot): threads that
 /// arrive wait for all `n`, or for `open`.
 struct Gate {
@@ -432,14 +417,19 @@ impl Gate {
     }
 }
 
-/// Seconds per step of a CPU split into contiguous stages of `sizes` layers, all running
-/// at once, each on a thread of its own with one intra-op thread, as a pipeline's stages
-/// run when every one is busy (their links left out): the larger of the threads' times
-/// over four steps, after a warm-up step and a barrier. `cpu_split` only models how
-/// one-thread stages share the cores; `auto` measures the split it chose with this before
-/// taking it.
-pub fn measure_split(plan: &Plan, sizes: &[usize]) -> Result<f64> {
-    const STEPS: u32 = 4;
+/// Seconds per step of a CPU split into contiguous stages of `sizes` layers, run as a
+/// pipeline runs them: each stage on a thread of its own with `threads` intra-op threads, its
+/// output handed to the next over a channel of `pipeline.channel_capacity`, the first
+/// stage fed one random batch over and over until the last has its figure. Timed at the
+/// last stage over at least eight steps and a second, after three that fill the pipeline
+/// (a second of steps evens out the noise of a shared machine), so every stage is busy
+/// throughout (a fixed number of steps would let the first stages finish early and leave
+/// the cores to the last). `cpu_split` only models how one-thread stages share
+/// the cores; `auto` measures the split it chose with this before taking it.
+pub fn measure_split(plan: &Plan, sizes: &[usize], threads: usize) -> Result<f64> {
+    const WARM: usize = 3;
+    const STEPS: usize = 8;
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
     let (model, optim, arch) = (&plan.config.model, &plan.config.optim, &plan.arch);
     let (seed, b, d) = (plan.config.train.seed, plan.config.train.batch_size as i64, tch::Device::Cpu);
     let failed =
@@ -450,72 +440,118 @@ pub fn measure_split(plan: &Plan, sizes: &[usize]) -> Result<f64> {
         stages.push(start..start + n);
         start += n;
     }
-    let barrier = Gate::new(stages.len());
-    // One stage's layers, built and stepped once; every thread reaches the barrier once,
-    // whether or not its setup failed, so none waits for good.
-    let run_stage = |layers: std::ops::Range<usize>| -> Result<f64> {
-        crate::set_thread_count(1);
+    let last = stages.len() - 1;
+    let capacity = plan.config.pipeline.channel_capacity;
+    let (mut senders, mut receivers): (Vec<_>, Vec<_>) =
+        (0..last).map(|_| crossbeam_channel::bounded::<Tensor>(capacity)).map(|(s, r)| (Some(s), Some(r))).unzip();
+    let gate = Gate::new(stages.len());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    // One stage: its layers built, then (every thread at the gate once, whether or not its
+    // setup failed, so none waits for good) its steps. A stage that fails drops its ends of
+    // the channels, which stops its neighbours too: they end with `None`, not an error.
+    let run_stage = |k: usize,
+                     input: Option<crossbeam_channel::Receiver<Tensor>>,
+                     output: Option<crossbeam_channel::Sender<Tensor>>|
+     -> std::result::Result<f64, Option<EngineError>> {
+        crate::set_thread_count(threads);
+        let layers = stages[k].clone();
         let labels = Tensor::zeros([b], (Kind::Int64, d));
         let projection = label_projection(model, arch, seed);
         let targets = Targets::new(&labels, arch.num_classes, projection.as_ref());
-        let x = layer_input(arch, layers.start, b, d);
-        let setup = catch_unwind(AssertUnwindSafe(|| -> Result<_> {
+        let built = catch_unwind(AssertUnwindSafe(|| -> Result<_> {
             let mut blocks = Vec::new();
-            let mut output = None;
+            let mut out = None;
             for i in layers.clone() {
                 match arch.hidden.get(i) {
                     Some(spec) => blocks.push(HiddenBlock::new(i, spec, arch.num_classes, model, optim, seed, d)?),
-                    None => output = Some(OutputLayer::new(i, arch.output_in, arch.num_classes, model, optim, seed, d)),
+                    None => out = Some(OutputLayer::new(i, arch.output_in, arch.num_classes, model, optim, seed, d)),
                 }
             }
-            Ok((blocks, output))
+            Ok((blocks, out))
         }));
-        let step = |blocks: &mut Vec<HiddenBlock>, output: &mut Option<OutputLayer>| -> Result<()> {
-            let mut x = x.shallow_clone();
+        gate.arrive();
+        let (mut blocks, mut out) = match built {
+            Ok(built) => built.map_err(Some)?,
+            Err(panic) => return Err(Some(failed(crate::stage::panic_message(&*panic)))),
+        };
+        let images = Tensor::randn([b, arch.input.channels, arch.input.size, arch.input.size], (Kind::Float, d));
+        let mut step = |x: Tensor| -> std::result::Result<Tensor, Option<EngineError>> {
+            let mut x = x;
             for block in blocks.iter_mut() {
-                x = block.train_local(&x, &targets)?.output;
+                x = block.train_local(&x, &targets).map_err(|e| Some(e.into()))?.output;
             }
-            if let Some(o) = output.as_mut() {
-                let _ = o.train_local(&x, &labels)?;
+            if let Some(o) = out.as_mut() {
+                let _ = o.train_local(&x, &labels).map_err(|e| Some(e.into()))?;
             }
-            Ok(())
+            Ok(x)
         };
-        let ready = match setup {
-            Ok(Ok((mut blocks, mut output))) => step(&mut blocks, &mut output).map(|_| (blocks, output)),
-            Ok(Err(e)) => Err(e),
-            Err(panic) => Err(failed(crate::stage::panic_message(&*panic))),
+        let Some(tx) = &output else {
+            // The last stage is timed, while every stage before it is busy.
+            let (mut since, mut warm) = (Instant::now(), 0);
+            let mut timed = 0;
+            while timed < STEPS || since.elapsed() < WINDOW {
+                let x = match &input {
+                    Some(rx) => rx.recv().map_err(|_| None)?,
+                    None => images.shallow_clone(),
+                };
+                let _ = step(x)?;
+                if warm < WARM {
+                    warm += 1;
+                    since = Instant::now();
+                } else {
+                    timed += 1;
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+            return Ok(since.elapsed().as_secs_f64() / timed as f64);
         };
-        barrier.arrive();
-        let (mut blocks, mut output) = ready?;
-        let t = Instant::now();
-        for _ in 0..STEPS {
-            step(&mut blocks, &mut output)?;
+        match &input {
+            // The first stage feeds until the last has its figure (or a stage stopped).
+            None => {
+                while !done.load(Ordering::Relaxed) {
+                    tx.send(step(images.shallow_clone())?).map_err(|_| None)?;
+                }
+            }
+            // A stage between: until its input or its output closes.
+            Some(rx) => {
+                while let Ok(x) = rx.recv() {
+                    tx.send(step(x)?).map_err(|_| None)?;
+                }
+            }
         }
-        Ok(t.elapsed().as_secs_f64() / STEPS as f64)
+        Ok(0.0)
     };
     std::thread::scope(|scope| {
-        let threads: Vec<_> = stages
-            .iter()
-            .map(|layers| {
-                let layers = layers.clone();
+        let threads: Vec<_> = (0..stages.len())
+            .map(|k| {
+                let input = if k > 0 { receivers[k - 1].take() } else { None };
+                let output = if k < last { senders[k].take() } else { None };
                 let run = &run_stage;
                 std::thread::Builder::new()
                     .name("placement".into())
-                    .spawn_scoped(scope, move || catch_unwind(AssertUnwindSafe(|| run(layers))))
+                    .spawn_scoped(scope, move || catch_unwind(AssertUnwindSafe(|| run(k, input, output))))
             })
             .collect();
         if threads.iter().any(|t| t.is_err()) {
-            barrier.open(); // the threads that started do not wait for the one that did not
+            gate.open(); // the threads that started do not wait for the one that did not
         }
-        let mut slowest: f64 = 0.0;
+        let mut timed = Err(None);
+        let mut cause = None;
         for t in threads {
-            match t.map_err(|e| failed(format!("cannot start a thread: {e}")))?.join() {
-                Ok(Ok(Ok(secs))) => slowest = slowest.max(secs),
-                Ok(Ok(Err(e))) => return Err(e),
-                Ok(Err(panic)) | Err(panic) => return Err(failed(crate::stage::panic_message(&*panic))),
+            let r = match t.map_err(|e| failed(format!("cannot start a thread: {e}")))?.join() {
+                Ok(Ok(r)) => r,
+                Ok(Err(panic)) | Err(panic) => Err(Some(failed(crate::stage::panic_message(&*panic)))),
+            };
+            if let Err(Some(e)) = &r {
+                cause.get_or_insert(e.to_string());
             }
+            timed = r; // the last stage's is kept
         }
-        Ok(slowest)
+        match (cause, timed) {
+            (Some(e), _) => Err(failed(e)),
+            (None, Ok(secs)) => Ok(secs),
+            (None, Err(_)) => Err(failed("the stages stopped without an error".into())),
+        }
     })
 }
 
