@@ -240,14 +240,19 @@ impl Plan {
 
     /// Places an `auto` placement with `pipeline.workers` once they have registered
     /// (`workers`: each one's name and devices, in the config's order): one stage per
-    /// device, this process's first, the layers split by their step times measured here.
-    /// A worker's device is taken to be as fast as this process's first: with devices
-    /// unlike each other, name each stage's device instead.
+    /// device, this process's first, the layers split by their step times measured here;
+    /// where any of those devices is a GPU, only the GPUs get stages (this process may then
+    /// only load and feed). A worker's device is taken to be as fast as this process's
+    /// first: with devices unlike each other, name each stage's device instead.
     pub fn place_over_workers(&mut self, workers: &[(String, Vec<DeviceId>)]) -> Result<()> {
         let mut devices: Vec<(Option<&str>, DeviceId)> =
             self.machine.visible().into_iter().map(|d| (None, d)).collect();
         for (name, offered) in workers {
             devices.extend(offered.iter().map(|d| (Some(name.as_str()), *d)));
+        }
+        if devices.iter().any(|(_, d)| d.is_cuda()) {
+            // Where there are GPUs, the CPUs only feed them (this process's loader).
+            devices.retain(|(_, d)| d.is_cuda());
         }
         let parts = devices.len().min(self.num_layers());
         let sizes = if parts > 1 {
@@ -699,18 +704,30 @@ mod tests {
     fn auto_over_workers_gives_each_device_a_stage_this_process_first() {
         let mut c = RunConfig::default();
         c.model.num_layers = 3; // four layers with the output layer
+        c.model.num_hidden = 64;
         c.pipeline.workers = vec!["w1".into(), "w2".into()];
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
         // Layer costs are measured here (a tiny default net): every stage gets a layer.
-        plan.place_over_workers(&[("w1".into(), vec![DeviceId::Cpu]), ("w2".into(), vec![DeviceId::Cuda(0)])]).unwrap();
+        plan.place_over_workers(&[("w1".into(), vec![DeviceId::Cpu]), ("w2".into(), vec![DeviceId::Cpu])]).unwrap();
         let placed: Vec<(Option<&str>, DeviceId, usize)> =
             plan.stages.iter().map(|s| (s.host.as_deref(), s.device(), s.layers.len())).collect();
         assert_eq!(placed.len(), 3, "{placed:?}");
         assert_eq!((placed[0].0, placed[0].1), (None, DeviceId::Cpu));
         assert_eq!((placed[1].0, placed[1].1), (Some("w1"), DeviceId::Cpu));
-        assert_eq!((placed[2].0, placed[2].1), (Some("w2"), DeviceId::Cuda(0)));
+        assert_eq!((placed[2].0, placed[2].1), (Some("w2"), DeviceId::Cpu));
         assert_eq!(placed.iter().map(|p| p.2).sum::<usize>(), 4);
         assert_eq!(plan.stages[0].threads, 2, "this process's one CPU stage keeps its threads");
+        // GPUs among the devices: the CPUs get no stage, this process's included.
+        let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
+        let gpus =
+            [("w1".to_string(), vec![DeviceId::Cuda(0)]), ("w2".into(), vec![DeviceId::Cuda(0), DeviceId::Cuda(1)])];
+        plan.place_over_workers(&gpus).unwrap();
+        let placed: Vec<(Option<&str>, DeviceId)> =
+            plan.stages.iter().map(|s| (s.host.as_deref(), s.device())).collect();
+        assert_eq!(
+            placed,
+            vec![(Some("w1"), DeviceId::Cuda(0)), (Some("w2"), DeviceId::Cuda(0)), (Some("w2"), DeviceId::Cuda(1))]
+        );
         // More devices than layers: the last workers get nothing.
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
         let five: Vec<(String, Vec<DeviceId>)> = (1..=5).map(|i| (format!("w{i}"), vec![DeviceId::Cpu])).collect();
