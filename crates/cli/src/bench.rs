@@ -79,9 +79,6 @@ struct BenchRun {
     cpu_threads: Option<usize>,
 }
 
-/// Worker names of the process-pipeline run, after the coordinator.
-const BENCH_WORKERS: [&str; 2] = ["bench1", "bench2"];
-
 /// The runs compared: sequential, then pipelined under the config's placement, under
 /// `auto` and one stage per layer (a placement already listed is not run twice). On a CPU
 /// machine, with three layers or more, also a pair alike in all but processes: three
@@ -98,26 +95,15 @@ fn runs(config: &RunConfig, machine: &Machine) -> anyhow::Result<Vec<BenchRun>> 
         }
     }
     let layers = Plan::build(config, *machine)?.num_layers();
-    let global = matches!(config.model.training, Training::Backprop | Training::LocalGlobal);
-    if machine.cuda_devices == 0 && layers >= 3 && !global {
+    if machine.cuda_devices == 0 && layers >= 3 && !placement::is_global(config.model.training) {
+        // As a launch of three ranks spreads them: stage r > 0 on worker `rankr`.
         let Placement::Stages(apart) = layerwise_engine::net::launch::spread(layers, &[DeviceId::Cpu; 3])? else {
             unreachable!("spread gives stages")
         };
         let mut together = apart.clone();
-        let mut names = BENCH_WORKERS.iter();
         for s in &mut together {
             s.device = "cpu".into();
         }
-        let apart = apart
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut s)| {
-                if i > 0 {
-                    s.device = format!("{}/cpu", names.next().expect("three stages"));
-                }
-                s
-            })
-            .collect();
         let cpu_threads = Some((machine.cores / 3).max(1));
         for placement in [together, apart] {
             runs.push(BenchRun { mode: PipelineMode::Pipelined, placement: Placement::Stages(placement), cpu_threads });

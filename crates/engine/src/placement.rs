@@ -118,7 +118,9 @@ pub fn balance(costs: &[f64], parts: usize) -> Vec<usize> {
     sizes
 }
 
-fn is_global(training: Training) -> bool {
+/// Whether gradients cross layers (backprop, local+global): then every layer is in one
+/// process, run one after the other.
+pub fn is_global(training: Training) -> bool {
     matches!(training, Training::Backprop | Training::LocalGlobal)
 }
 
@@ -421,15 +423,14 @@ impl Gate {
 /// pipeline runs them: each stage on a thread of its own with `threads` intra-op threads, its
 /// output handed to the next over a channel of `pipeline.channel_capacity`, the first
 /// stage fed one random batch over and over until the last has its figure. Timed at the
-/// last stage over at least eight steps and a second, after three that fill the pipeline
-/// (a second of steps evens out the noise of a shared machine), so every stage is busy
+/// last stage over at least eight steps and `window`, after three that fill the pipeline
+/// (`auto` gives a second: that evens out the noise of a shared machine), so every stage is busy
 /// throughout (a fixed number of steps would let the first stages finish early and leave
 /// the cores to the last). `cpu_split` only models how one-thread stages share
 /// the cores; `auto` measures the split it chose with this before taking it.
-pub fn measure_split(plan: &Plan, sizes: &[usize], threads: usize) -> Result<f64> {
+pub fn measure_split(plan: &Plan, sizes: &[usize], threads: usize, window: std::time::Duration) -> Result<f64> {
     const WARM: usize = 3;
     const STEPS: usize = 8;
-    const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
     let (model, optim, arch) = (&plan.config.model, &plan.config.optim, &plan.arch);
     let (seed, b, d) = (plan.config.train.seed, plan.config.train.batch_size as i64, tch::Device::Cpu);
     let failed =
@@ -489,7 +490,7 @@ pub fn measure_split(plan: &Plan, sizes: &[usize], threads: usize) -> Result<f64
             // The last stage is timed, while every stage before it is busy.
             let (mut since, mut warm) = (Instant::now(), 0);
             let mut timed = 0;
-            while timed < STEPS || since.elapsed() < WINDOW {
+            while timed < STEPS || since.elapsed() < window {
                 let x = match &input {
                     Some(rx) => rx.recv().map_err(|_| None)?,
                     None => images.shallow_clone(),

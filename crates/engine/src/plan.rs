@@ -209,12 +209,12 @@ impl Plan {
         let sizes: Vec<usize> = split.iter().map(|s| s.layers.len()).collect();
         let threads = self.config.train.thread_budget(self.machine.cores);
         let started = std::time::Instant::now();
-        let mut one_stage = placement::measure_split(self, &[self.num_layers()], threads)?;
-        let mut measured = placement::measure_split(self, &sizes, 1)?;
+        let mut one_stage = placement::measure_split(self, &[self.num_layers()], threads, TRIAL_WINDOW)?;
+        let mut measured = placement::measure_split(self, &sizes, 1, TRIAL_WINDOW)?;
         // Once more each, alternating, the faster kept, where that costs seconds, not minutes.
         if started.elapsed() < std::time::Duration::from_secs(10) {
-            one_stage = one_stage.min(placement::measure_split(self, &[self.num_layers()], threads)?);
-            measured = measured.min(placement::measure_split(self, &sizes, 1)?);
+            one_stage = one_stage.min(placement::measure_split(self, &[self.num_layers()], threads, TRIAL_WINDOW)?);
+            measured = measured.min(placement::measure_split(self, &sizes, 1, TRIAL_WINDOW)?);
         }
         self.split_or_one_stage(split, measured, one_stage)
     }
@@ -419,6 +419,9 @@ impl Plan {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The least time `auto`'s trial of a CPU split times each way (see [`Plan::try_split`]).
+const TRIAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One layer's part of a plan's memory estimate, in bytes.
 #[derive(Debug, Clone, Copy, Default)]
 struct LayerMemory {
@@ -612,7 +615,7 @@ fn check_workers(p: &crate::config::PipelineConfig, training: Training) -> Resul
     if p.mode != crate::config::PipelineMode::Pipelined {
         return Err(bad(key, "pipeline.mode \"sequential\" runs in one process: workers need \"pipelined\""));
     }
-    if matches!(training, Training::Backprop | Training::LocalGlobal) {
+    if placement::is_global(training) {
         return Err(bad(
             key,
             format!(
@@ -745,7 +748,7 @@ mod tests {
         let plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
         // Three stages of one thread, one stage of two, and two stages, each really run.
         for (sizes, threads) in [(vec![1, 1, 1], 1), (vec![3], 2), (vec![2, 1], 1)] {
-            let secs = placement::measure_split(&plan, &sizes, threads).unwrap();
+            let secs = placement::measure_split(&plan, &sizes, threads, std::time::Duration::ZERO).unwrap();
             assert!(secs > 0.0 && secs.is_finite(), "{sizes:?}: {secs}");
         }
         let mut per_layer = c.clone();

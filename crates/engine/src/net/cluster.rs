@@ -131,8 +131,8 @@ impl Cluster {
     }
 
     /// Starts `plan`'s remote stages: checks each worker offers the devices placed on it,
-    /// with the memory its layers need, hands each its assignment, and returns the job's network. Reports from the workers'
-    /// stages go to `reports`.
+    /// with the memory its layers need, hands each its assignment, and returns the job's
+    /// network. Reports from the workers' stages go to `reports`.
     pub fn start_job(
         &self,
         plan: &Plan,
