@@ -435,6 +435,9 @@ pub fn measure_split(plan: &Plan, sizes: &[usize], threads: usize, window: std::
     let (seed, b, d) = (plan.config.train.seed, plan.config.train.batch_size as i64, tch::Device::Cpu);
     let failed =
         |what: String| EngineError::Other(format!("measuring the split {sizes:?} for the auto placement: {what}"));
+    if sizes.is_empty() || sizes.contains(&0) || sizes.iter().sum::<usize>() != plan.num_layers() {
+        return Err(failed(format!("expected stages of one layer or more covering the {} layers", plan.num_layers())));
+    }
     let mut stages = Vec::with_capacity(sizes.len());
     let mut start = 0;
     for &n in sizes {

@@ -751,6 +751,10 @@ mod tests {
             let secs = placement::measure_split(&plan, &sizes, threads, std::time::Duration::ZERO).unwrap();
             assert!(secs > 0.0 && secs.is_finite(), "{sizes:?}: {secs}");
         }
+        for bad in [vec![], vec![1, 0, 2], vec![1, 1]] {
+            let e = placement::measure_split(&plan, &bad, 1, std::time::Duration::ZERO).unwrap_err().to_string();
+            assert!(e.contains("covering the 3 layers"), "{bad:?}: {e}");
+        }
         let mut per_layer = c.clone();
         per_layer.pipeline.placement = crate::config::Placement::Named("per_layer".into());
         let split = placement::resolve(&per_layer, 3, &plan.machine, None).unwrap();
