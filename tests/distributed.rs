@@ -187,7 +187,7 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
 }
 
 /// `auto` with `pipeline.workers`: one stage here and one on each worker named, the layers
-/// split by their measured cost, trained to the single process's weights bit for bit.
+/// split by their cost measured in each process, trained to the single process's weights bit for bit.
 #[test]
 fn an_auto_placement_spreads_over_the_workers_named_and_trains_as_one_process() {
     let s = setup();
@@ -202,6 +202,8 @@ fn an_auto_placement_spreads_over_the_workers_named_and_trains_as_one_process() 
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("on 3 stage(s)"), "{log}");
+    // Each worker measured the layers on its own device.
+    assert!(log.contains("auto: w1 on cpu: ") && log.contains("auto: w2 on cpu: "), "{log}");
     assert!(log.contains("worker w1") && log.contains("runs stage(s) [1]"), "{log}");
     assert!(log.contains("worker w2") && log.contains("runs stage(s) [2]"), "{log}");
     for w in workers {

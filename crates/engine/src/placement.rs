@@ -84,22 +84,40 @@ pub fn cpu_split(whole: &[f64], one_thread: &[f64], threads: usize) -> Vec<usize
 /// Splits `costs` into `parts` contiguous groups minimising the largest group's sum.
 /// Returns the group sizes.
 pub fn balance(costs: &[f64], parts: usize) -> Vec<usize> {
-    let n = costs.len();
-    let parts = parts.clamp(1, n.max(1));
-    let prefix: Vec<f64> = std::iter::once(0.0)
-        .chain(costs.iter().scan(0.0, |s, c| {
-            *s += c;
-            Some(*s)
-        }))
+    let parts = parts.clamp(1, costs.len().max(1));
+    balance_over(&vec![costs.to_vec(); parts])
+}
+
+/// Splits the layers into contiguous groups, group `k` on device `k`, minimising the
+/// slowest group's step: `costs[k][i]` is layer `i`'s step time on device `k` (devices
+/// unlike each other). Every group gets a layer or more; devices past the layer count get
+/// none. Returns the group sizes, one per device used.
+pub fn balance_over(costs: &[Vec<f64>]) -> Vec<usize> {
+    let n = costs.first().map_or(0, Vec::len);
+    let parts = costs.len().clamp(1, n.max(1));
+    if n == 0 {
+        return vec![0];
+    }
+    let prefix: Vec<Vec<f64>> = costs[..parts]
+        .iter()
+        .map(|c| {
+            std::iter::once(0.0)
+                .chain(c.iter().scan(0.0, |s, c| {
+                    *s += c;
+                    Some(*s)
+                }))
+                .collect()
+        })
         .collect();
-    // best[k][i]: minimal max-sum splitting the first i costs into k groups; cut[k][i]: last cut
+    // best[k][i]: minimal slowest group putting the first i layers on the first k devices;
+    // cut[k][i]: where device k's group starts.
     let mut best = vec![vec![f64::INFINITY; n + 1]; parts + 1];
     let mut cut = vec![vec![0usize; n + 1]; parts + 1];
     best[0][0] = 0.0;
     for k in 1..=parts {
         for i in k..=n {
             for j in (k - 1)..i {
-                let v = best[k - 1][j].max(prefix[i] - prefix[j]);
+                let v = best[k - 1][j].max(prefix[k - 1][i] - prefix[k - 1][j]);
                 if v < best[k][i] {
                     best[k][i] = v;
                     cut[k][i] = j;
@@ -312,24 +330,23 @@ pub fn worker_name(name: &str) -> std::result::Result<String, String> {
 /// on a CPU, with one thread.
 pub fn measure_costs(plan: &Plan) -> Result<Costs> {
     let threads = plan.config.train.thread_budget(plan.machine.cores);
-    let whole = measure(plan, threads)?;
-    let one_thread = match plan.machine.visible()[0] {
-        DeviceId::Cpu if threads > 1 => Some(measure(plan, 1)?),
+    let device = plan.machine.visible()[0];
+    let whole = measure(plan, device, threads)?;
+    let one_thread = match device {
+        DeviceId::Cpu if threads > 1 => Some(measure(plan, device, 1)?),
         _ => None,
     };
     Ok(Costs { whole, one_thread })
 }
 
-/// Seconds per training step of each layer (the output layer last), measured on the first
-/// visible device (where `auto` puts stage 0; the devices of one machine are alike) with
-/// `threads` intra-op threads: each layer is built alone, timed over three steps after one
+/// Seconds per training step of each layer (the output layer last), measured on `device`
+/// with `threads` intra-op threads: each layer is built alone, timed over three steps after one
 /// warm-up step (synchronised on a GPU), and dropped before the next is built, so a net
 /// that only fits when split still places. A layer that cannot be built or run there is an
 /// error, not a guess. At the run's own batch size: how well threads scale depends on it
 /// (vgg8b predsim at 64 images scaled 1.6x on two threads, at 128 about 2x, so timing at
 /// 64 predicted a 1.28x gain for a split that ran at 0.94x of one stage).
-pub fn measure(plan: &Plan, threads: usize) -> Result<Vec<f64>> {
-    let device = plan.machine.visible()[0];
+pub fn measure(plan: &Plan, device: DeviceId, threads: usize) -> Result<Vec<f64>> {
     let d = device.tch();
     let (model, optim, arch) = (&plan.config.model, &plan.config.optim, &plan.arch);
     let seed = plan.config.train.seed;
@@ -584,6 +601,20 @@ mod tests {
         assert_eq!(balance(&[1.0, 1.0, 1.0, 1.0], 2), vec![2, 2]);
         assert_eq!(balance(&[8.0, 1.0, 1.0, 1.0, 1.0], 2), vec![1, 4]);
         assert_eq!(balance(&[1.0, 2.0, 3.0], 5), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn balancing_over_unlike_devices_gives_the_slower_device_fewer_layers() {
+        // Four like layers; the second device takes three times as long for each.
+        let fast = vec![1.0; 4];
+        let slow = vec![3.0; 4];
+        assert_eq!(balance_over(&[fast.clone(), slow.clone()]), vec![3, 1]);
+        assert_eq!(balance_over(&[slow.clone(), fast.clone()]), vec![1, 3]);
+        // Alike, it is `balance`; more devices than layers leave the last out.
+        assert_eq!(balance_over(&[fast.clone(), fast.clone()]), vec![2, 2]);
+        assert_eq!(balance_over(&vec![vec![1.0, 2.0]; 3]), vec![1, 1]);
+        // Every device used gets a layer, however slow.
+        assert_eq!(balance_over(&[fast, vec![1e9; 4]]), vec![3, 1]);
     }
 
     #[test]

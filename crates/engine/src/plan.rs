@@ -240,11 +240,16 @@ impl Plan {
 
     /// Places an `auto` placement with `pipeline.workers` once they have registered
     /// (`workers`: each one's name and devices, in the config's order): one stage per
-    /// device, this process's first, the layers split by their step times measured here;
-    /// where any of those devices is a GPU, only the GPUs get stages (this process may then
-    /// only load and feed). A worker's device is taken to be as fast as this process's
-    /// first: with devices unlike each other, name each stage's device instead.
-    pub fn place_over_workers(&mut self, workers: &[(String, Vec<DeviceId>)]) -> Result<()> {
+    /// device, this process's first; where any of those devices is a GPU, only the GPUs get
+    /// stages (this process may then only load and feed). The layers are split by their
+    /// step times measured on each host that gets a stage: here, and on a worker through
+    /// `measure_on(worker, device)` (see [`crate::net::cluster::Cluster::measure`]), once per
+    /// host, its devices being taken to be alike. A slower host gets fewer layers.
+    pub fn place_over_workers(
+        &mut self,
+        workers: &[(String, Vec<DeviceId>)],
+        mut measure_on: impl FnMut(&str, DeviceId) -> Result<Vec<f64>>,
+    ) -> Result<()> {
         let mut devices: Vec<(Option<&str>, DeviceId)> =
             self.machine.visible().into_iter().map(|d| (None, d)).collect();
         for (name, offered) in workers {
@@ -258,7 +263,34 @@ impl Plan {
         let sizes = if parts > 1 {
             // Each stage gets a device of its own: time the layers as one stage runs them.
             let threads = self.config.train.thread_budget(self.machine.cores);
-            placement::balance(&placement::measure(self, threads)?, parts)
+            let mut by_host: BTreeMap<Option<&str>, Vec<f64>> = BTreeMap::new();
+            let mut costs = Vec::with_capacity(parts);
+            for &(host, device) in &devices[..parts] {
+                if let std::collections::btree_map::Entry::Vacant(entry) = by_host.entry(host) {
+                    let times = match host {
+                        None => placement::measure(self, device, threads)?,
+                        Some(worker) => measure_on(worker, device)?,
+                    };
+                    if times.len() != self.num_layers() || times.iter().any(|t| !t.is_finite() || *t < 0.0) {
+                        return Err(EngineError::Other(format!(
+                            "{}: measured {} step times for {} layers ({times:?}); expected one finite time a layer",
+                            host.map_or("this process".into(), |w| format!("worker {w}")),
+                            times.len(),
+                            self.num_layers()
+                        )));
+                    }
+                    tracing::info!(
+                        "auto: {} on {}: {:.2} ms a step for all {} layers",
+                        host.unwrap_or("this process"),
+                        device,
+                        times.iter().sum::<f64>() * 1e3,
+                        times.len()
+                    );
+                    entry.insert(times);
+                }
+                costs.push(by_host[&host].clone());
+            }
+            placement::balance_over(&costs)
         } else {
             vec![self.num_layers()]
         };
@@ -710,33 +742,64 @@ mod tests {
         c.model.num_hidden = 64;
         c.pipeline.workers = vec!["w1".into(), "w2".into()];
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
-        // Layer costs are measured here (a tiny default net): every stage gets a layer.
-        plan.place_over_workers(&[("w1".into(), vec![DeviceId::Cpu]), ("w2".into(), vec![DeviceId::Cpu])]).unwrap();
+        // Layer costs are measured here (a tiny default net) and, for each worker, asked of
+        // it: here each says 10 ms a layer, slower than this process, and every stage still
+        // gets a layer.
+        let mut asked = Vec::new();
+        let mut ask = |w: &str, d: DeviceId| {
+            asked.push((w.to_string(), d));
+            Ok(vec![1e-2; 4])
+        };
+        plan.place_over_workers(&[("w1".into(), vec![DeviceId::Cpu]), ("w2".into(), vec![DeviceId::Cpu])], &mut ask)
+            .unwrap();
+        assert_eq!(asked, vec![("w1".to_string(), DeviceId::Cpu), ("w2".to_string(), DeviceId::Cpu)]);
         let placed: Vec<(Option<&str>, DeviceId, usize)> =
             plan.stages.iter().map(|s| (s.host.as_deref(), s.device(), s.layers.len())).collect();
-        assert_eq!(placed.len(), 3, "{placed:?}");
-        assert_eq!((placed[0].0, placed[0].1), (None, DeviceId::Cpu));
-        assert_eq!((placed[1].0, placed[1].1), (Some("w1"), DeviceId::Cpu));
-        assert_eq!((placed[2].0, placed[2].1), (Some("w2"), DeviceId::Cpu));
-        assert_eq!(placed.iter().map(|p| p.2).sum::<usize>(), 4);
+        assert_eq!(
+            placed,
+            vec![(None, DeviceId::Cpu, 2), (Some("w1"), DeviceId::Cpu, 1), (Some("w2"), DeviceId::Cpu, 1)]
+        );
         assert_eq!(plan.stages[0].threads, 2, "this process's one CPU stage keeps its threads");
-        // GPUs among the devices: the CPUs get no stage, this process's included.
+        // GPUs among the devices: the CPUs get no stage, this process's included; each host
+        // is asked once.
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
         let gpus =
             [("w1".to_string(), vec![DeviceId::Cuda(0)]), ("w2".into(), vec![DeviceId::Cuda(0), DeviceId::Cuda(1)])];
-        plan.place_over_workers(&gpus).unwrap();
-        let placed: Vec<(Option<&str>, DeviceId)> =
-            plan.stages.iter().map(|s| (s.host.as_deref(), s.device())).collect();
+        let mut asked = Vec::new();
+        plan.place_over_workers(&gpus, |w, _| {
+            asked.push(w.to_string());
+            Ok(if w == "w1" { vec![1.0; 4] } else { vec![2.0; 4] })
+        })
+        .unwrap();
+        assert_eq!(asked, vec!["w1", "w2"]);
+        let placed: Vec<(Option<&str>, DeviceId, usize)> =
+            plan.stages.iter().map(|s| (s.host.as_deref(), s.device(), s.layers.len())).collect();
         assert_eq!(
             placed,
-            vec![(Some("w1"), DeviceId::Cuda(0)), (Some("w2"), DeviceId::Cuda(0)), (Some("w2"), DeviceId::Cuda(1))]
+            vec![
+                (Some("w1"), DeviceId::Cuda(0), 2),
+                (Some("w2"), DeviceId::Cuda(0), 1),
+                (Some("w2"), DeviceId::Cuda(1), 1)
+            ]
         );
-        // More devices than layers: the last workers get nothing.
+        // More devices than layers: the last workers get nothing and are not asked.
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
         let five: Vec<(String, Vec<DeviceId>)> = (1..=5).map(|i| (format!("w{i}"), vec![DeviceId::Cpu])).collect();
-        plan.place_over_workers(&five).unwrap();
+        let mut asked = Vec::new();
+        plan.place_over_workers(&five, |w, _| {
+            asked.push(w.to_string());
+            Ok(vec![1e-3; 4])
+        })
+        .unwrap();
+        assert_eq!(asked, vec!["w1", "w2", "w3"]);
         assert_eq!(plan.stages.len(), 4);
         assert_eq!(plan.workers(), BTreeSet::from(["w1".to_string(), "w2".into(), "w3".into()]));
+        // A worker's answer that does not fit the net is an error naming it.
+        let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
+        let e = plan.place_over_workers(&five[..1], |_, _| Ok(vec![1.0; 3])).unwrap_err().to_string();
+        assert!(e.contains("worker w1") && e.contains("3 step times for 4 layers"), "{e}");
+        let e = plan.place_over_workers(&five[..1], |_, _| Ok(vec![f64::NAN; 4])).unwrap_err().to_string();
+        assert!(e.contains("worker w1") && e.contains("finite"), "{e}");
     }
 
     #[test]

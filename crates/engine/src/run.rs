@@ -155,8 +155,11 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
                 "pipeline.workers names workers {names:?}, but this process does not listen for workers (serve: start it with --listen)"
             ))
         })?;
-        let workers = cluster.wait_for(&names, options.stop.as_deref())?;
-        plan.place_over_workers(&workers.iter().map(|w| (w.name.clone(), w.devices.clone())).collect::<Vec<_>>())?;
+        let stop = options.stop.as_deref();
+        let workers = cluster.wait_for(&names, stop)?;
+        let offered: Vec<(String, Vec<_>)> = workers.iter().map(|w| (w.name.clone(), w.devices.clone())).collect();
+        let asking = plan.clone();
+        plan.place_over_workers(&offered, |worker, device| cluster.measure(worker, &asking, device, stop))?;
     }
     let plan = Arc::new(plan);
     let config = &plan.config;

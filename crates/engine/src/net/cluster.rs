@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 
 use super::wire::{self, Role};
-use super::{heartbeat, host_key, Assignment, Net, Rendezvous, Sockets, ToCoordinator, ToWorker, PEER_TIMEOUT};
+use super::{
+    heartbeat, host_key, Assignment, Measurement, Net, Rendezvous, Sockets, ToCoordinator, ToWorker, PEER_TIMEOUT,
+};
 use crate::config::GpuLink;
 use crate::message::{Report, StageFailure};
 use crate::placement::StagePlan;
@@ -32,6 +34,8 @@ pub struct WorkerConn {
     /// The job it runs now; cleared when the worker says it finished, or is lost.
     job: Mutex<Option<Held>>,
     changed: Condvar,
+    /// The measurement asked of it and where its answer goes; dropped when it is lost.
+    measuring: Mutex<Option<(u64, Sender<Measurement>)>>,
 }
 
 struct Held {
@@ -211,6 +215,54 @@ impl Cluster {
     }
 }
 
+/// The longest a worker may take to measure its layers for `auto` (a worker that dies or
+/// goes silent meanwhile is noticed sooner, by [`PEER_TIMEOUT`]).
+pub const MEASURE_LIMIT: Duration = Duration::from_secs(600);
+
+impl Cluster {
+    /// Asks worker `name` for each layer's step time on its `device` (seconds, the output
+    /// layer last), for `auto` over workers: the worker builds the layers of `plan`'s net
+    /// one at a time there and times them, as this process does its own. Fails, naming
+    /// the worker, if it is busy with a job, is lost, cannot measure, or takes longer
+    /// than [`MEASURE_LIMIT`].
+    pub fn measure(&self, name: &str, plan: &Plan, device: DeviceId, stop: Option<&AtomicBool>) -> Result<Vec<f64>> {
+        let w = self.wait_for(&[name.to_string()], stop)?.remove(0);
+        let failed = |why: String| EngineError::Other(format!("worker {name} could not measure its {device}: {why}"));
+        if let Some(h) = w.lock_job().as_ref() {
+            return Err(failed(format!("it is busy with another job ({:x})", h.id)));
+        }
+        let request = rand::random::<u64>();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        *w.measuring.lock().unwrap_or_else(|p| p.into_inner()) = Some((request, tx));
+        let config = Box::new(plan.config.clone());
+        let shape = (plan.shape.input.channels, plan.shape.input.size, plan.shape.num_classes);
+        if !w.send(&ToWorker::Measure { request, config, shape, device }) {
+            return Err(failed("it was lost".into()));
+        }
+        let since = Instant::now();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(times) => return times.map_err(failed),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(failed("it was lost".into())),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    // Lost before the question was recorded: nobody drops the answer's end.
+                    let workers = self.workers.0.lock().unwrap_or_else(|p| p.into_inner());
+                    if !workers.get(name).is_some_and(|r| Arc::ptr_eq(r, &w)) {
+                        return Err(failed("it was lost".into()));
+                    }
+                    drop(workers);
+                    if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                        return Err(failed("stopped while it measured".into()));
+                    }
+                    if since.elapsed() >= MEASURE_LIMIT {
+                        return Err(failed(format!("no answer within {} s", MEASURE_LIMIT.as_secs())));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A job's hold on its workers.
 pub struct RemoteJob {
     pub id: u64,
@@ -273,6 +325,7 @@ fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Re
                 control: Arc::new(Mutex::new(control)),
                 job: Mutex::new(None),
                 changed: Condvar::new(),
+                measuring: Mutex::new(None),
             });
             {
                 let (m, cv) = &**workers;
@@ -311,6 +364,7 @@ fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Re
             let lost = serve_worker(&conn, stream);
             stop.store(true, Ordering::SeqCst);
             workers.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+            conn.measuring.lock().unwrap_or_else(|p| p.into_inner()).take();
             let held = conn.lock_job().take();
             if held.is_none() {
                 tracing::info!("worker {name} ({peer}) left: {lost}");
@@ -343,6 +397,13 @@ fn serve_worker(conn: &WorkerConn, mut stream: TcpStream) -> String {
             Ok(ToCoordinator::Report { job, report }) => {
                 if let Some(h) = conn.lock_job().as_ref().filter(|h| h.id == job) {
                     let _ = h.reports.send(report);
+                }
+            }
+            Ok(ToCoordinator::Measured { request, times }) => {
+                let mut asked = conn.measuring.lock().unwrap_or_else(|p| p.into_inner());
+                if asked.as_ref().is_some_and(|(r, _)| *r == request) {
+                    let (_, answer) = asked.take().expect("checked");
+                    let _ = answer.send(times);
                 }
             }
             Ok(ToCoordinator::Finished { job }) => {
@@ -438,6 +499,49 @@ mod tests {
         };
         assert_eq!(assigned.job, job.id);
         job.abort("test over");
+    }
+
+    #[test]
+    fn auto_over_workers_asks_each_worker_to_measure_and_gives_a_slower_one_fewer_layers() {
+        let cluster = Cluster::listen("127.0.0.1:0", b"s".to_vec(), Duration::from_secs(600)).unwrap();
+        let mut c = RunConfig::default();
+        c.model.num_layers = 3; // four layers with the output layer
+        c.pipeline.workers = vec!["slow".into()];
+        let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
+        let shape = (plan.shape.input.channels, plan.shape.input.size, plan.shape.num_classes);
+        let mut worker = fake_worker(&cluster, "slow", 1 << 40);
+        // The worker answers a second a layer (far slower than this process), after an
+        // answer to a request never made; then it cannot measure; then it goes.
+        let answering = std::thread::spawn(move || {
+            let mut asked = Vec::new();
+            loop {
+                let (request, config, shape, device) = match wire::read_frame::<ToWorker>(&mut worker).unwrap() {
+                    ToWorker::Heartbeat => continue,
+                    ToWorker::Measure { request, config, shape, device } => (request, config, shape, device),
+                    other => panic!("sent {other:?}"),
+                };
+                asked.push((config.model.num_layers, shape, device));
+                let answers: Vec<(u64, Measurement)> = match asked.len() {
+                    1 => vec![(request.wrapping_add(1), Ok(vec![0.0; 4])), (request, Ok(vec![1.0; 4]))],
+                    2 => vec![(request, Err("the card fell off".into()))],
+                    _ => return asked,
+                };
+                for (request, times) in answers {
+                    wire::write_frame(&mut worker, &ToCoordinator::Measured { request, times }).unwrap();
+                }
+            }
+        });
+        let asking = plan.clone();
+        plan.place_over_workers(&[("slow".into(), vec![DeviceId::Cpu])], |w, d| cluster.measure(w, &asking, d, None))
+            .unwrap();
+        let placed: Vec<(Option<&str>, usize)> =
+            plan.stages.iter().map(|s| (s.host.as_deref(), s.layers.len())).collect();
+        assert_eq!(placed, vec![(None, 3), (Some("slow"), 1)]);
+        let e = cluster.measure("slow", &asking, DeviceId::Cpu, None).unwrap_err().to_string();
+        assert!(e.contains("worker slow could not measure its cpu: the card fell off"), "{e}");
+        let e = cluster.measure("slow", &asking, DeviceId::Cpu, None).unwrap_err().to_string();
+        assert!(e.contains("worker slow") && e.contains("lost"), "{e}");
+        assert_eq!(answering.join().unwrap(), vec![(3, shape, DeviceId::Cpu); 3]);
     }
 
     fn stages(devices: [(Option<&str>, DeviceId); 2]) -> Vec<StagePlan> {

@@ -65,6 +65,15 @@ pub struct Assignment {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToWorker {
     Assign(Box<Assignment>),
+    /// Time each layer's training step on `device` (for `auto` over workers); answered by
+    /// [`ToCoordinator::Measured`] with the same `request`.
+    Measure {
+        request: u64,
+        config: Box<RunConfig>,
+        /// The data's (channels, size, classes).
+        shape: (i64, i64, i64),
+        device: DeviceId,
+    },
     Abort {
         job: u64,
         reason: String,
@@ -86,8 +95,16 @@ pub enum ToCoordinator {
     Finished {
         job: u64,
     },
+    Measured {
+        request: u64,
+        times: Measurement,
+    },
     Heartbeat,
 }
+
+/// A worker's answer to [`ToWorker::Measure`]: seconds per training step of each layer
+/// (the output layer last), or why it could not measure.
+pub type Measurement = std::result::Result<Vec<f64>, String>;
 
 /// The host key of a stage: its worker's name, or "" for the coordinator.
 pub fn host_key(host: &Option<String>) -> &str {

@@ -177,6 +177,27 @@ fn session(
                             j.sockets.abort();
                         }
                     }
+                    ToWorker::Measure { request, config, shape, device } => {
+                        // In a thread of its own: heartbeats and aborts are still read meanwhile.
+                        let busy = running.as_ref().map(|j| j.id);
+                        let answer = move |control: &Mutex<TcpStream>, times| {
+                            let mut s = control.lock().unwrap_or_else(|p| p.into_inner());
+                            let _ = wire::write_frame(&mut *s, &ToCoordinator::Measured { request, times });
+                        };
+                        let to = control.clone();
+                        let spawned = std::thread::Builder::new().name("measure".into()).spawn(move || {
+                            answer(
+                                &to,
+                                match busy {
+                                    Some(job) => Err(format!("busy with job {job:x}")),
+                                    None => measure(&config, shape, device).map_err(|e| e.to_string()),
+                                },
+                            )
+                        });
+                        if let Err(e) = spawned {
+                            answer(&control, Err(format!("cannot start a thread: {e}")));
+                        }
+                    }
                     ToWorker::Assign(a) => {
                         if running.is_some() {
                             tracing::error!("worker {name}: a second job while one runs; ignored");
@@ -263,6 +284,25 @@ fn run_assignment(
     ended
 }
 
+/// `config`'s net for data of `shape` (channels, size, classes) on this machine, its
+/// placement left to the coordinator.
+fn unplaced(config: &crate::config::RunConfig, machine: Machine, shape: (i64, i64, i64)) -> Result<Plan> {
+    let (channels, size, num_classes) = shape;
+    let shape = DataShape { input: InputShape { channels, size }, num_classes };
+    let mut config = config.clone();
+    config.pipeline.placement = crate::config::Placement::Named("single".into());
+    config.pipeline.workers.clear();
+    Plan::build_unplaced(&config, machine, shape)
+}
+
+/// Each layer's step time on `device` here, for the coordinator's `auto` placement.
+fn measure(config: &crate::config::RunConfig, shape: (i64, i64, i64), device: DeviceId) -> Result<Vec<f64>> {
+    let machine = Machine::detect();
+    machine.check(device).map_err(EngineError::Config)?;
+    let plan = unplaced(config, machine, shape)?;
+    crate::placement::measure(&plan, device, config.train.thread_budget(machine.cores))
+}
+
 fn start(
     a: &Assignment,
     host: &str,
@@ -272,13 +312,8 @@ fn start(
     reports: Arc<dyn crate::link::ReportSender>,
 ) -> Result<Vec<JoinHandle<bool>>> {
     let machine = Machine::detect();
-    let (channels, size, num_classes) = a.shape;
-    let shape = DataShape { input: InputShape { channels, size }, num_classes };
     // The coordinator resolved the placement; this side checks only its own devices.
-    let mut config = a.config.clone();
-    config.pipeline.placement = crate::config::Placement::Named("single".into());
-    config.pipeline.workers.clear();
-    let mut plan = Plan::build_unplaced(&config, machine, shape)?;
+    let mut plan = unplaced(&a.config, machine, a.shape)?;
     plan.config = a.config.clone();
     plan.stages = a.stages.clone();
     share_threads(&mut plan.stages, Some(host), &a.config, machine.cores);
