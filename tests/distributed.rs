@@ -186,6 +186,19 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
     assert_same_newest_checkpoint(&whole, &three_then_one, "begun in three processes, resumed in one");
 }
 
+/// Each stage's intra-op threads, from the coordinator's "on N stage(s): [0]@cpux2 ..." line.
+fn stage_threads(log: &str) -> Vec<usize> {
+    let line = log.lines().find(|l| l.contains(" stage(s): ")).expect("the coordinator's stages line");
+    line.split(" stage(s): ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .take_while(|t| !t.contains('='))
+        .filter_map(|t| t.split_once('@'))
+        .map(|(_, at)| at.rsplit('x').next().unwrap().parse().unwrap())
+        .collect()
+}
+
 /// `auto` with `pipeline.workers`: one stage here and one on each worker named, the layers
 /// split by their cost measured in each process, trained to the single process's weights bit for bit.
 #[test]
@@ -204,6 +217,11 @@ fn an_auto_placement_spreads_over_the_workers_named_and_trains_as_one_process() 
     assert!(log.contains("on 3 stage(s)"), "{log}");
     // Each worker measured the layers on its own device.
     assert!(log.contains("auto: w1 on cpu: ") && log.contains("auto: w2 on cpu: "), "{log}");
+    // The three processes are on one machine: their stages share its cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = stage_threads(&log);
+    assert_eq!(threads.len(), 3, "{log}");
+    assert!(threads.iter().sum::<usize>() <= cores.max(3), "{threads:?} threads on {cores} cores: {log}");
     assert!(log.contains("worker w1") && log.contains("runs stage(s) [1]"), "{log}");
     assert!(log.contains("worker w2") && log.contains("runs stage(s) [2]"), "{log}");
     for w in workers {

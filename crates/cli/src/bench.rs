@@ -75,17 +75,15 @@ pub struct TrainBench {
 struct BenchRun {
     mode: PipelineMode,
     placement: Placement,
-    /// `train.cpu_threads` for the run, where the bench sets it (the process pair below).
-    cpu_threads: Option<usize>,
 }
 
 /// The runs compared: sequential, then pipelined under the config's placement, under
 /// `auto` and one stage per layer (a placement already listed is not run twice). On a CPU
 /// machine, with three layers or more, also a pair alike in all but processes: three
 /// stages in this process, and the same three stages in three processes on 127.0.0.1 (this
-/// one and two workers, linked over TCP), each with a third of the cores.
+/// one and two workers, linked over TCP); in both, the three stages share the cores.
 fn runs(config: &RunConfig, machine: &Machine) -> anyhow::Result<Vec<BenchRun>> {
-    let run = |mode, placement| BenchRun { mode, placement, cpu_threads: None };
+    let run = |mode, placement| BenchRun { mode, placement };
     let mut runs = vec![run(PipelineMode::Sequential, Placement::Named("single".into()))];
     for placement in
         [config.pipeline.placement.clone(), Placement::Named("auto".into()), Placement::Named("per_layer".into())]
@@ -104,9 +102,8 @@ fn runs(config: &RunConfig, machine: &Machine) -> anyhow::Result<Vec<BenchRun>> 
         for s in &mut together {
             s.device = "cpu".into();
         }
-        let cpu_threads = Some((machine.cores / 3).max(1));
         for placement in [together, apart] {
-            runs.push(BenchRun { mode: PipelineMode::Pipelined, placement: Placement::Stages(placement), cpu_threads });
+            runs.push(run(PipelineMode::Pipelined, Placement::Stages(placement)));
         }
     }
     Ok(runs)
@@ -327,7 +324,7 @@ fn poll_device_memory(pid: u32, done: &AtomicBool) -> Option<u64> {
 /// A run with stages on workers listens on 127.0.0.1 and starts them as child processes of
 /// this binary (`worker --once`, sharing a fresh secret).
 fn measure_one(base: &RunConfig, run: BenchRun, steps: usize, repeats: usize) -> anyhow::Result<Measured> {
-    let BenchRun { mode, placement, cpu_threads } = run;
+    let BenchRun { mode, placement } = run;
     let mut c = base.clone();
     c.pipeline.mode = mode;
     c.pipeline.placement = placement.clone();
@@ -335,7 +332,6 @@ fn measure_one(base: &RunConfig, run: BenchRun, steps: usize, repeats: usize) ->
     c.train.epochs = 1 + repeats;
     c.train.steps_per_epoch = Some(steps);
     c.train.eval_batches = Some(1);
-    c.train.cpu_threads = cpu_threads.or(c.train.cpu_threads);
     c.checkpoint.every_epochs = 0;
     c.checkpoint.every_steps = 0;
     let dir = tempfile::tempdir()?;

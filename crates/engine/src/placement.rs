@@ -2,6 +2,7 @@
 //! contiguous runs of layers, each with its typed device(s) and its share of the CPU
 //! threads. `auto` splits by each layer's cost, measured here on the device it will use.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -202,24 +203,39 @@ pub fn resolve(
             }
         })
         .collect();
-    share_threads(&mut stages, None, config, machine.cores);
+    share_threads(&mut stages, config, &this_process(machine.cores));
     Ok(stages)
 }
 
-/// Gives the CPU stages of process `host` their intra-op threads: the budget
-/// (`train.cpu_threads`, else the process's cores) shared among its CPU stages when they run
-/// at once, all of it to the one thread of a sequential run. A worker calls this for its own
-/// stages with its own cores.
-pub fn share_threads(stages: &mut [StagePlan], host: Option<&str>, config: &RunConfig, cores: usize) {
-    let budget = config.train.thread_budget(cores);
-    let here = |s: &StagePlan| s.host.as_deref() == host;
-    let cpu_stages = stages.iter().filter(|s| here(s) && s.device() == DeviceId::Cpu).count().max(1);
-    let threads = match config.pipeline.mode {
-        PipelineMode::Sequential => budget,
-        PipelineMode::Pipelined => (budget / cpu_stages).max(1),
-    };
-    for s in stages.iter_mut().filter(|s| here(s)) {
-        s.threads = if s.device().is_cuda() { 1 } else { threads };
+/// The processes of a run that this one knows of, by host key ("" for this one): each
+/// one's cores and the machine it runs on ([`crate::plan::machine_id`]).
+pub type Processes = BTreeMap<String, (usize, String)>;
+
+/// This process alone: where a plan's stages start, before any worker has registered.
+pub fn this_process(cores: usize) -> Processes {
+    BTreeMap::from([(String::new(), (cores, crate::plan::machine_id()))])
+}
+
+/// Gives each CPU stage of `processes` its intra-op threads: a machine's budget
+/// (`train.cpu_threads`, else its cores) shared among the CPU stages that run on it at
+/// once, whichever of its processes they are in; all of it to the one thread of a
+/// sequential run. A CUDA stage gets one. Stages of processes not known yet are left as
+/// they are.
+pub fn share_threads(stages: &mut [StagePlan], config: &RunConfig, processes: &Processes) {
+    let machines: BTreeSet<&String> = processes.values().map(|(_, m)| m).collect();
+    for machine in machines {
+        let hosts: Vec<&String> = processes.iter().filter(|(_, (_, m))| m == machine).map(|(h, _)| h).collect();
+        let cores = processes.values().filter(|(_, m)| m == machine).map(|(c, _)| *c).min().unwrap_or(1);
+        let budget = config.train.thread_budget(cores);
+        let here = |s: &StagePlan| hosts.iter().any(|h| *h == crate::net::host_key(&s.host));
+        let cpu_stages = stages.iter().filter(|s| here(s) && s.device() == DeviceId::Cpu).count().max(1);
+        let threads = match config.pipeline.mode {
+            PipelineMode::Sequential => budget,
+            PipelineMode::Pipelined => (budget / cpu_stages).max(1),
+        };
+        for s in stages.iter_mut().filter(|s| here(s)) {
+            s.threads = if s.device().is_cuda() { 1 } else { threads };
+        }
     }
 }
 
@@ -700,11 +716,47 @@ mod tests {
         let plans = resolve(&c, 4, &cpu(4), None).unwrap();
         assert_eq!(plans[0].host, None);
         assert_eq!((plans[1].host.as_deref(), plans[1].device()), (Some("w1"), DeviceId::Cuda(3)));
-        // This process's CPU stage takes every core of its own; the worker shares its own.
+        // This process's CPU stage takes every core of its own.
         assert_eq!(plans[0].threads, 4);
         let mut mine = plans.clone();
-        share_threads(&mut mine, Some("w1"), &c, 8);
+        let processes = Processes::from([("".into(), (4, "a".into())), ("w1".into(), (8, "b".into()))]);
+        share_threads(&mut mine, &c, &processes);
         assert_eq!((mine[0].threads, mine[1].threads), (4, 1), "a CUDA stage keeps one thread");
+    }
+
+    #[test]
+    fn stages_on_one_machine_share_its_cores_whichever_process_they_are_in() {
+        let stages = |devices: &[&str]| {
+            let specs = devices.iter().enumerate().map(|(i, d)| spec(&[i], d)).collect();
+            resolve(&config(Placement::Stages(specs), Training::Local), devices.len(), &cpu(4), None).unwrap()
+        };
+        let threads = |plans: &[StagePlan]| plans.iter().map(|s| s.threads).collect::<Vec<_>>();
+        // This process and w1 on machine a (4 cores), w2 on machine b (8 cores).
+        let processes = Processes::from([
+            ("".into(), (4, "a".into())),
+            ("w1".into(), (4, "a".into())),
+            ("w2".into(), (8, "b".into())),
+        ]);
+        let c = config(Placement::Named("auto".into()), Training::Local);
+        let mut plans = stages(&["cpu", "w1/cpu", "w2/cpu", "w2/cuda:0"]);
+        share_threads(&mut plans, &c, &processes);
+        assert_eq!(threads(&plans), vec![2, 2, 8, 1]);
+        // Four CPU stages on a machine of 2 cores: a thread each, never none.
+        let mut plans = stages(&["cpu", "w1/cpu", "w1/cpu", "cpu", "w2/cpu"]);
+        let mut two_cores = processes.clone();
+        two_cores.insert("w1".into(), (2, "a".into())); // the least of the machine's figures
+        share_threads(&mut plans, &c, &two_cores);
+        assert_eq!(threads(&plans), vec![1, 1, 1, 1, 8]);
+        // `train.cpu_threads` is a machine's budget.
+        let mut c6 = c.clone();
+        c6.train.cpu_threads = Some(6);
+        let mut plans = stages(&["cpu", "w1/cpu", "w2/cpu"]);
+        share_threads(&mut plans, &c6, &processes);
+        assert_eq!(threads(&plans), vec![3, 3, 6]);
+        // A process not known yet keeps what it had.
+        let mut plans = stages(&["cpu", "w3/cpu"]);
+        share_threads(&mut plans, &c, &processes);
+        assert_eq!(threads(&plans), vec![4, 1]);
     }
 
     #[test]

@@ -369,22 +369,48 @@ impl Plan {
     /// the coordinator's own), the layers placed on it against its memory (the host's
     /// memory for the CPU).
     pub fn check_memory(&self, host: Option<&str>) -> Result<()> {
-        check_fits(&self.device_needs(host), device_memory, self.config.train.batch_size, None)
+        check_fits(&self.device_needs(host, &[]), device_memory, self.config.train.batch_size, None)
     }
 
     /// As [`Plan::check_memory`], on the coordinator's side: the stages placed on worker
     /// `name` against the memory it registered with (`have`), before it is sent anything.
-    pub fn check_worker_memory(&self, name: &str, have: impl Fn(DeviceId) -> Option<u64>) -> Result<()> {
-        check_fits(&self.device_needs(Some(name)), have, self.config.train.batch_size, Some(name))
+    /// `beside`: the other processes on its machine (None for this one), whose CPU stages
+    /// take the same host memory.
+    pub fn check_worker_memory(
+        &self,
+        name: &str,
+        beside: &[Option<&str>],
+        have: impl Fn(DeviceId) -> Option<u64>,
+    ) -> Result<()> {
+        let also = match beside {
+            [] => String::new(),
+            _ => format!(
+                ", with the CPU stages of {} on its machine",
+                beside
+                    .iter()
+                    .map(|h| h.map_or("the coordinator".into(), |w| format!("worker {w}")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        check_fits(&self.device_needs(Some(name), beside), have, self.config.train.batch_size, Some((name, &also)))
     }
 
-    /// The memory each device of `host`'s stages needs, by [`combine`] of its layers.
-    fn device_needs(&self, host: Option<&str>) -> BTreeMap<DeviceId, f64> {
+    /// The memory each device of `host`'s stages needs, by [`combine`] of its layers; the
+    /// CPU's also holds the CPU stages of the processes `beside` it on its machine (a CUDA
+    /// index names a card only within a process, so cards are not summed).
+    pub(crate) fn device_needs(&self, host: Option<&str>, beside: &[Option<&str>]) -> BTreeMap<DeviceId, f64> {
         let layers = self.layer_memory();
         let mut on: BTreeMap<DeviceId, Vec<LayerMemory>> = BTreeMap::new();
-        for s in self.stages.iter().filter(|s| s.host.as_deref() == host) {
+        for s in &self.stages {
+            let mine = s.host.as_deref() == host;
+            if !mine && !beside.contains(&s.host.as_deref()) {
+                continue;
+            }
             for (layer, device) in s.layers.iter().zip(&s.devices) {
-                on.entry(*device).or_default().push(layers[*layer]);
+                if mine || *device == DeviceId::Cpu {
+                    on.entry(*device).or_default().push(layers[*layer]);
+                }
             }
         }
         on.iter().map(|(d, l)| (*d, combine(l))).collect()
@@ -480,18 +506,21 @@ fn check_fits(
     needs: &BTreeMap<DeviceId, f64>,
     have: impl Fn(DeviceId) -> Option<u64>,
     batch: usize,
-    owner: Option<&str>,
+    // A worker's name, and what else its host's memory holds.
+    owner: Option<(&str, &str)>,
 ) -> Result<()> {
     for (&device, &need) in needs {
         let Some(have) = have(device) else { continue };
         if need > have as f64 {
             let spread = ", or spread the layers over more devices";
             let (what, part, hint) = match (device, owner) {
-                (DeviceId::Cpu, None) => ("this machine".to_string(), "", ""),
-                (DeviceId::Cpu, Some(w)) => (format!("worker {w}'s host"), " (the layers placed on it)", spread),
-                (DeviceId::Cuda(_), None) => (device.to_string(), " (the layers placed on it)", spread),
-                (DeviceId::Cuda(_), Some(w)) => {
-                    (format!("worker {w}'s {device}"), " (the layers placed on it)", spread)
+                (DeviceId::Cpu, None) => ("this machine".to_string(), String::new(), ""),
+                (DeviceId::Cpu, Some((w, also))) => {
+                    (format!("worker {w}'s host"), format!(" (the layers placed on it{also})"), spread)
+                }
+                (DeviceId::Cuda(_), None) => (device.to_string(), " (the layers placed on it)".into(), spread),
+                (DeviceId::Cuda(_), Some((w, _))) => {
+                    (format!("worker {w}'s {device}"), " (the layers placed on it)".into(), spread)
                 }
             };
             return Err(EngineError::Config(format!(
@@ -512,6 +541,21 @@ pub fn device_memory(device: DeviceId) -> Option<u64> {
         DeviceId::Cuda(i) => layerwise_nccl::cuda_total_memory(i),
     }
 }
+
+/// What tells this machine from others: its kernel's boot id (processes in containers on
+/// one host share it, as they share its cores), else its host name, else a random string
+/// (no other process is then taken to share this one's cores).
+pub fn machine_id() -> String {
+    ["/proc/sys/kernel/random/boot_id", "/proc/sys/kernel/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .find(|s| !s.is_empty() && s.len() <= MACHINE_ID_MAX)
+        .unwrap_or_else(|| format!("unknown-{:016x}", rand::random::<u64>()))
+}
+
+/// The longest machine id a worker may register.
+pub const MACHINE_ID_MAX: usize = 256;
 
 /// Physical memory of this host (MemTotal), where the system says.
 fn host_memory() -> Option<u64> {
@@ -684,11 +728,16 @@ mod tests {
         let mut plan = Plan::build(&c, Machine { cuda_devices: 2, cores: 2 }).unwrap();
         let layers = plan.layer_memory();
         let (first, rest) = (combine(&layers[..2]), combine(&layers[2..]));
-        assert_eq!(plan.device_needs(None), BTreeMap::from([(DeviceId::Cuda(0), first), (DeviceId::Cuda(1), rest)]));
-        // A worker counts only the stages placed on it.
+        assert_eq!(
+            plan.device_needs(None, &[]),
+            BTreeMap::from([(DeviceId::Cuda(0), first), (DeviceId::Cuda(1), rest)])
+        );
+        // A worker counts only the stages placed on it; a process beside it on its machine
+        // adds only its CPU stages.
         plan.stages[1].host = Some("w1".into());
-        assert_eq!(plan.device_needs(None), BTreeMap::from([(DeviceId::Cuda(0), first)]));
-        assert_eq!(plan.device_needs(Some("w1")), BTreeMap::from([(DeviceId::Cuda(1), rest)]));
+        assert_eq!(plan.device_needs(None, &[]), BTreeMap::from([(DeviceId::Cuda(0), first)]));
+        assert_eq!(plan.device_needs(Some("w1"), &[]), BTreeMap::from([(DeviceId::Cuda(1), rest)]));
+        assert_eq!(plan.device_needs(Some("w1"), &[None]), BTreeMap::from([(DeviceId::Cuda(1), rest)]));
         let whole = plan.memory_estimate();
         assert!(first < whole && rest < whole && first + rest >= whole, "{first} + {rest} against {whole}");
         let needs = BTreeMap::from([(DeviceId::Cuda(0), first), (DeviceId::Cuda(1), rest)]);
@@ -704,9 +753,24 @@ mod tests {
         assert!(check_fits(&needs, |_| Some((first.max(rest) * 1.1) as u64), 128, None).is_ok());
         assert!(check_fits(&needs, |_| None, 128, None).is_ok(), "unknown memory is not refused");
         // A worker's device is named with the worker.
-        let e = plan.check_worker_memory("w1", |_| Some(small)).unwrap_err().to_string();
+        let e = plan.check_worker_memory("w1", &[], |_| Some(small)).unwrap_err().to_string();
         assert!(e.contains("worker w1's cuda:1 has") && e.contains("needs about"), "{e}");
-        assert!(plan.check_worker_memory("w1", |_| Some((rest * 1.1) as u64)).is_ok());
+        assert!(plan.check_worker_memory("w1", &[], |_| Some((rest * 1.1) as u64)).is_ok());
+        // CPU stages in two processes on one machine share its memory.
+        for s in &mut plan.stages {
+            s.devices.fill(DeviceId::Cpu);
+        }
+        let both = combine(&layers);
+        assert_eq!(plan.device_needs(Some("w1"), &[None]), BTreeMap::from([(DeviceId::Cpu, both)]));
+        assert!(both > first.max(rest) * 1.01, "{both} against {first}, {rest}");
+        let enough_for_one = Some(((first.max(rest) + both) / 2.0) as u64);
+        assert!(plan.check_worker_memory("w1", &[], |_| enough_for_one).is_ok());
+        let e = plan.check_worker_memory("w1", &[None], |_| enough_for_one).unwrap_err().to_string();
+        assert!(
+            e.contains("(the layers placed on it, with the CPU stages of the coordinator on its machine)")
+                && e.contains("worker w1's host has"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -161,6 +161,9 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
         let asking = plan.clone();
         plan.place_over_workers(&offered, |worker, device| cluster.measure(worker, &asking, device, stop))?;
     }
+    if let (Some(cluster), false) = (&options.cluster, plan.workers().is_empty()) {
+        cluster.share_threads(&mut plan, options.stop.as_deref())?;
+    }
     let plan = Arc::new(plan);
     let config = &plan.config;
     tracing::info!(

@@ -28,6 +28,8 @@ pub struct WorkerConn {
     /// Each device's memory in bytes, where the worker knows it.
     pub memory: Vec<Option<u64>>,
     pub cores: usize,
+    /// The machine it runs on: processes on one share its cores.
+    pub machine: String,
     pub data_addr: SocketAddr,
     pub peer: SocketAddr,
     control: Arc<Mutex<TcpStream>>,
@@ -134,6 +136,20 @@ impl Cluster {
         }
     }
 
+    /// Gives every CPU stage of `plan` its threads once the workers it places stages on
+    /// have registered: stages on one machine share its cores, whichever process they are
+    /// in (a coordinator and two workers on one 2-core host get a thread each, not two
+    /// each).
+    pub fn share_threads(&self, plan: &mut Plan, stop: Option<&AtomicBool>) -> Result<()> {
+        let names: Vec<String> = plan.workers().into_iter().collect();
+        let mut processes = crate::placement::this_process(plan.machine.cores);
+        for w in self.wait_for(&names, stop)? {
+            processes.insert(w.name.clone(), (w.cores, w.machine.clone()));
+        }
+        crate::placement::share_threads(&mut plan.stages, &plan.config, &processes);
+        Ok(())
+    }
+
     /// Starts `plan`'s remote stages: checks each worker offers the devices placed on it,
     /// with the memory its layers need, hands each its assignment, and returns the job's
     /// network. Reports from the workers' stages go to `reports`.
@@ -149,6 +165,7 @@ impl Cluster {
         let names: Vec<String> = plan.workers().into_iter().collect();
         let workers = self.wait_for(&names, stop)?;
         let mut hosts = BTreeMap::from([(String::new(), self.addr)]);
+        let here = crate::plan::machine_id();
         for w in &workers {
             hosts.insert(w.name.clone(), w.data_addr);
             for s in plan.stages.iter().filter(|s| s.host.as_deref() == Some(w.name.as_str())) {
@@ -161,7 +178,14 @@ impl Cluster {
                     )));
                 }
             }
-            plan.check_worker_memory(&w.name, |d| w.devices.iter().position(|o| *o == d).and_then(|i| w.memory[i]))?;
+            // Processes on its machine share its memory (the coordinator's machine is this one).
+            let beside: Vec<Option<&str>> = std::iter::once((None, here.as_str()))
+                .chain(workers.iter().map(|o| (Some(o.name.as_str()), o.machine.as_str())))
+                .filter(|(h, m)| *m == w.machine && *h != Some(w.name.as_str()))
+                .map(|(h, _)| h)
+                .collect();
+            let memory = |d| w.devices.iter().position(|o| *o == d).and_then(|i| w.memory[i]);
+            plan.check_worker_memory(&w.name, &beside, memory)?;
         }
         let id = rand::random::<u64>();
         let sockets = Sockets::default();
@@ -313,13 +337,14 @@ fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Re
     };
     match role {
         Role::Link { job, stage } => incoming.arrive(job, stage, stream),
-        Role::Worker { name, devices, memory, cores, data_addr } => {
+        Role::Worker { name, devices, memory, cores, machine, data_addr } => {
             let Ok(control) = stream.try_clone() else { return };
             let conn = Arc::new(WorkerConn {
                 name: name.clone(),
                 devices,
                 memory,
                 cores,
+                machine,
                 data_addr,
                 peer: stream.peer_addr().unwrap_or(data_addr),
                 control: Arc::new(Mutex::new(control)),
@@ -339,6 +364,17 @@ fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Re
                         ),
                     });
                     tracing::warn!("refused worker {name} from {peer}: memory sizes do not match its devices");
+                    return;
+                }
+                if conn.machine.is_empty() || conn.machine.len() > crate::plan::MACHINE_ID_MAX {
+                    conn.send(&ToWorker::Refused {
+                        reason: format!(
+                            "worker {name}: a machine id of {} bytes (expected 1 to {})",
+                            conn.machine.len(),
+                            crate::plan::MACHINE_ID_MAX
+                        ),
+                    });
+                    tracing::warn!("refused worker {name} from {peer}: a machine id of {} bytes", conn.machine.len());
                     return;
                 }
                 if conn.devices.is_empty() {
@@ -447,13 +483,15 @@ mod tests {
     use crate::config::{Placement, RunConfig, StageSpec};
     use crate::plan::{DeviceId, Machine};
 
-    /// Registers a worker named `name` whose CPU has `memory` bytes; returns its control socket.
-    fn fake_worker(cluster: &Cluster, name: &str, memory: u64) -> TcpStream {
+    /// Registers a worker named `name` on `machine` whose CPU has `memory` bytes; returns
+    /// its control socket.
+    fn fake_worker(cluster: &Cluster, name: &str, machine: &str, memory: u64) -> TcpStream {
         let role = Role::Worker {
             name: name.into(),
             devices: vec![DeviceId::Cpu],
             memory: vec![Some(memory)],
             cores: 1,
+            machine: machine.into(),
             data_addr: "127.0.0.1:9".parse().unwrap(),
         };
         let stream = wire::connect(cluster.addr, b"s", role).unwrap();
@@ -476,7 +514,7 @@ mod tests {
         let cluster = Cluster::listen("127.0.0.1:0", b"s".to_vec(), Duration::from_secs(600)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (reports, _) = crossbeam_channel::unbounded();
-        let _small = fake_worker(&cluster, "small", 1 << 20);
+        let _small = fake_worker(&cluster, "small", "elsewhere", 1 << 20);
         let e = match cluster.start_job(&placed_on("small"), dir.path(), None, &reports, None) {
             Ok(_) => panic!("a worker with 1 MiB was given the job"),
             Err(e) => e.to_string(),
@@ -487,7 +525,7 @@ mod tests {
         let small = cluster.wait_for(&["small".to_string()], None).unwrap();
         assert!(small[0].lock_job().is_none(), "the refused job holds the worker");
         // A worker with the memory is sent the job.
-        let mut big = fake_worker(&cluster, "big", 1 << 40);
+        let mut big = fake_worker(&cluster, "big", "elsewhere", 1 << 40);
         let plan = placed_on("big");
         let job = cluster.start_job(&plan, dir.path(), None, &reports, None).unwrap();
         let assigned = loop {
@@ -499,6 +537,18 @@ mod tests {
         };
         assert_eq!(assigned.job, job.id);
         job.abort("test over");
+        // On this machine, a worker's host memory also holds this process's CPU stages:
+        // memory for its own layers alone is not enough.
+        let plan = placed_on("near");
+        let alone = plan.device_needs(Some("near"), &[])[&DeviceId::Cpu];
+        let both = plan.device_needs(Some("near"), &[None])[&DeviceId::Cpu];
+        assert!(both > alone * 1.01, "{both} against {alone}");
+        let _near = fake_worker(&cluster, "near", &crate::plan::machine_id(), ((alone + both) / 2.0) as u64);
+        let e = match cluster.start_job(&plan, dir.path(), None, &reports, None) {
+            Ok(_) => panic!("a worker without the memory for both processes' layers was given the job"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("worker near's host has") && e.contains("with the CPU stages of the coordinator"), "{e}");
     }
 
     #[test]
@@ -509,7 +559,7 @@ mod tests {
         c.pipeline.workers = vec!["slow".into()];
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
         let shape = (plan.shape.input.channels, plan.shape.input.size, plan.shape.num_classes);
-        let mut worker = fake_worker(&cluster, "slow", 1 << 40);
+        let mut worker = fake_worker(&cluster, "slow", "elsewhere", 1 << 40);
         // The worker answers a second a layer (far slower than this process), after an
         // answer to a request never made; then it cannot measure; then it goes.
         let answering = std::thread::spawn(move || {

@@ -78,7 +78,15 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> WireResult<T> {
 pub enum Role {
     /// A worker process offering its devices to a coordinator, with each device's memory
     /// in bytes where known (the host's for the CPU).
-    Worker { name: String, devices: Vec<DeviceId>, memory: Vec<Option<u64>>, cores: usize, data_addr: SocketAddr },
+    Worker {
+        name: String,
+        devices: Vec<DeviceId>,
+        memory: Vec<Option<u64>>,
+        cores: usize,
+        /// The machine it runs on (`plan::machine_id`): processes on one share its cores.
+        machine: String,
+        data_addr: SocketAddr,
+    },
     /// The data link into stage `stage` of job `job`, from the process holding stage - 1
     /// (or the coordinator's loader, for stage 0).
     Link { job: u64, stage: usize },

@@ -12,7 +12,6 @@ use super::wire::{self, Role, WireError};
 use super::{heartbeat, Assignment, Net, RemoteReports, Rendezvous, Sockets, ToCoordinator, ToWorker, PEER_TIMEOUT};
 use crate::checkpoint;
 use crate::message::{Report, StageFailure};
-use crate::placement::share_threads;
 use crate::plan::{DataShape, DeviceId, Machine, Plan};
 use crate::stage::StageEnv;
 use crate::{EngineError, Result};
@@ -87,6 +86,7 @@ pub fn serve(options: WorkerOptions) -> Result<()> {
         devices: options.devices.clone(),
         memory: options.devices.iter().map(|d| crate::plan::device_memory(*d)).collect(),
         cores: Machine::detect().cores,
+        machine: crate::plan::machine_id(),
         data_addr,
     };
     let mut waited_since: Option<Instant> = None;
@@ -316,7 +316,11 @@ fn start(
     let mut plan = unplaced(&a.config, machine, a.shape)?;
     plan.config = a.config.clone();
     plan.stages = a.stages.clone();
-    share_threads(&mut plan.stages, Some(host), &a.config, machine.cores);
+    // Threads as the coordinator shared them among the stages on this machine, whichever
+    // process they are in.
+    for s in plan.stages.iter_mut() {
+        s.threads = s.threads.clamp(1, crate::plan::limits::CPU_THREADS);
+    }
     for s in plan.stages.iter().filter(|s| s.host.as_deref() == Some(host)) {
         for d in &s.devices {
             machine.check(*d).map_err(|e| EngineError::Config(format!("stage {}: {e}", s.index)))?;
