@@ -387,6 +387,20 @@ fn serve_fails_a_job_whose_worker_dies_and_goes_on_with_the_next() {
     assert_eq!(st["state"], "done", "the service and w1 went on: {st}");
     assert_eq!(st["step"], 76, "every step of 4 epochs of 19: {st}");
 
+    // Two jobs that want w1, one placed on it, one `auto` over it: they take turns (the
+    // second is not started while the first holds w1, and so is not refused as busy).
+    let mut on_w1 = placed(serde_json::json!([{"layers": [0, 1, 2, 3], "device": "w1/cpu"}]));
+    on_w1["train"]["epochs"] = 1.into();
+    submit("c-on-w1", &on_w1);
+    let mut auto = config.clone();
+    auto["train"]["epochs"] = 1.into();
+    auto["pipeline"]["workers"] = serde_json::json!(["w1"]);
+    submit("d-auto-over-w1", &auto);
+    for name in ["c-on-w1", "d-auto-over-w1"] {
+        let st = wait_state(name, &mut serve);
+        assert_eq!(st["state"], "done", "{name}: {st}");
+    }
+
     assert!(Command::new("kill").args(["-TERM", &serve.child().id().to_string()]).status().unwrap().success());
     assert!(serve.child().wait().unwrap().success());
     drop(w1); // a persistent worker: killed

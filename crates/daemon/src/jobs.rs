@@ -281,7 +281,7 @@ impl JobTable {
         let mut busy_workers: BTreeSet<String> = self.running.values().flat_map(|r| r.workers.clone()).collect();
         let mut waiting = VecDeque::new();
         while let Some(job) = self.queue.pop_front() {
-            let (devices, workers) = (job.plan.devices(), job.plan.workers());
+            let (devices, workers) = (job.plan.devices(), job.plan.workers_wanted());
             if devices.is_disjoint(&busy) && workers.is_disjoint(&busy_workers) {
                 busy.extend(devices.iter().copied());
                 busy_workers.extend(workers.iter().cloned());
@@ -297,7 +297,7 @@ impl JobTable {
         let stop = Arc::new(AtomicBool::new(false));
         let run_dir = self.run_dir(&job.name).path;
         let (name, tx, flag) = (job.name.clone(), self.done_tx.clone(), stop.clone());
-        let (workers, cluster) = (job.plan.workers(), self.cluster.clone());
+        let (workers, cluster) = (job.plan.workers_wanted(), self.cluster.clone());
         tracing::info!(job = %name, devices = ?devices, workers = ?workers, resume = job.resume, "starting");
         let spawned = std::thread::Builder::new().name(format!("job-{name}")).spawn(move || {
             let options = RunOptions { resume: job.resume, stop: Some(flag), cluster, ..Default::default() };

@@ -437,6 +437,14 @@ impl Plan {
         self.stages.iter().filter_map(|s| s.host.clone()).collect()
     }
 
+    /// Every worker the run may use: those its stages are placed on, and those an `auto`
+    /// placement will spread over (`pipeline.workers`) once they register.
+    pub fn workers_wanted(&self) -> BTreeSet<String> {
+        let mut all = self.workers();
+        all.extend(self.config.pipeline.workers.iter().cloned());
+        all
+    }
+
     /// Refuses data whose images or classes are not the plan's, naming the data folder.
     pub fn check_data(&self, splits: &layerwise_data::dataset::Splits) -> Result<()> {
         let root = self.config.data.root();

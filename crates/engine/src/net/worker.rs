@@ -44,7 +44,22 @@ enum Ended {
 struct Running {
     id: u64,
     sockets: Sockets,
+    /// Set just before the job's thread tells the coordinator it finished: from then on
+    /// the coordinator may send the next job, and the thread only has to return.
+    told: Arc<AtomicBool>,
     thread: JoinHandle<Ended>,
+}
+
+impl Running {
+    fn over(&self) -> bool {
+        self.told.load(Ordering::SeqCst) || self.thread.is_finished()
+    }
+}
+
+/// Takes a job that is over (how it ended), leaving one that runs.
+fn reap(running: &mut Option<Running>) -> Option<Ended> {
+    let job = running.take_if(|j| j.over())?;
+    Some(job.thread.join().unwrap_or(Ended::Failed))
 }
 
 /// Serves the coordinator until `stop` (or, with `once`, until one job has ended).
@@ -154,8 +169,7 @@ fn session(
     let mut silent_since = Instant::now();
     let result = loop {
         // A finished job: with `once`, this worker's work is done.
-        if running.as_ref().is_some_and(|j| j.thread.is_finished()) {
-            let ended = running.take().expect("checked").thread.join().unwrap_or(Ended::Failed);
+        if let Some(ended) = reap(&mut running) {
             if once {
                 break Ok(Some(ended));
             }
@@ -166,6 +180,13 @@ fn session(
         match wire::read_frame::<ToWorker>(&mut r) {
             Ok(msg) => {
                 silent_since = Instant::now();
+                // A job that has told the coordinator it finished is not in the way of what
+                // the coordinator sends next.
+                if let Some(ended) = reap(&mut running) {
+                    if once {
+                        break Ok(Some(ended));
+                    }
+                }
                 match msg {
                     ToWorker::Heartbeat => {}
                     ToWorker::Refused { reason } => {
@@ -203,15 +224,15 @@ fn session(
                             tracing::error!("worker {name}: a second job while one runs; ignored");
                             continue;
                         }
-                        let sockets = Sockets::default();
+                        let (sockets, told) = (Sockets::default(), Arc::new(AtomicBool::new(false)));
                         let (id, host) = (a.job, name.to_string());
-                        let (secret, incoming, control, s) =
-                            (secret.clone(), incoming.clone(), control.clone(), sockets.clone());
+                        let (secret, incoming, control, s, t) =
+                            (secret.clone(), incoming.clone(), control.clone(), sockets.clone(), told.clone());
                         let thread = std::thread::Builder::new()
                             .name(format!("job-{id:x}"))
-                            .spawn(move || run_assignment(*a, &host, secret, incoming, s, control))
+                            .spawn(move || run_assignment(*a, &host, secret, incoming, s, control, &t))
                             .map_err(|e| EngineError::Other(format!("cannot start a job: {e}")))?;
-                        running = Some(Running { id, sockets, thread });
+                        running = Some(Running { id, sockets, told, thread });
                     }
                 }
             }
@@ -256,6 +277,7 @@ fn run_assignment(
     incoming: Rendezvous,
     sockets: Sockets,
     control: Arc<Mutex<TcpStream>>,
+    told: &AtomicBool,
 ) -> Ended {
     let reports: Arc<dyn crate::link::ReportSender> = Arc::new(RemoteReports { job: a.job, control: control.clone() });
     let mine: Vec<usize> = a.stages.iter().filter(|s| s.host.as_deref() == Some(host)).map(|s| s.index).collect();
@@ -280,6 +302,7 @@ fn run_assignment(
         }
     };
     let mut s = control.lock().unwrap_or_else(|p| p.into_inner());
+    told.store(true, Ordering::SeqCst);
     let _ = wire::write_frame(&mut *s, &ToCoordinator::Finished { job: a.job });
     ended
 }
