@@ -363,6 +363,7 @@ pub fn measure_costs(plan: &Plan) -> Result<Costs> {
 /// (vgg8b predsim at 64 images scaled 1.6x on two threads, at 128 about 2x, so timing at
 /// 64 predicted a 1.28x gain for a split that ran at 0.94x of one stage).
 pub fn measure(plan: &Plan, device: DeviceId, threads: usize) -> Result<Vec<f64>> {
+    plan.check_each_layer_fits(device)?;
     let d = device.tch();
     let (model, optim, arch) = (&plan.config.model, &plan.config.optim, &plan.arch);
     let seed = plan.config.train.seed;

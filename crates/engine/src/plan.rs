@@ -163,7 +163,16 @@ impl Plan {
     /// As [`Plan::build`], for a data shape known otherwise (read from the data).
     pub fn build_for(config: &RunConfig, machine: Machine, shape: DataShape) -> Result<Plan> {
         let plan = Self::build_unplaced(config, machine, shape)?;
-        plan.check_memory(None)?;
+        if config.pipeline.workers.is_empty() {
+            plan.check_memory(None)?;
+        } else {
+            // Spread over workers later: a net that fits only spread is not refused here,
+            // but each layer must fit where it is measured; the stages are checked once
+            // placed (this process's in `run`, each worker's before it is sent anything).
+            for d in machine.visible() {
+                plan.check_each_layer_fits(d)?;
+            }
+        }
         Ok(plan)
     }
 
@@ -370,6 +379,24 @@ impl Plan {
     /// memory for the CPU).
     pub fn check_memory(&self, host: Option<&str>) -> Result<()> {
         check_fits(&self.device_needs(host, &[]), device_memory, self.config.train.batch_size, None)
+    }
+
+    /// Refuses, naming it, a layer that alone needs more memory than `device` has: `auto`
+    /// builds the layers there one at a time to time them.
+    pub fn check_each_layer_fits(&self, device: DeviceId) -> Result<()> {
+        let Some(have) = device_memory(device) else { return Ok(()) };
+        for (i, layer) in self.layer_memory().iter().enumerate() {
+            let need = combine(std::slice::from_ref(layer));
+            if need > have as f64 {
+                return Err(EngineError::Config(format!(
+                    "the model does not fit: layer {i} alone needs about {:.1} GiB (parameters with their optimizer state, and activations at a batch of {}), {device} has {:.1} GiB; lower model.num_hidden, model.feat_mult or the batch sizes",
+                    need / GIB,
+                    self.config.train.batch_size,
+                    have as f64 / GIB
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// As [`Plan::check_memory`], on the coordinator's side: the stages placed on worker
@@ -805,6 +832,32 @@ mod tests {
         let many: Vec<String> = (0..=limits::WORKERS).map(|i| format!("w{i}")).collect();
         let e = with(&many.iter().map(String::as_str).collect::<Vec<_>>(), |_| {}).unwrap_err();
         assert!(e.contains("at most 4096 workers"), "{e}");
+    }
+
+    #[test]
+    fn a_net_that_fits_only_spread_over_workers_is_refused_only_for_a_layer_too_big_alone() {
+        let Some(host) = device_memory(DeviceId::Cpu) else { panic!("no MemTotal in /proc/meminfo") };
+        let cpu = Machine { cuda_devices: 0, cores: 2 };
+        // Layers of about two thirds of this host's memory each (a hidden layer holds about
+        // 2 d^2 weights with its head, 16 bytes each: itself, its gradient, Adam's two
+        // moments), six of them.
+        let mut c = RunConfig::default();
+        c.model.num_layers = 5;
+        c.model.num_hidden = (host as f64 / 48.0).sqrt() as usize;
+        let e = Plan::build(&c, cpu).unwrap_err().to_string();
+        assert!(e.contains("does not fit") && e.contains("this machine has"), "{e}");
+        c.pipeline.workers = vec!["w1".into(), "w2".into()];
+        let plan = Plan::build(&c, cpu).expect("spread over two workers, each layer fits");
+        let e = plan.check_memory(None).unwrap_err().to_string();
+        assert!(e.contains("does not fit"), "all of it here does not: {e}");
+        // A layer that alone needs more than this host has is refused before anything is
+        // built, here and on a worker that is asked to measure it.
+        c.model.num_hidden = limits::NUM_HIDDEN;
+        let e = Plan::build(&c, cpu).unwrap_err().to_string();
+        assert!(e.contains("layer 0 alone needs about") && e.contains("cpu has"), "{e}");
+        let plan = Plan::build_unplaced(&c, cpu, DataShape::of_config(&c.data).unwrap()).unwrap();
+        let e = placement::measure(&plan, DeviceId::Cpu, 1).unwrap_err().to_string();
+        assert!(e.contains("layer 0 alone needs about"), "{e}");
     }
 
     #[test]

@@ -160,6 +160,7 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
         let offered: Vec<(String, Vec<_>)> = workers.iter().map(|w| (w.name.clone(), w.devices.clone())).collect();
         let asking = plan.clone();
         plan.place_over_workers(&offered, |worker, device| cluster.measure(worker, &asking, device, stop))?;
+        plan.check_memory(None)?; // this process's share (each worker's is checked before it is sent anything)
     }
     if let (Some(cluster), false) = (&options.cluster, plan.workers().is_empty()) {
         cluster.share_threads(&mut plan, options.stop.as_deref())?;
