@@ -13,7 +13,7 @@
 # GPU; a model too big for the GPU refused by validate; two processes (a torchrun-style
 # launch of 2 ranks, both on the one GPU) with the GPU link over TCP and over NCCL, each
 # against the single-process run (NCCL may refuse two ranks on one GPU: the script says
-# so); the mlp recipe in eager PyTorch (scripts/torch_baseline.py) as the yardstick.
+# so); `auto` over a worker, which times the layers on its GPU for the coordinator; the mlp recipe in eager PyTorch (scripts/torch_baseline.py) as the yardstick.
 # Figures go to stdout and to $OUT (or dist/gpu-out) as JSON.
 #
 # DEVICE=cpu QUICK=1 bash scripts/gpu-check.sh runs the same script here, on the CPU with
@@ -153,6 +153,33 @@ for link in "${links[@]}"; do
         failures+=("two processes over $link on $DEV")
     fi
 done
+
+# `auto` over a worker on $DEV: the coordinator times the layers on its own $DEV and asks
+# the worker to time them on its; then each gets a stage. The same weights as one process.
+step "auto over a worker on $DEV (each process times the layers on its device), against one process"
+auto_over_worker() {  # auto_over_worker DIR
+    local dir=$1 coordinator rc=0
+    mkdir -p "$dir"
+    LAYERWISE_SECRET=gpu-check-shared-secret run_small "$dir" --listen 127.0.0.1:0 \
+        --set pipeline.placement='"auto"' --set 'pipeline.workers=["w1"]' --set pipeline.gpu_link='"tcp"' &
+    coordinator=$!
+    while [[ ! -s "$dir/coordinator.addr" ]] && kill -0 "$coordinator" 2>/dev/null; do sleep 0.2; done
+    [[ -s "$dir/coordinator.addr" ]] || { wait "$coordinator"; return 1; }
+    LAYERWISE_SECRET=gpu-check-shared-secret "$BIN" worker --coordinator "$(cat "$dir/coordinator.addr")" \
+        --name w1 --once --devices "$DEV" 2>>"$OUT/train.log" || rc=1
+    wait "$coordinator" || rc=1
+    return $rc
+}
+if auto_over_worker "$RUNS/auto-worker" && grep -q "auto: w1 on $DEV" "$OUT/train.log"; then
+    grep "auto: .* on $DEV" "$OUT/train.log" | tail -n 2 | sed 's/.*auto: /measured: /'
+    eval_json "$RUNS/auto-worker" > "$OUT/eval-auto-over-worker.json"
+    same_eval "auto over a worker != one process" one-process eval-sequential.json \
+        auto-over-worker eval-auto-over-worker.json
+else
+    echo "FAILED: auto over a worker; the log's last lines:"
+    tail -n 5 "$OUT/train.log"
+    failures+=("auto over a worker on $DEV")
+fi
 
 if [[ "$DEV" == cuda* ]]; then
     step "a model too big for $DEV is refused before anything runs"
