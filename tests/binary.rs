@@ -239,13 +239,14 @@ fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
     assert_same_newest_checkpoint(&whole, &run, "after kill -9 and resume");
 }
 
-/// `bench train --json` runs each placement in a process of its own and reports, for every
-/// run, figures that agree with each other and with the plan it used.
+/// `bench train --json` runs each placement in a process of its own (here in two rounds over
+/// the list) and reports, for every run, figures that agree with each other and with the
+/// plan it used.
 #[test]
 fn bench_train_prints_one_json_object_of_consistent_figures() {
     let out = Command::new(BIN)
         .current_dir(repo_root())
-        .args(["bench", "train", "configs/demo.json", "--steps", "2", "--repeats", "1", "--json"])
+        .args(["bench", "train", "configs/demo.json", "--steps", "2", "--repeats", "1", "--rounds", "2", "--json"])
         .args(["--set", "model.num_hidden=32", "--set", "train.batch_size=16"])
         .output()
         .expect("run layerwise bench");
@@ -265,8 +266,13 @@ fn bench_train_prints_one_json_object_of_consistent_figures() {
     assert!(modes.contains(&("pipelined", "\"auto\"".into())), "{modes:?}");
     assert!(modes.contains(&("pipelined", "\"per_layer\"".into())), "{modes:?}");
     assert_eq!(num(&runs[0], "speedup"), 1.0);
+    assert_eq!(num(&report, "rounds"), 2.0);
     for r in runs {
         let ips = num(r, "images_per_sec");
+        // One measured epoch in each of two rounds; the run's figure is their median.
+        let epochs: Vec<f64> = serde_json::from_value(r["epochs_images_per_sec"].clone()).unwrap();
+        assert_eq!(epochs.len(), 2, "{r}");
+        assert!((ips - (epochs[0] + epochs[1]) / 2.0).abs() <= 1e-9 * ips, "{r}");
         assert!(ips > 0.0 && num(r, "peak_rss_bytes") > 1e6, "{r}");
         assert_eq!(num(r, "speedup"), ips / num(&runs[0], "images_per_sec"));
         assert_eq!(num(r, "efficiency"), num(r, "speedup") / num(r, "best_speedup"));

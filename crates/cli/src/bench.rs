@@ -64,6 +64,7 @@ pub struct TrainBench {
     pub config: PathBuf,
     pub steps: usize,
     pub repeats: usize,
+    pub rounds: usize,
     pub overrides: Vec<String>,
     pub json: bool,
     /// Internal: run only this one of the runs, in this process, and print its result.
@@ -145,6 +146,8 @@ struct Row {
 struct Report {
     config: PathBuf,
     machine: MachineInfo,
+    /// Rounds over the list of runs (see `--rounds`).
+    rounds: usize,
     steps_per_epoch: usize,
     measured_epochs: usize,
     batch_size: usize,
@@ -172,6 +175,7 @@ struct MachineInfo {
 pub fn train(args: TrainBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.steps >= 1, "--steps: expected at least 1");
     anyhow::ensure!((1..=100).contains(&args.repeats), "--repeats: expected 1 to 100, got {}", args.repeats);
+    anyhow::ensure!((1..=100).contains(&args.rounds), "--rounds: expected 1 to 100, got {}", args.rounds);
     let base = RunConfig::load(&args.config, &args.overrides)?;
     let machine = Machine::detect();
     let runs = runs(&base, &machine)?;
@@ -189,10 +193,22 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
         _ => Some(placement::measure_costs(&plan)?),
     };
     let (matmul_gflops, matmul_size) = matmul_rate(&machine);
+    let mut rounds: Vec<Vec<Measured>> = (0..runs.len()).map(|_| Vec::new()).collect();
+    for round in 1..=args.rounds {
+        for (i, BenchRun { mode, placement }) in runs.iter().enumerate() {
+            eprintln!(
+                "bench: round {round} of {}, run {} of {}: {mode:?} {}",
+                args.rounds,
+                i + 1,
+                runs.len(),
+                serde_json::to_string(placement)?
+            );
+            rounds[i].push(measure_in_child(&args, i)?);
+        }
+    }
     let mut rows: Vec<Row> = Vec::new();
-    for (i, BenchRun { mode, placement, .. }) in runs.iter().enumerate() {
-        eprintln!("bench: run {} of {}: {mode:?} {}", i + 1, runs.len(), serde_json::to_string(placement)?);
-        let measured = measure_in_child(&args, i)?;
+    for (BenchRun { mode, .. }, measured) in runs.iter().zip(rounds) {
+        let measured = over_rounds(measured);
         let sequential = rows.first().map_or(measured.images_per_sec, |r| r.measured.images_per_sec);
         let speedup = measured.images_per_sec / sequential;
         let best_speedup =
@@ -207,6 +223,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
     }
     let report = Report {
         config: args.config.clone(),
+        rounds: args.rounds,
         machine: MachineInfo {
             cores: machine.cores,
             cuda_devices: machine.cuda_devices,
@@ -381,6 +398,17 @@ impl Drop for KillOnDrop {
             let _ = self.0.wait();
         }
     }
+}
+
+/// One run's rounds as one: the median of the rounds' images/s, every measured epoch, the
+/// largest memory peaks.
+fn over_rounds(rounds: Vec<Measured>) -> Measured {
+    let images_per_sec = median(&rounds.iter().map(|m| m.images_per_sec).collect::<Vec<_>>());
+    let epochs = rounds.iter().flat_map(|m| m.epochs_images_per_sec.clone()).collect();
+    let peak_rss_bytes = rounds.iter().map(|m| m.peak_rss_bytes).max().unwrap_or(0);
+    let peak_device_bytes = rounds.iter().filter_map(|m| m.peak_device_bytes).max();
+    let first = rounds.into_iter().next().expect("one round or more");
+    Measured { images_per_sec, epochs_images_per_sec: epochs, peak_rss_bytes, peak_device_bytes, ..first }
 }
 
 fn median(xs: &[f64]) -> f64 {

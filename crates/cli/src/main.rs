@@ -157,6 +157,11 @@ enum Bench {
         /// Measured epochs per run (their median is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Times the whole list of runs is measured, round after round (each run in a fresh
+        /// process each round): on a shared machine whose speed drifts, every run then sees
+        /// the drift alike. A run reports the median of its rounds.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
         /// One JSON object instead of a table.
@@ -322,8 +327,8 @@ fn main() -> ExitCode {
         Command::Export { path, out } => use_run::export(&path, &out),
         Command::Inspect { path } => use_run::inspect(&path),
         Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
-        Command::Bench(Bench::Train { config, steps, repeats, overrides, json, one }) => {
-            bench::train(bench::TrainBench { config, steps, repeats, overrides, json, one })
+        Command::Bench(Bench::Train { config, steps, repeats, rounds, overrides, json, one }) => {
+            bench::train(bench::TrainBench { config, steps, repeats, rounds, overrides, json, one })
         }
         Command::Serve {
             jobs,
