@@ -1,6 +1,8 @@
 //! Stages in other processes and on other hosts. A coordinator (`layerwise train`, or a
 //! rank 0 launched by torchrun or Slurm) listens; workers (`layerwise worker`, or the other
-//! ranks) connect, prove the shared secret and offer their devices. For a job, the
+//! ranks) connect, prove the shared secret and offer their devices (and say which machine
+//! they run on: stages on one machine share its cores). For `auto` over workers, the
+//! coordinator first asks each to time the layers on its device. For a job, the
 //! coordinator sends each worker its assignment (the config, every stage's plan, the
 //! checkpoint folder); each process starts the stages placed on it, and a stage whose
 //! neighbour is elsewhere links to it over TCP (`link.rs`) instead of a channel. Reports
