@@ -142,10 +142,7 @@ impl Cluster {
     /// each).
     pub fn share_threads(&self, plan: &mut Plan, stop: Option<&AtomicBool>) -> Result<()> {
         let names: Vec<String> = plan.workers().into_iter().collect();
-        let mut processes = crate::placement::this_process(plan.machine.cores);
-        for w in self.wait_for(&names, stop)? {
-            processes.insert(w.name.clone(), (w.cores, w.machine.clone()));
-        }
+        let processes = processes(plan, &self.wait_for(&names, stop)?);
         crate::placement::share_threads(&mut plan.stages, &plan.config, &processes);
         Ok(())
     }
@@ -165,7 +162,7 @@ impl Cluster {
         let names: Vec<String> = plan.workers().into_iter().collect();
         let workers = self.wait_for(&names, stop)?;
         let mut hosts = BTreeMap::from([(String::new(), self.addr)]);
-        let here = crate::plan::machine_id();
+        let processes = processes(plan, &workers);
         for w in &workers {
             hosts.insert(w.name.clone(), w.data_addr);
             for s in plan.stages.iter().filter(|s| s.host.as_deref() == Some(w.name.as_str())) {
@@ -178,11 +175,11 @@ impl Cluster {
                     )));
                 }
             }
-            // Processes on its machine share its memory (the coordinator's machine is this one).
-            let beside: Vec<Option<&str>> = std::iter::once((None, here.as_str()))
-                .chain(workers.iter().map(|o| (Some(o.name.as_str()), o.machine.as_str())))
-                .filter(|(h, m)| *m == w.machine && *h != Some(w.name.as_str()))
-                .map(|(h, _)| h)
+            // The other processes on its machine share its memory.
+            let beside: Vec<Option<&str>> = processes
+                .iter()
+                .filter(|(h, (_, m))| *m == w.machine && **h != w.name)
+                .map(|(h, _)| Some(h.as_str()).filter(|h| !h.is_empty()))
                 .collect();
             let memory = |d| w.devices.iter().position(|o| *o == d).and_then(|i| w.memory[i]);
             plan.check_worker_memory(&w.name, &beside, memory)?;
@@ -237,6 +234,14 @@ impl Cluster {
         }
         Ok(job)
     }
+}
+
+/// This process and `workers`, by host key: each one's cores and machine (see
+/// [`crate::placement::Processes`]).
+fn processes(plan: &Plan, workers: &[Arc<WorkerConn>]) -> crate::placement::Processes {
+    let mut all = crate::placement::this_process(plan.machine.cores);
+    all.extend(workers.iter().map(|w| (w.name.clone(), (w.cores, w.machine.clone()))));
+    all
 }
 
 /// The longest a worker may take to measure its layers for `auto` (a worker that dies or
