@@ -170,7 +170,7 @@ auto_over_worker() {  # auto_over_worker DIR
     wait "$coordinator" || rc=1
     return $rc
 }
-if auto_over_worker "$RUNS/auto-worker" && grep -q "auto: w1 on $DEV" "$OUT/train.log"; then
+if auto_over_worker "$RUNS/auto-worker" && grep -q "auto: w1 on $DEV with" "$OUT/train.log"; then
     grep "auto: .* on $DEV" "$OUT/train.log" | tail -n 2 | sed 's/.*auto: /measured: /'
     eval_json "$RUNS/auto-worker" > "$OUT/eval-auto-over-worker.json"
     same_eval "auto over a worker != one process" one-process eval-sequential.json \

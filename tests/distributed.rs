@@ -215,13 +215,15 @@ fn an_auto_placement_spreads_over_the_workers_named_and_trains_as_one_process() 
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("on 3 stage(s)"), "{log}");
-    // Each worker measured the layers on its own device.
-    assert!(log.contains("auto: w1 on cpu: ") && log.contains("auto: w2 on cpu: "), "{log}");
-    // The three processes are on one machine: their stages share its cores.
+    // The three processes are on one machine: their stages share its cores, and each
+    // worker measured the layers on its own device with the threads its stage then had.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = stage_threads(&log);
     assert_eq!(threads.len(), 3, "{log}");
     assert!(threads.iter().sum::<usize>() <= cores.max(3), "{threads:?} threads on {cores} cores: {log}");
+    for (w, t) in [("w1", threads[1]), ("w2", threads[2])] {
+        assert!(log.contains(&format!("auto: {w} on cpu with {t} thread(s): ")), "{w}, {t} thread(s): {log}");
+    }
     assert!(log.contains("worker w1") && log.contains("runs stage(s) [1]"), "{log}");
     assert!(log.contains("worker w2") && log.contains("runs stage(s) [2]"), "{log}");
     for w in workers {

@@ -207,6 +207,15 @@ pub fn resolve(
     Ok(stages)
 }
 
+/// A question for `auto` over workers: worker `name`'s step time of each layer on
+/// `device` with `threads` intra-op threads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ask {
+    pub name: String,
+    pub device: DeviceId,
+    pub threads: usize,
+}
+
 /// The processes of a run that this one knows of, by host key ("" for this one): each
 /// one's cores and the machine it runs on ([`crate::plan::machine_id`]).
 pub type Processes = BTreeMap<String, (usize, String)>;

@@ -248,16 +248,19 @@ impl Plan {
     }
 
     /// Places an `auto` placement with `pipeline.workers` once they have registered
-    /// (`workers`: each one's name and devices, in the config's order): one stage per
-    /// device, this process's first; where any of those devices is a GPU, only the GPUs get
-    /// stages (this process may then only load and feed). The layers are split by their
-    /// step times measured on each host that gets a stage: here, and on a worker through
-    /// `measure_on(worker, device)` (see [`crate::net::cluster::Cluster::measure`]), once per
-    /// host, its devices being taken to be alike. A slower host gets fewer layers.
+    /// (`workers`: each one's name and devices, in the config's order; `processes`: the
+    /// machine and cores of each, this process's included): one stage per device, this
+    /// process's first; where any of those devices is a GPU, only the GPUs get stages (this
+    /// process may then only load and feed). The layers are split by their step times
+    /// measured on each host that gets a stage, once per host (its devices being taken to
+    /// be alike), with the threads its stage will have: here, and on the workers through
+    /// `measure_on` (see [`crate::net::cluster::Cluster::measure`]), all at once. A slower
+    /// host gets fewer layers.
     pub fn place_over_workers(
         &mut self,
         workers: &[(String, Vec<DeviceId>)],
-        mut measure_on: impl FnMut(&str, DeviceId) -> Result<Vec<f64>>,
+        processes: &placement::Processes,
+        measure_on: impl FnOnce(&[placement::Ask]) -> Result<Vec<Vec<f64>>> + Send,
     ) -> Result<()> {
         let mut devices: Vec<(Option<&str>, DeviceId)> =
             self.machine.visible().into_iter().map(|d| (None, d)).collect();
@@ -270,35 +273,65 @@ impl Plan {
         }
         let parts = devices.len().min(self.num_layers());
         let sizes = if parts > 1 {
-            // Each stage gets a device of its own: time the layers as one stage runs them.
-            let threads = self.config.train.thread_budget(self.machine.cores);
-            let mut by_host: BTreeMap<Option<&str>, Vec<f64>> = BTreeMap::new();
-            let mut costs = Vec::with_capacity(parts);
-            for &(host, device) in &devices[..parts] {
-                if let std::collections::btree_map::Entry::Vacant(entry) = by_host.entry(host) {
-                    let times = match host {
-                        None => placement::measure(self, device, threads)?,
-                        Some(worker) => measure_on(worker, device)?,
-                    };
-                    if times.len() != self.num_layers() || times.iter().any(|t| !t.is_finite() || *t < 0.0) {
-                        return Err(EngineError::Other(format!(
-                            "{}: measured {} step times for {} layers ({times:?}); expected one finite time a layer",
-                            host.map_or("this process".into(), |w| format!("worker {w}")),
-                            times.len(),
-                            self.num_layers()
-                        )));
-                    }
-                    tracing::info!(
-                        "auto: {} on {}: {:.2} ms a step for all {} layers",
-                        host.unwrap_or("this process"),
-                        device,
-                        times.iter().sum::<f64>() * 1e3,
-                        times.len()
-                    );
-                    entry.insert(times);
+            // Each stage gets a device of its own; its threads are its machine's budget
+            // shared among the CPU stages there, as they will be once placed.
+            let mut provisional: Vec<StagePlan> = devices[..parts]
+                .iter()
+                .enumerate()
+                .map(|(index, (host, device))| StagePlan {
+                    index,
+                    layers: vec![index],
+                    devices: vec![*device],
+                    threads: 1,
+                    check_finite_every: 1,
+                    host: host.map(str::to_string),
+                })
+                .collect();
+            placement::share_threads(&mut provisional, &self.config, processes);
+            let mut hosts: Vec<(Option<&str>, DeviceId, usize)> = Vec::new();
+            for (stage, &(host, device)) in provisional.iter().zip(&devices) {
+                if !hosts.iter().any(|h| h.0 == host) {
+                    hosts.push((host, device, stage.threads));
                 }
-                costs.push(by_host[&host].clone());
             }
+            let asks: Vec<placement::Ask> = hosts
+                .iter()
+                .filter_map(|&(host, device, threads)| {
+                    host.map(|name| placement::Ask { name: name.to_string(), device, threads })
+                })
+                .collect();
+            let local = hosts.iter().find(|h| h.0.is_none()).map(|&(_, device, threads)| (device, threads));
+            let (local, remote) = std::thread::scope(|s| {
+                let remote = s.spawn(|| if asks.is_empty() { Ok(Vec::new()) } else { measure_on(&asks) });
+                let local = local.map(|(device, threads)| placement::measure(self, device, threads)).transpose();
+                (local, remote.join())
+            });
+            let remote = remote.map_err(|_| EngineError::Other("asking the workers to measure panicked".into()))?;
+            let mut times = local?.into_iter().chain(remote?);
+            let mut by_host: BTreeMap<Option<&str>, Vec<f64>> = BTreeMap::new();
+            for &(host, device, threads) in
+                hosts.iter().filter(|h| h.0.is_none()).chain(hosts.iter().filter(|h| h.0.is_some()))
+            {
+                let times = times.next().unwrap_or_default();
+                if times.len() != self.num_layers() || times.iter().any(|t| !t.is_finite() || *t < 0.0) {
+                    return Err(EngineError::Other(format!(
+                        "{}: measured {} step times for {} layers ({times:?}); expected one finite time a layer",
+                        host.map_or("this process".into(), |w| format!("worker {w}")),
+                        times.len(),
+                        self.num_layers()
+                    )));
+                }
+                tracing::info!(
+                    "auto: {} on {} with {} thread(s): {:.2} ms a step for all {} layers",
+                    host.unwrap_or("this process"),
+                    device,
+                    threads,
+                    times.iter().sum::<f64>() * 1e3,
+                    times.len()
+                );
+                by_host.insert(host, times);
+            }
+            let costs: Vec<Vec<f64>> = devices[..parts].iter().map(|(host, _)| by_host[host].clone()).collect();
             placement::balance_over(&costs)
         } else {
             vec![self.num_layers()]
@@ -860,6 +893,22 @@ mod tests {
         assert!(e.contains("layer 0 alone needs about"), "{e}");
     }
 
+    /// This process on a machine of 2 cores and each of `workers` on a machine of its own,
+    /// but for those named in `beside`, which share this one's.
+    fn processes(workers: &[(String, Vec<DeviceId>)], beside: &[&str]) -> placement::Processes {
+        let mut all = placement::this_process(2);
+        let here = all[""].1.clone();
+        for (name, _) in workers {
+            let machine = if beside.contains(&name.as_str()) { here.clone() } else { format!("{name}'s") };
+            all.insert(name.clone(), (2, machine));
+        }
+        all
+    }
+
+    fn ask(name: &str, device: DeviceId, threads: usize) -> placement::Ask {
+        placement::Ask { name: name.into(), device, threads }
+    }
+
     #[test]
     fn auto_over_workers_gives_each_device_a_stage_this_process_first() {
         let mut c = RunConfig::default();
@@ -867,36 +916,37 @@ mod tests {
         c.model.num_hidden = 64;
         c.pipeline.workers = vec!["w1".into(), "w2".into()];
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
-        // Layer costs are measured here (a tiny default net) and, for each worker, asked of
-        // it: here each says 10 ms a layer, slower than this process, and every stage still
-        // gets a layer.
+        // Layer costs are measured here (a tiny default net) and asked of the workers, all
+        // at once: here each says 10 ms a layer, slower than this process, and every stage
+        // still gets a layer. Each is asked with its stage's threads: w1 shares this
+        // machine's two cores with this process's stage, w2 has its own two.
+        let cpus = [("w1".to_string(), vec![DeviceId::Cpu]), ("w2".into(), vec![DeviceId::Cpu])];
         let mut asked = Vec::new();
-        let mut ask = |w: &str, d: DeviceId| {
-            asked.push((w.to_string(), d));
-            Ok(vec![1e-2; 4])
-        };
-        plan.place_over_workers(&[("w1".into(), vec![DeviceId::Cpu]), ("w2".into(), vec![DeviceId::Cpu])], &mut ask)
-            .unwrap();
-        assert_eq!(asked, vec![("w1".to_string(), DeviceId::Cpu), ("w2".to_string(), DeviceId::Cpu)]);
+        plan.place_over_workers(&cpus, &processes(&cpus, &["w1"]), |asks| {
+            asked = asks.to_vec();
+            Ok(vec![vec![1e-2; 4]; asks.len()])
+        })
+        .unwrap();
+        assert_eq!(asked, vec![ask("w1", DeviceId::Cpu, 1), ask("w2", DeviceId::Cpu, 2)]);
         let placed: Vec<(Option<&str>, DeviceId, usize)> =
             plan.stages.iter().map(|s| (s.host.as_deref(), s.device(), s.layers.len())).collect();
         assert_eq!(
             placed,
             vec![(None, DeviceId::Cpu, 2), (Some("w1"), DeviceId::Cpu, 1), (Some("w2"), DeviceId::Cpu, 1)]
         );
-        assert_eq!(plan.stages[0].threads, 2, "this process's one CPU stage keeps its threads");
+        assert_eq!(plan.stages[0].threads, 2, "placed, this process's stage has its cores till they are shared");
         // GPUs among the devices: the CPUs get no stage, this process's included; each host
         // is asked once.
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
         let gpus =
             [("w1".to_string(), vec![DeviceId::Cuda(0)]), ("w2".into(), vec![DeviceId::Cuda(0), DeviceId::Cuda(1)])];
         let mut asked = Vec::new();
-        plan.place_over_workers(&gpus, |w, _| {
-            asked.push(w.to_string());
-            Ok(if w == "w1" { vec![1.0; 4] } else { vec![2.0; 4] })
+        plan.place_over_workers(&gpus, &processes(&gpus, &[]), |asks| {
+            asked = asks.to_vec();
+            Ok(vec![vec![1.0; 4], vec![2.0; 4]])
         })
         .unwrap();
-        assert_eq!(asked, vec!["w1", "w2"]);
+        assert_eq!(asked, vec![ask("w1", DeviceId::Cuda(0), 1), ask("w2", DeviceId::Cuda(0), 1)]);
         let placed: Vec<(Option<&str>, DeviceId, usize)> =
             plan.stages.iter().map(|s| (s.host.as_deref(), s.device(), s.layers.len())).collect();
         assert_eq!(
@@ -911,20 +961,30 @@ mod tests {
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
         let five: Vec<(String, Vec<DeviceId>)> = (1..=5).map(|i| (format!("w{i}"), vec![DeviceId::Cpu])).collect();
         let mut asked = Vec::new();
-        plan.place_over_workers(&five, |w, _| {
-            asked.push(w.to_string());
-            Ok(vec![1e-3; 4])
+        plan.place_over_workers(&five, &processes(&five, &[]), |asks| {
+            asked = asks.iter().map(|a| a.name.clone()).collect();
+            Ok(vec![vec![1e-3; 4]; asks.len()])
         })
         .unwrap();
         assert_eq!(asked, vec!["w1", "w2", "w3"]);
         assert_eq!(plan.stages.len(), 4);
         assert_eq!(plan.workers(), BTreeSet::from(["w1".to_string(), "w2".into(), "w3".into()]));
         // A worker's answer that does not fit the net is an error naming it.
+        let one = &five[..1];
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
-        let e = plan.place_over_workers(&five[..1], |_, _| Ok(vec![1.0; 3])).unwrap_err().to_string();
+        let e = plan.place_over_workers(one, &processes(one, &[]), |_| Ok(vec![vec![1.0; 3]])).unwrap_err().to_string();
         assert!(e.contains("worker w1") && e.contains("3 step times for 4 layers"), "{e}");
-        let e = plan.place_over_workers(&five[..1], |_, _| Ok(vec![f64::NAN; 4])).unwrap_err().to_string();
+        let e = plan
+            .place_over_workers(one, &processes(one, &[]), |_| Ok(vec![vec![f64::NAN; 4]]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("worker w1") && e.contains("finite"), "{e}");
+        // So is a worker's failure to measure.
+        let e = plan
+            .place_over_workers(one, &processes(one, &[]), |_| Err(EngineError::Other("worker w1 is lost".into())))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("worker w1 is lost"), "{e}");
     }
 
     #[test]

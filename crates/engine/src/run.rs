@@ -159,7 +159,8 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
         let workers = cluster.wait_for(&names, stop)?;
         let offered: Vec<(String, Vec<_>)> = workers.iter().map(|w| (w.name.clone(), w.devices.clone())).collect();
         let asking = plan.clone();
-        plan.place_over_workers(&offered, |worker, device| cluster.measure(worker, &asking, device, stop))?;
+        let processes = crate::net::cluster::processes(&plan, &workers);
+        plan.place_over_workers(&offered, &processes, |asks| cluster.measure(asks, &asking, stop))?;
         plan.check_memory(None)?; // this process's share (each worker's is checked before it is sent anything)
     }
     if let (Some(cluster), false) = (&options.cluster, plan.workers().is_empty()) {

@@ -238,7 +238,7 @@ impl Cluster {
 
 /// This process and `workers`, by host key: each one's cores and machine (see
 /// [`crate::placement::Processes`]).
-fn processes(plan: &Plan, workers: &[Arc<WorkerConn>]) -> crate::placement::Processes {
+pub(crate) fn processes(plan: &Plan, workers: &[Arc<WorkerConn>]) -> crate::placement::Processes {
     let mut all = crate::placement::this_process(plan.machine.cores);
     all.extend(workers.iter().map(|w| (w.name.clone(), (w.cores, w.machine.clone()))));
     all
@@ -249,46 +249,67 @@ fn processes(plan: &Plan, workers: &[Arc<WorkerConn>]) -> crate::placement::Proc
 pub const MEASURE_LIMIT: Duration = Duration::from_secs(600);
 
 impl Cluster {
-    /// Asks worker `name` for each layer's step time on its `device` (seconds, the output
-    /// layer last), for `auto` over workers: the worker builds the layers of `plan`'s net
-    /// one at a time there and times them, as this process does its own. Fails, naming
-    /// the worker, if it is busy with a job, is lost, cannot measure, or takes longer
-    /// than [`MEASURE_LIMIT`].
-    pub fn measure(&self, name: &str, plan: &Plan, device: DeviceId, stop: Option<&AtomicBool>) -> Result<Vec<f64>> {
-        let w = self.wait_for(&[name.to_string()], stop)?.remove(0);
-        let failed = |why: String| EngineError::Other(format!("worker {name} could not measure its {device}: {why}"));
-        if let Some(h) = w.lock_job().as_ref() {
-            return Err(failed(format!("it is busy with another job ({:x})", h.id)));
-        }
-        let request = rand::random::<u64>();
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        *w.measuring.lock().unwrap_or_else(|p| p.into_inner()) = Some((request, tx));
+    /// Asks each worker of `asks` for each layer's step time (seconds, the output layer
+    /// last), for `auto` over workers: the worker builds the layers of `plan`'s net one at a
+    /// time on its device and times them, as this process does its own. All are asked at
+    /// once and measure side by side, as their stages will run. Fails, naming the first
+    /// worker that is busy with a job, is lost, cannot measure, or takes longer than
+    /// [`MEASURE_LIMIT`].
+    pub fn measure(
+        &self,
+        asks: &[crate::placement::Ask],
+        plan: &Plan,
+        stop: Option<&AtomicBool>,
+    ) -> Result<Vec<Vec<f64>>> {
+        let names: Vec<String> = asks.iter().map(|a| a.name.clone()).collect();
+        let workers = self.wait_for(&names, stop)?;
         let config = Box::new(plan.config.clone());
         let shape = (plan.shape.input.channels, plan.shape.input.size, plan.shape.num_classes);
-        if !w.send(&ToWorker::Measure { request, config, shape, device }) {
-            return Err(failed("it was lost".into()));
+        let mut pending = Vec::with_capacity(asks.len());
+        for (ask, w) in asks.iter().zip(workers) {
+            let failed = move |why: String| {
+                EngineError::Other(format!("worker {} could not measure its {}: {why}", ask.name, ask.device))
+            };
+            if let Some(h) = w.lock_job().as_ref() {
+                return Err(failed(format!("it is busy with another job ({:x})", h.id)));
+            }
+            let request = rand::random::<u64>();
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            *w.measuring.lock().unwrap_or_else(|p| p.into_inner()) = Some((request, tx));
+            let (device, threads) = (ask.device, ask.threads);
+            if !w.send(&ToWorker::Measure { request, config: config.clone(), shape, device, threads }) {
+                return Err(failed("it was lost".into()));
+            }
+            pending.push((w, rx, failed));
         }
         let since = Instant::now();
-        loop {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(times) => return times.map_err(failed),
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(failed("it was lost".into())),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    // Lost before the question was recorded: nobody drops the answer's end.
-                    let workers = self.workers.0.lock().unwrap_or_else(|p| p.into_inner());
-                    if !workers.get(name).is_some_and(|r| Arc::ptr_eq(r, &w)) {
-                        return Err(failed("it was lost".into()));
+        let mut answers = Vec::with_capacity(pending.len());
+        for (w, rx, failed) in pending {
+            loop {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(times) => {
+                        answers.push(times.map_err(&failed)?);
+                        break;
                     }
-                    drop(workers);
-                    if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
-                        return Err(failed("stopped while it measured".into()));
-                    }
-                    if since.elapsed() >= MEASURE_LIMIT {
-                        return Err(failed(format!("no answer within {} s", MEASURE_LIMIT.as_secs())));
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Err(failed("it was lost".into())),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        // Lost before the question was recorded: nobody drops the answer's end.
+                        let workers = self.workers.0.lock().unwrap_or_else(|p| p.into_inner());
+                        if !workers.get(&w.name).is_some_and(|r| Arc::ptr_eq(r, &w)) {
+                            return Err(failed("it was lost".into()));
+                        }
+                        drop(workers);
+                        if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                            return Err(failed("stopped while it measured".into()));
+                        }
+                        if since.elapsed() >= MEASURE_LIMIT {
+                            return Err(failed(format!("no answer within {} s", MEASURE_LIMIT.as_secs())));
+                        }
                     }
                 }
             }
         }
+        Ok(answers)
     }
 }
 
@@ -557,46 +578,71 @@ mod tests {
     }
 
     #[test]
-    fn auto_over_workers_asks_each_worker_to_measure_and_gives_a_slower_one_fewer_layers() {
+    fn auto_over_workers_asks_the_workers_at_once_and_gives_slower_ones_fewer_layers() {
+        use crate::placement::Ask;
         let cluster = Cluster::listen("127.0.0.1:0", b"s".to_vec(), Duration::from_secs(600)).unwrap();
         let mut c = RunConfig::default();
         c.model.num_layers = 3; // four layers with the output layer
-        c.pipeline.workers = vec!["slow".into()];
+        c.pipeline.workers = vec!["slow".into(), "far".into()];
         let mut plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();
         let shape = (plan.shape.input.channels, plan.shape.input.size, plan.shape.num_classes);
-        let mut worker = fake_worker(&cluster, "slow", "elsewhere", 1 << 40);
-        // The worker answers a second a layer (far slower than this process), after an
-        // answer to a request never made; then it cannot measure; then it goes.
-        let answering = std::thread::spawn(move || {
+        let (mut slow, mut far) =
+            (fake_worker(&cluster, "slow", "elsewhere", 1 << 40), fake_worker(&cluster, "far", "afar", 1 << 40));
+        let measure_request = |worker: &mut TcpStream| loop {
+            match wire::read_frame::<ToWorker>(worker) {
+                Ok(ToWorker::Heartbeat) => continue,
+                Ok(ToWorker::Measure { request, config, shape, device, threads }) => {
+                    return Some((request, (config.model.num_layers, shape, device, threads)))
+                }
+                Ok(other) => panic!("sent {other:?}"),
+                Err(_) => return None,
+            }
+        };
+        // Each worker answers a second a layer (far slower than this process). "slow" answers
+        // only once "far" has its question too (or, were they asked one after the other,
+        // after a long wait, with an error), and first answers a request never made.
+        let (far_asked, far_was_asked) = crossbeam_channel::bounded(1);
+        let far_answers = std::thread::spawn(move || {
+            let (request, asked) = measure_request(&mut far).unwrap();
+            far_asked.send(()).unwrap();
+            wire::write_frame(&mut far, &ToCoordinator::Measured { request, times: Ok(vec![1.0; 4]) }).unwrap();
+            (asked, far)
+        });
+        let slow_answers = std::thread::spawn(move || {
             let mut asked = Vec::new();
-            loop {
-                let (request, config, shape, device) = match wire::read_frame::<ToWorker>(&mut worker).unwrap() {
-                    ToWorker::Heartbeat => continue,
-                    ToWorker::Measure { request, config, shape, device } => (request, config, shape, device),
-                    other => panic!("sent {other:?}"),
-                };
-                asked.push((config.model.num_layers, shape, device));
+            while let Some((request, question)) = measure_request(&mut slow) {
+                asked.push(question);
                 let answers: Vec<(u64, Measurement)> = match asked.len() {
-                    1 => vec![(request.wrapping_add(1), Ok(vec![0.0; 4])), (request, Ok(vec![1.0; 4]))],
+                    1 => match far_was_asked.recv_timeout(Duration::from_secs(120)) {
+                        Ok(()) => vec![(request.wrapping_add(1), Ok(vec![0.0; 4])), (request, Ok(vec![1.0; 4]))],
+                        Err(_) => vec![(request, Err("asked one after the other".into()))],
+                    },
                     2 => vec![(request, Err("the card fell off".into()))],
-                    _ => return asked,
+                    _ => break,
                 };
                 for (request, times) in answers {
-                    wire::write_frame(&mut worker, &ToCoordinator::Measured { request, times }).unwrap();
+                    wire::write_frame(&mut slow, &ToCoordinator::Measured { request, times }).unwrap();
                 }
             }
+            asked
         });
         let asking = plan.clone();
-        plan.place_over_workers(&[("slow".into(), vec![DeviceId::Cpu])], |w, d| cluster.measure(w, &asking, d, None))
-            .unwrap();
+        let mut processes = crate::placement::this_process(2);
+        processes.insert("slow".into(), (1, "elsewhere".into()));
+        processes.insert("far".into(), (1, "afar".into()));
+        let offered = [("slow".to_string(), vec![DeviceId::Cpu]), ("far".into(), vec![DeviceId::Cpu])];
+        plan.place_over_workers(&offered, &processes, |asks| cluster.measure(asks, &asking, None)).unwrap();
         let placed: Vec<(Option<&str>, usize)> =
             plan.stages.iter().map(|s| (s.host.as_deref(), s.layers.len())).collect();
-        assert_eq!(placed, vec![(None, 3), (Some("slow"), 1)]);
-        let e = cluster.measure("slow", &asking, DeviceId::Cpu, None).unwrap_err().to_string();
+        assert_eq!(placed, vec![(None, 2), (Some("slow"), 1), (Some("far"), 1)]);
+        let (far_question, _far) = far_answers.join().unwrap();
+        assert_eq!(far_question, (3, shape, DeviceId::Cpu, 1));
+        let slow_alone = [Ask { name: "slow".into(), device: DeviceId::Cpu, threads: 1 }];
+        let e = cluster.measure(&slow_alone, &asking, None).unwrap_err().to_string();
         assert!(e.contains("worker slow could not measure its cpu: the card fell off"), "{e}");
-        let e = cluster.measure("slow", &asking, DeviceId::Cpu, None).unwrap_err().to_string();
+        let e = cluster.measure(&slow_alone, &asking, None).unwrap_err().to_string();
         assert!(e.contains("worker slow") && e.contains("lost"), "{e}");
-        assert_eq!(answering.join().unwrap(), vec![(3, shape, DeviceId::Cpu); 3]);
+        assert_eq!(slow_answers.join().unwrap(), vec![(3, shape, DeviceId::Cpu, 1); 3]);
     }
 
     fn stages(devices: [(Option<&str>, DeviceId); 2]) -> Vec<StagePlan> {

@@ -75,6 +75,9 @@ pub enum ToWorker {
         /// The data's (channels, size, classes).
         shape: (i64, i64, i64),
         device: DeviceId,
+        /// Intra-op threads to time them with: the worker's share of its machine's budget
+        /// once the stages are placed (see [`crate::placement::share_threads`]).
+        threads: usize,
     },
     Abort {
         job: u64,

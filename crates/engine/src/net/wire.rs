@@ -18,7 +18,7 @@ use crate::plan::DeviceId;
 /// The first bytes each side writes: anything else on the port is not a layerwise peer.
 const MAGIC: &[u8; 8] = b"LWIRE01\n";
 /// The wire format's version; peers of another version are refused with both named.
-pub const WIRE_VERSION: u32 = 3;
+pub const WIRE_VERSION: u32 = 4;
 /// A control frame is a JSON object: configs, plans, reports. Larger is garbage.
 pub const MAX_CONTROL_FRAME: usize = 16 << 20;
 /// How long a peer may take over its part of the handshake.

@@ -198,7 +198,7 @@ fn session(
                             j.sockets.abort();
                         }
                     }
-                    ToWorker::Measure { request, config, shape, device } => {
+                    ToWorker::Measure { request, config, shape, device, threads } => {
                         // In a thread of its own: heartbeats and aborts are still read meanwhile.
                         let busy = running.as_ref().map(|j| j.id);
                         let answer = move |control: &Mutex<TcpStream>, times| {
@@ -211,7 +211,7 @@ fn session(
                                 &to,
                                 match busy {
                                     Some(job) => Err(format!("busy with job {job:x}")),
-                                    None => measure(&config, shape, device).map_err(|e| e.to_string()),
+                                    None => measure(&config, shape, device, threads).map_err(|e| e.to_string()),
                                 },
                             )
                         });
@@ -318,12 +318,18 @@ fn unplaced(config: &crate::config::RunConfig, machine: Machine, shape: (i64, i6
     Plan::build_unplaced(&config, machine, shape)
 }
 
-/// Each layer's step time on `device` here, for the coordinator's `auto` placement.
-fn measure(config: &crate::config::RunConfig, shape: (i64, i64, i64), device: DeviceId) -> Result<Vec<f64>> {
+/// Each layer's step time on `device` here with `threads` intra-op threads, for the
+/// coordinator's `auto` placement.
+fn measure(
+    config: &crate::config::RunConfig,
+    shape: (i64, i64, i64),
+    device: DeviceId,
+    threads: usize,
+) -> Result<Vec<f64>> {
     let machine = Machine::detect();
     machine.check(device).map_err(EngineError::Config)?;
     let plan = unplaced(config, machine, shape)?;
-    crate::placement::measure(&plan, device, config.train.thread_budget(machine.cores))
+    crate::placement::measure(&plan, device, threads.clamp(1, crate::plan::limits::CPU_THREADS))
 }
 
 fn start(
