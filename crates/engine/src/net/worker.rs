@@ -56,10 +56,13 @@ impl Running {
     }
 }
 
-/// Takes a job that is over (how it ended), leaving one that runs.
-fn reap(running: &mut Option<Running>) -> Option<Ended> {
+/// Takes a job that is over (how it ended), leaving one that runs; drops the links it
+/// left unclaimed.
+fn reap(running: &mut Option<Running>, incoming: &Rendezvous) -> Option<Ended> {
     let job = running.take_if(|j| j.over())?;
-    Some(job.thread.join().unwrap_or(Ended::Failed))
+    let ended = job.thread.join().unwrap_or(Ended::Failed);
+    incoming.forget(job.id);
+    Some(ended)
 }
 
 /// Serves the coordinator until `stop` (or, with `once`, until one job has ended).
@@ -169,7 +172,7 @@ fn session(
     let mut silent_since = Instant::now();
     let result = loop {
         // A finished job: with `once`, this worker's work is done.
-        if let Some(ended) = reap(&mut running) {
+        if let Some(ended) = reap(&mut running, incoming) {
             if once {
                 break Ok(Some(ended));
             }
@@ -182,7 +185,7 @@ fn session(
                 silent_since = Instant::now();
                 // A job that has told the coordinator it finished is not in the way of what
                 // the coordinator sends next.
-                if let Some(ended) = reap(&mut running) {
+                if let Some(ended) = reap(&mut running, incoming) {
                     if once {
                         break Ok(Some(ended));
                     }
@@ -377,4 +380,35 @@ fn start(
         watch: None,
     };
     crate::pipeline::spawn_stages(&plan, Some(host), None, &mut env, Some(net))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reaped_job_leaves_no_link_waiting_and_a_running_one_keeps_its_own() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let link = || TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let incoming = Rendezvous::default();
+        incoming.arrive(1, 0, link());
+        incoming.arrive(2, 0, link());
+        let (finish, finished) = crossbeam_channel::bounded::<()>(0);
+        let job = |id: u64, thread: JoinHandle<Ended>| Running {
+            id,
+            sockets: Sockets::default(),
+            told: Arc::new(AtomicBool::new(false)),
+            thread,
+        };
+        let mut running =
+            Some(job(2, std::thread::spawn(move || finished.recv().map_or(Ended::Failed, |_| Ended::Done))));
+        assert_eq!(reap(&mut running, &incoming), None, "job 2 still runs");
+        running.as_ref().unwrap().told.store(true, Ordering::SeqCst);
+        finish.send(()).unwrap();
+        assert_eq!(reap(&mut running, &incoming), Some(Ended::Done));
+        let gone = Sockets::default();
+        gone.abort();
+        assert!(incoming.take(2, 0, &gone).is_none(), "job 2's unclaimed link was dropped");
+        assert!(incoming.take(1, 0, &gone).is_some(), "another job's link stays");
+    }
 }
