@@ -207,6 +207,23 @@ pub fn resolve(
     Ok(stages)
 }
 
+/// A stage for each of `devices` (on its host, `None` for this process), stage i with
+/// layer i and one thread: a sketch of a placement, before the layers are split.
+pub fn one_layer_each(devices: &[(Option<&str>, DeviceId)]) -> Vec<StagePlan> {
+    devices
+        .iter()
+        .enumerate()
+        .map(|(index, (host, device))| StagePlan {
+            index,
+            layers: vec![index],
+            devices: vec![*device],
+            threads: 1,
+            check_finite_every: 1,
+            host: host.map(str::to_string),
+        })
+        .collect()
+}
+
 /// A question for `auto` over workers: worker `name`'s step time of each layer on
 /// `device` with `threads` intra-op threads.
 #[derive(Clone, Debug, PartialEq)]

@@ -275,18 +275,7 @@ impl Plan {
         let sizes = if parts > 1 {
             // Each stage gets a device of its own; its threads are its machine's budget
             // shared among the CPU stages there, as they will be once placed.
-            let mut provisional: Vec<StagePlan> = devices[..parts]
-                .iter()
-                .enumerate()
-                .map(|(index, (host, device))| StagePlan {
-                    index,
-                    layers: vec![index],
-                    devices: vec![*device],
-                    threads: 1,
-                    check_finite_every: 1,
-                    host: host.map(str::to_string),
-                })
-                .collect();
+            let mut provisional = placement::one_layer_each(&devices[..parts]);
             placement::share_threads(&mut provisional, &self.config, processes);
             let mut hosts: Vec<(Option<&str>, DeviceId, usize)> = Vec::new();
             for (stage, &(host, device)) in provisional.iter().zip(&devices) {

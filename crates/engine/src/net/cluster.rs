@@ -646,18 +646,7 @@ mod tests {
     }
 
     fn stages(devices: [(Option<&str>, DeviceId); 2]) -> Vec<StagePlan> {
-        devices
-            .iter()
-            .enumerate()
-            .map(|(index, (host, d))| StagePlan {
-                index,
-                layers: vec![index],
-                devices: vec![*d],
-                threads: 1,
-                check_finite_every: 1,
-                host: host.map(str::to_string),
-            })
-            .collect()
+        crate::placement::one_layer_each(&devices)
     }
 
     #[test]
