@@ -221,17 +221,23 @@ impl Architecture {
     /// Floating-point operations of one training step, per image, by a rough count: the
     /// matrix products and convolutions of the blocks and the output layer and, when layers
     /// learn locally, of their heads and similarity matrices (`batch` images each), two per
-    /// multiply-add, three times over (forward; backward to the input and to the weights).
-    /// Pools, norms and elementwise work are left out: they are a small share of the time.
+    /// multiply-add. Each product runs forward and backward to its weights, and backward to
+    /// its input only where a gradient goes on from there: into a head's block, or across
+    /// layers in the global modes, never into the image or into a detached input.
+    /// A similarity matrix runs forward and back to its features. Pools, norms and
+    /// elementwise work are left out: they are a small share of the time.
     pub fn training_flops_per_image(&self, model: &ModelConfig, batch: i64) -> f64 {
         use crate::config::{LossKind, Training};
         let local = model.training != Training::Backprop;
+        let global = matches!(model.training, Training::Backprop | Training::LocalGlobal);
         let sim = local && matches!(model.loss, LossKind::Sim | LossKind::Predsim);
         let pred = local && matches!(model.loss, LossKind::Pred | LossKind::Predsim);
         let bio = model.training == Training::Bio;
         let pred_outputs = if bio { model.target_proj_size as i64 } else { self.num_classes };
-        let mut macs = (self.output_in * self.num_classes) as f64;
-        for spec in &self.hidden {
+        let (on, on_and_back) = (2.0, 3.0);
+        let crossing = if global { on_and_back } else { on };
+        let mut products = crossing * (self.output_in * self.num_classes) as f64;
+        for (i, spec) in self.hidden.iter().enumerate() {
             let (block, channels, pixels, decoder_in) = match *spec {
                 LayerSpec::Conv { in_channels, out_channels, kernel, size_out, .. } => {
                     let pixels = size_out * size_out;
@@ -242,22 +248,22 @@ impl Architecture {
                     (in_features * out_features, out_features, 1, out_features)
                 }
             };
-            macs += block as f64;
+            products += if i == 0 { on } else { crossing } * block as f64;
             if sim {
                 // The sim transform (a 3x3 convolution or a square matrix; none in bio mode,
                 // which compares the pooled features), then the batch's similarity matrix.
                 let kernel = if matches!(spec, LayerSpec::Conv { .. }) { 9 } else { 1 };
                 let features = if bio { decoder_in } else { channels * pixels };
                 if !bio {
-                    macs += (channels * channels * kernel * pixels) as f64;
+                    products += on_and_back * (channels * channels * kernel * pixels) as f64;
                 }
-                macs += (batch * features) as f64;
+                products += on * (batch * features) as f64;
             }
             if pred {
-                macs += (decoder_in * pred_outputs) as f64;
+                products += on_and_back * (decoder_in * pred_outputs) as f64;
             }
         }
-        3.0 * 2.0 * macs
+        2.0 * products
     }
 }
 
@@ -296,31 +302,40 @@ mod tests {
     fn training_flops_count_blocks_heads_and_similarity() {
         use crate::config::{LossKind, Training};
         // mlp 3x1024 on 28x28: 784x1024 + 2 x 1024x1024 blocks and a 1024x10 output layer.
+        // Backprop: each product forward and back to its weights (2), and back to its input
+        // but for the first block's (the image).
         let a = arch("mlp", 1, 28);
-        let blocks = 784.0 * 1024.0 + 2.0 * 1024.0 * 1024.0 + 1024.0 * 10.0;
+        let (first, rest, output) = (784.0 * 1024.0, 2.0 * 1024.0 * 1024.0, 1024.0 * 10.0);
         let mut m =
             ModelConfig { arch: "mlp".into(), num_layers: 3, training: Training::Backprop, ..Default::default() };
-        assert_eq!(a.training_flops_per_image(&m, 128), 6.0 * blocks);
-        // predsim adds per layer a 1024x1024 sim transform, a 128-image similarity row of
-        // 1024 features and a 1024x10 classifier.
+        assert_eq!(a.training_flops_per_image(&m, 128), 2.0 * (2.0 * first + 3.0 * (rest + output)));
+        // predsim: every block's input is detached (2 each); per layer a 1024x1024 sim
+        // transform and a 1024x10 classifier, each also back into the block (3), and a
+        // 128-image similarity row of 1024 features, forward and back (2).
         (m.training, m.loss) = (Training::Local, LossKind::Predsim);
-        let heads = 3.0 * (1024.0 * 1024.0 + 128.0 * 1024.0 + 1024.0 * 10.0);
-        assert_eq!(a.training_flops_per_image(&m, 128), 6.0 * (blocks + heads));
+        let heads = 3.0 * (3.0 * (1024.0 * 1024.0 + 1024.0 * 10.0) + 2.0 * 128.0 * 1024.0);
+        assert_eq!(a.training_flops_per_image(&m, 128), 2.0 * (2.0 * (first + rest + output) + heads));
+        // local+global: the heads of predsim, the blocks of backprop.
+        m.training = Training::LocalGlobal;
+        assert_eq!(a.training_flops_per_image(&m, 128), 2.0 * (2.0 * first + 3.0 * (rest + output) + heads));
         // vgg6a on 3x32x32: convolutions 3->128 at 32x32, 128->256 at 16x16, 256->512 at
         // 8x8, 512->512 at 4x4, all 3x3; then one linear block 512x4x4 -> 1024 and the
         // output layer 1024 -> 10.
         let v = arch("vgg6a", 3, 32);
         assert_eq!(v.output_in, 1024);
         let convs = [(3.0, 128.0, 1024.0), (128.0, 256.0, 256.0), (256.0, 512.0, 64.0), (512.0, 512.0, 16.0)];
-        let blocks: f64 = convs.iter().map(|(i, o, p)| i * o * 9.0 * p).sum::<f64>() + 8192.0 * 1024.0 + 10240.0;
+        let blocks: Vec<f64> =
+            convs.iter().map(|(i, o, p)| i * o * 9.0 * p).chain([8192.0 * 1024.0, 10240.0]).collect();
         let c = ModelConfig { arch: "vgg6a".into(), training: Training::Backprop, ..Default::default() };
-        assert_eq!(v.training_flops_per_image(&c, 64), 6.0 * blocks);
-        // sim: a 3x3 convolution of the block's channels onto themselves, then a row of the
-        // 64-image similarity matrix over every feature.
+        let backprop = 2.0 * blocks[0] + 3.0 * blocks[1..].iter().sum::<f64>();
+        assert_eq!(v.training_flops_per_image(&c, 64), 2.0 * backprop);
+        // sim: a 3x3 convolution of the block's channels onto themselves (3), then a row of
+        // the 64-image similarity matrix over every feature (2).
         let c = ModelConfig { training: Training::Local, loss: LossKind::Sim, ..c };
-        let heads: f64 =
-            convs.iter().map(|(_, o, p)| o * o * 9.0 * p + 64.0 * o * p).sum::<f64>() + 1024.0 * 1024.0 + 64.0 * 1024.0;
-        assert_eq!(v.training_flops_per_image(&c, 64), 6.0 * (blocks + heads));
+        let heads: f64 = convs.iter().map(|(_, o, p)| 3.0 * o * o * 9.0 * p + 2.0 * 64.0 * o * p).sum::<f64>()
+            + 3.0 * 1024.0 * 1024.0
+            + 2.0 * 64.0 * 1024.0;
+        assert_eq!(v.training_flops_per_image(&c, 64), 2.0 * (2.0 * blocks.iter().sum::<f64>() + heads));
     }
 
     #[test]
