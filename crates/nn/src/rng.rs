@@ -2,8 +2,11 @@
 //!
 //! libtorch's random ops draw from one global generator, so masks drawn by several worker
 //! threads would depend on how the threads interleave. Every layer instead owns a ChaCha8
-//! stream keyed by (run seed, layer index, purpose). Masks are drawn on the CPU and moved to
-//! the layer's device; the state is 56 bytes that a checkpoint saves and restores exactly.
+//! stream keyed by (run seed, layer index, purpose); the state is 56 bytes that a
+//! checkpoint saves and restores exactly. On the CPU, masks are drawn from the stream; on
+//! a GPU, from a counter-based hash of the same key and position computed on the device
+//! itself (nothing drawn on the host and copied each step), the position then moved on
+//! past the words used, so the state and its checkpoint stay the same.
 
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -51,17 +54,48 @@ impl LayerRng {
     }
 
     /// ATen's dropout noise: Bernoulli(1 - p) as 0/1 floats, divided by `1 - p` with the
-    /// same tensor op as `noise.div_(1 - p)`, on `device`.
+    /// same tensor op as `noise.div_(1 - p)`, on `device`: drawn from the stream on the
+    /// CPU, hashed on the device elsewhere ([`Self::dropout_noise_hashed`]).
     pub fn dropout_noise(&mut self, shape: &[i64], p: f64, device: Device) -> Tensor {
+        if device != Device::Cpu {
+            return self.dropout_noise_hashed(shape, p, device);
+        }
         let n: i64 = shape.iter().product();
-        // keep when u < (1 - p) * 2^32, u uniform on 32 bits
-        let threshold = ((1.0 - p) * 4_294_967_296.0) as u64;
+        let threshold = keep_below(p);
         let mut words = vec![0u32; n as usize];
         self.inner.fill(&mut words[..]);
         let mask: Vec<f32> = words.iter().map(|&u| if (u as u64) < threshold { 1.0 } else { 0.0 }).collect();
         let mut noise = Tensor::from_slice(&mask).view(shape).to_device(device);
         let _ = noise.g_div_scalar_(1.0 - p);
         noise
+    }
+
+    /// Dropout noise computed on `device` from this generator's key and position: word
+    /// `i` of the draw is [`hash_word`] of the key and position + i, made with integer
+    /// tensor ops that stay below 2^49 (no overflow on any device); then the position
+    /// moves on by the words used, as a draw from the stream would move it.
+    pub fn dropout_noise_hashed(&mut self, shape: &[i64], p: f64, device: Device) -> Tensor {
+        let n: i64 = shape.iter().product();
+        let (k1, k2) = self.hash_key();
+        let pos = self.inner.get_word_pos();
+        let start = i64::try_from(pos).expect("a generator position below 2^63 words");
+        let opts = (Kind::Int64, device);
+        let counter = Tensor::arange(n, opts) + start;
+        let low = counter.bitwise_and(0xFFFF_FFFF_i64);
+        let high = counter.bitwise_right_shift_tensor_scalar(32);
+        let words =
+            mix_tensor(&mix_tensor(&low.bitwise_xor(k1 as i64)).bitwise_xor_tensor(&high).bitwise_xor(k2 as i64));
+        let mut noise = words.lt(keep_below(p) as i64).to_kind(Kind::Float).view(shape);
+        let _ = noise.g_div_scalar_(1.0 - p);
+        self.inner.set_word_pos(pos + n as u128);
+        noise
+    }
+
+    /// Two 32-bit words of key for [`hash_word`], from the stream's seed and number.
+    fn hash_key(&self) -> (u32, u32) {
+        let seed = self.inner.get_seed();
+        let word = |i: usize| u32::from_le_bytes(seed[i..i + 4].try_into().unwrap());
+        (word(0) ^ self.inner.get_stream() as u32, word(4))
     }
 
     /// The exact state: seed, stream and position, as a uint8 tensor.
@@ -94,9 +128,95 @@ impl LayerRng {
     }
 }
 
+/// Words below this are kept: u < (1 - p) * 2^32 for u uniform on 32 bits.
+fn keep_below(p: f64) -> u64 {
+    ((1.0 - p) * 4_294_967_296.0) as u64
+}
+
+/// A 32-bit integer hash (xorshift-multiply, two rounds of multiplication): every output bit
+/// depends on every input bit.
+pub fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7FEB_352D);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846C_A68B);
+    x ^ (x >> 16)
+}
+
+/// Word `counter` of the hashed stream of key (`k1`, `k2`): what
+/// [`LayerRng::dropout_noise_hashed`] computes on a device, one word at a time.
+pub fn hash_word(k1: u32, k2: u32, counter: u64) -> u32 {
+    mix32(mix32(counter as u32 ^ k1) ^ (counter >> 32) as u32 ^ k2)
+}
+
+/// [`mix32`] over an int64 tensor of values below 2^32.
+fn mix_tensor(x: &Tensor) -> Tensor {
+    let x = x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16));
+    let x = mul32(&x, 0x7FEB_352D);
+    let x = x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(15));
+    let x = mul32(&x, 0x846C_A68B);
+    x.bitwise_xor_tensor(&x.bitwise_right_shift_tensor_scalar(16))
+}
+
+/// `x * c mod 2^32` for int64 values below 2^32, by 16-bit halves so that no product
+/// reaches 2^49: (lo * c + ((hi * c) mod 2^16) * 2^16) mod 2^32.
+fn mul32(x: &Tensor, c: i64) -> Tensor {
+    let lo = x.bitwise_and(0xFFFF_i64) * c;
+    let hi = (x.bitwise_right_shift_tensor_scalar(16) * c).bitwise_and(0xFFFF_i64).bitwise_left_shift_tensor_scalar(16);
+    (lo + hi).bitwise_and(0xFFFF_FFFF_i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashed_noise_is_the_hash_of_key_and_position_and_moves_the_position_on() {
+        let mut r = LayerRng::new(7, 2, Purpose::Dropout);
+        let _ = r.dropout_noise(&[5, 3], 0.3, Device::Cpu); // the stream is at word 15
+        let (k1, k2) = r.hash_key();
+        let p = 0.3;
+        let noise = r.dropout_noise_hashed(&[4, 1000], p, Device::Cpu);
+        assert_eq!(noise.size(), vec![4, 1000]);
+        let got = Vec::<f32>::try_from(noise.flatten(0, -1)).unwrap();
+        let scale = Tensor::from(1.0f32).g_div_scalar(1.0 - p).double_value(&[]) as f32;
+        for (i, g) in got.iter().enumerate() {
+            let word = hash_word(k1, k2, 15 + i as u64);
+            let want = if (word as u64) < keep_below(p) { scale } else { 0.0 };
+            assert_eq!(*g, want, "word {i}");
+        }
+        let kept = got.iter().filter(|g| **g != 0.0).count() as f64 / got.len() as f64;
+        assert!((kept - 0.7).abs() < 0.03, "kept fraction {kept}");
+        // The position moved past the 4,000 words, as a draw from the stream moves it:
+        // a saved and restored generator continues where it was.
+        assert_eq!(r.inner.get_word_pos(), 15 + 4000);
+        let saved = r.state();
+        let next = r.dropout_noise_hashed(&[64], p, Device::Cpu);
+        let mut b = LayerRng::new(0, 0, Purpose::Init);
+        b.set_state(&saved).unwrap();
+        assert!(b.dropout_noise_hashed(&[64], p, Device::Cpu).equal(&next));
+        // Above 2^32 words the high half of the position takes part.
+        r.inner.set_word_pos((1u128 << 32) - 2);
+        let across = Vec::<f32>::try_from(r.dropout_noise_hashed(&[4], 0.5, Device::Cpu)).unwrap();
+        let want: Vec<f32> = (0..4)
+            .map(|i| hash_word(k1, k2, (1u64 << 32) - 2 + i))
+            .map(|w| if (w as u64) < keep_below(0.5) { 2.0 } else { 0.0 })
+            .collect();
+        assert_eq!(across, want);
+    }
+
+    #[test]
+    fn mix32_spreads_every_bit() {
+        // Flipping any one input bit flips about half the output bits, on average.
+        let mut flipped = 0u32;
+        for x in 0..256u32 {
+            for bit in 0..32 {
+                flipped += (mix32(x) ^ mix32(x ^ (1 << bit))).count_ones();
+            }
+        }
+        let mean = flipped as f64 / (256.0 * 32.0);
+        assert!((mean - 16.0).abs() < 0.5, "{mean} bits of 32");
+    }
 
     #[test]
     fn restored_generator_continues_the_same_sequence() {
