@@ -1,5 +1,5 @@
 //! Compiles `src/fused.cpp`, the C face of the libtorch ops that tch does not wrap (the
-//! fused Adam kernel), against the headers of the libtorch that torch-sys links. Every
+//! fused Adam kernel, cuDNN's flags), against the headers of the libtorch that torch-sys links. Every
 //! libtorch has them, with or without CUDA.
 
 use std::path::PathBuf;

@@ -43,6 +43,10 @@ pub struct TrainConfig {
     pub cpu_threads: Option<usize>,
     /// Warn when one message has held a stage this many seconds.
     pub stall_warning_s: f64,
+    /// On GPUs, cuDNN's choice: true (the default) keeps its benchmark mode off and its
+    /// algorithms deterministic, for runs that repeat bit for bit; false lets it time its
+    /// algorithms for each shape and keep the fastest. No effect on the CPU.
+    pub deterministic: bool,
 }
 
 impl TrainConfig {
@@ -68,6 +72,7 @@ impl Default for TrainConfig {
             check_finite_every: None,
             cpu_threads: None,
             stall_warning_s: 60.0,
+            deterministic: true,
         }
     }
 }

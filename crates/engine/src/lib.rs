@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod cudnn;
 pub mod cut;
 pub mod evaluate;
 #[cfg(feature = "fault-injection")]

@@ -137,6 +137,7 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
     if std::env::var_os("LAYERWISE_TEST_SETUP_PANIC").is_some_and(|n| dir.path.file_name() == Some(&n)) {
         panic!("injected panic in the setup of {}", dir.path.display());
     }
+    let _cudnn = crate::cudnn::hold(plan.config.train.deterministic);
     if plan.config.pipeline.mode == PipelineMode::Pipelined {
         // The stages compute; this thread only loads, feeds and collects. One intra-op
         // thread keeps it from holding an OpenMP team of its own: with more OpenMP threads

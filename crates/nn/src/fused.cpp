@@ -1,9 +1,11 @@
-// The C face of libtorch's fused Adam kernel (aten::_fused_adam_), which tch does not wrap:
-// one pass over each parameter, its gradient and its moments, on CPU and on CUDA.
+// The C face of what tch does not wrap: libtorch's fused Adam kernel (aten::_fused_adam_),
+// one pass over each parameter, its gradient and its moments, on CPU and on CUDA; and
+// cuDNN's process-wide flags.
 //
 // Tensors come as tch's handles (at::Tensor*). C++ exceptions come back as text: nothing
 // unwinds into Rust.
 
+#include <ATen/Context.h>
 #include <ATen/ops/_fused_adam.h>
 #include <ATen/ops/empty_like.h>
 
@@ -61,6 +63,19 @@ int lw_fused_adam(const at::Tensor* const* params, const at::Tensor* const* grad
     put_error("unknown C++ exception", err, err_len);
   }
   return -1;
+}
+
+// cuDNN's process-wide choices: `benchmark` lets it time its algorithms for each new shape
+// and keep the fastest (which may differ from run to run); `deterministic` restricts it to
+// algorithms whose results do not depend on scheduling. Plain flags: no CUDA needed.
+void lw_set_cudnn(int benchmark, int deterministic) {
+  at::globalContext().setBenchmarkCuDNN(benchmark != 0);
+  at::globalContext().setDeterministicCuDNN(deterministic != 0);
+}
+
+void lw_cudnn(int* benchmark, int* deterministic) {
+  *benchmark = at::globalContext().benchmarkCuDNN() ? 1 : 0;
+  *deterministic = at::globalContext().deterministicCuDNN() ? 1 : 0;
 }
 
 }  // extern "C"

@@ -44,6 +44,22 @@ pub enum NnError {
 
 pub type Result<T> = std::result::Result<T, NnError>;
 
+/// cuDNN's process-wide flags (benchmark, deterministic): see [`set_cudnn`].
+pub fn cudnn() -> (bool, bool) {
+    let (mut benchmark, mut deterministic) = (0, 0);
+    // SAFETY: two plain flags of libtorch's global context, written into our two ints.
+    unsafe { optim::ffi::lw_cudnn(&mut benchmark, &mut deterministic) };
+    (benchmark != 0, deterministic != 0)
+}
+
+/// Sets cuDNN's process-wide flags: `benchmark` times its convolution algorithms for each
+/// new shape and keeps the fastest; `deterministic` allows only algorithms whose results do
+/// not depend on scheduling. Without CUDA they are kept and have no effect.
+pub fn set_cudnn(benchmark: bool, deterministic: bool) {
+    // SAFETY: two plain flags of libtorch's global context.
+    unsafe { optim::ffi::lw_set_cudnn(benchmark.into(), deterministic.into()) }
+}
+
 /// A tensor with the name it is saved under (PyTorch-style dotted names).
 pub type Named = (String, tch::Tensor);
 

@@ -172,7 +172,7 @@ impl Optimizer {
     }
 }
 
-mod ffi {
+pub(crate) mod ffi {
     use std::ffi::{c_char, c_int};
 
     use tch::Tensor;
@@ -199,6 +199,8 @@ mod ffi {
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
+        pub fn lw_set_cudnn(benchmark: c_int, deterministic: c_int);
+        pub fn lw_cudnn(benchmark: *mut c_int, deterministic: *mut c_int);
     }
 
     pub fn ptrs<'a>(ts: impl Iterator<Item = &'a Tensor>) -> Vec<TensorPtr> {

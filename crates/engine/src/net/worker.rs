@@ -284,6 +284,7 @@ fn run_assignment(
 ) -> Ended {
     let reports: Arc<dyn crate::link::ReportSender> = Arc::new(RemoteReports { job: a.job, control: control.clone() });
     let mine: Vec<usize> = a.stages.iter().filter(|s| s.host.as_deref() == Some(host)).map(|s| s.index).collect();
+    let _cudnn = crate::cudnn::hold(a.config.train.deterministic);
     let started = start(&a, host, secret, incoming, sockets.clone(), reports.clone());
     let ended = match started {
         Ok(threads) => {
