@@ -123,6 +123,14 @@ run_small "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --resume
 eval_json "$RUNS/half" > "$OUT/eval-resumed.json"
 same_eval "resume != uninterrupted" uninterrupted eval-pipelined.json resumed eval-resumed.json
 
+step "bf16 products (model.bf16): pipelined against sequential, on $DEV"
+run_small "$RUNS/seq16" --set model.bf16=true --set pipeline.mode='"sequential"' --set "pipeline.placement=$ON_GPU"
+run_small "$RUNS/pipe16" --set model.bf16=true --set "pipeline.placement=$PER_LAYER"
+eval_json "$RUNS/seq16" > "$OUT/eval-sequential-bf16.json"
+eval_json "$RUNS/pipe16" > "$OUT/eval-pipelined-bf16.json"
+same_eval "bf16 pipelined != sequential" sequential eval-sequential-bf16.json pipelined eval-pipelined-bf16.json
+echo "float32: $(cat "$OUT/eval-pipelined.json")"
+
 # Two ranks launched as torchrun launches them, both on $DEV: rank 0 coordinates and holds
 # the first layers, rank 1 the rest; the link between them carries GPU tensors.
 two_ranks() {  # two_ranks DIR LINK

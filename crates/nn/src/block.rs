@@ -11,6 +11,7 @@ use crate::config::{LossKind, ModelConfig, Nonlin, OptimConfig, Training};
 use crate::init;
 use crate::losses::{feedback_alignment_linear, pred_loss, pred_loss_bce, sim_loss};
 use crate::optim::Optimizer;
+use crate::precision::product;
 use crate::rng::{LayerRng, Purpose};
 use crate::targets::Targets;
 use crate::{strip_prefix, Named, NnError, Result};
@@ -22,6 +23,8 @@ const BN_EPS: f64 = 1e-5;
 /// decoder `W p(h) + b`, with `p` an average pool for conv blocks.
 #[derive(Debug)]
 struct Heads {
+    /// Products in bfloat16 ([`crate::precision`]).
+    bf16: bool,
     loss: LossKind,
     beta: f64,
     bio: bool,
@@ -166,6 +169,8 @@ pub struct HiddenBlock {
     bn: Option<(Tensor, Tensor, Tensor, Tensor)>,
     nonlin: Nonlin,
     dropout: f64,
+    /// Products in bfloat16 ([`crate::precision`]).
+    bf16: bool,
     heads: Option<Heads>,
     pub rng: LayerRng,
     pub optimizer: Optimizer,
@@ -220,6 +225,7 @@ impl HiddenBlock {
             bn,
             nonlin: model.nonlin,
             dropout: model.dropout,
+            bf16: model.bf16,
             heads,
             rng: LayerRng::new(seed, index, Purpose::Dropout),
             optimizer: Optimizer::new(optim, vec![]),
@@ -310,9 +316,13 @@ impl HiddenBlock {
     fn hidden(&self, x: &Tensor, train: bool) -> Tensor {
         let z = match self.spec {
             LayerSpec::Conv { stride, padding, .. } => {
-                x.conv2d(&self.weight, Some(&self.bias), [stride, stride], [padding, padding], [1, 1], 1)
+                product(self.bf16, x, &self.weight, Some(&self.bias), |x, w, b| {
+                    x.conv2d(w, b, [stride, stride], [padding, padding], [1, 1], 1)
+                })
             }
-            LayerSpec::Linear { .. } => x.flatten(1, -1).linear(&self.weight, Some(&self.bias)),
+            LayerSpec::Linear { .. } => {
+                product(self.bf16, &x.flatten(1, -1), &self.weight, Some(&self.bias), |x, w, b| x.linear(w, b))
+            }
         };
         let mut z = match &self.bn {
             Some((w, b, mean, var)) => {
@@ -434,6 +444,7 @@ impl Heads {
             (None, None, None)
         };
         Heads {
+            bf16: model.bf16,
             loss: model.loss,
             beta: model.beta,
             bio,
@@ -458,8 +469,10 @@ impl Heads {
     fn losses(&self, h: &Tensor, targets: &Targets) -> LocalLosses {
         let sim = matches!(self.loss, LossKind::Sim | LossKind::Predsim).then(|| {
             let transformed = match &self.sim_transform {
-                Some(w) if h.dim() == 4 => h.conv2d(w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1),
-                Some(w) => h.linear(w, None::<Tensor>),
+                Some(w) if h.dim() == 4 => {
+                    product(self.bf16, h, w, None, |h, w, _| h.conv2d(w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1))
+                }
+                Some(w) => product(self.bf16, h, w, None, |h, w, _| h.linear(w, None::<Tensor>)),
                 None => self.pooled(h),
             };
             sim_loss(&transformed, &targets.sim, self.similarity_std)
@@ -468,8 +481,11 @@ impl Heads {
             (Some(w), b) => {
                 let features = self.pooled(h).flatten(1, -1);
                 let logits = match &self.feedback {
-                    Some(f) => feedback_alignment_linear(&features, w, b.as_ref(), f),
-                    None => features.linear(w, b.as_ref()),
+                    Some(f) => product(self.bf16, &features, w, b.as_ref(), |x, w, b| {
+                        let f = if self.bf16 { f.to_kind(Kind::BFloat16) } else { f.shallow_clone() };
+                        feedback_alignment_linear(x, w, b, &f)
+                    }),
+                    None => product(self.bf16, &features, w, b.as_ref(), |x, w, b| x.linear(w, b)),
                 };
                 let loss = match &targets.bce {
                     Some(t) if self.bio => pred_loss_bce(&logits, t),

@@ -52,6 +52,9 @@ pub struct ModelConfig {
     pub dim_in_decoder: usize,
     pub similarity_std: bool,
     pub target_proj_size: usize,
+    /// Convolutions and matrix products in bfloat16, all else in float32 (see
+    /// [`crate::precision`]); off by default.
+    pub bf16: bool,
 }
 
 impl Default for ModelConfig {
@@ -70,6 +73,7 @@ impl Default for ModelConfig {
             dim_in_decoder: 4096,
             similarity_std: true,
             target_proj_size: 128,
+            bf16: false,
         }
     }
 }

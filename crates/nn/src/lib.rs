@@ -14,6 +14,7 @@ pub mod losses;
 pub mod network;
 pub mod optim;
 pub mod output;
+pub mod precision;
 pub mod rng;
 pub mod similarity;
 pub mod targets;

@@ -18,6 +18,8 @@ pub struct OutputLayer {
     bias: Tensor,
     /// `1 - beta` for predsim, else 1 (the reference's scaling of the output loss).
     loss_scale: f64,
+    /// The product in bfloat16 ([`crate::precision`]).
+    bf16: bool,
     pub optimizer: Optimizer,
     /// [sum of loss x B, errors]
     sums: Tensor,
@@ -48,6 +50,7 @@ impl OutputLayer {
             weight,
             bias,
             loss_scale: model.output_loss_scale(),
+            bf16: model.bf16,
             optimizer: Optimizer::new(optim, params),
             sums: Tensor::zeros([2], (Kind::Double, device)),
             examples: 0,
@@ -63,7 +66,9 @@ impl OutputLayer {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.flatten(1, -1).linear(&self.weight, Some(&self.bias))
+        crate::precision::product(self.bf16, &x.flatten(1, -1), &self.weight, Some(&self.bias), |x, w, b| {
+            x.linear(w, b)
+        })
     }
 
     /// The loss the output layer descends (scaled for predsim) and the plain cross-entropy.
