@@ -329,11 +329,13 @@ mod tests {
 
     /// A conv weight kept channels-last, stepped with gradients in either layout.
     fn stepped(config: &OptimConfig, grads_channels_last: bool) -> Vec<Named> {
-        tch::manual_seed(3);
-        let w = crate::init::channels_last(Tensor::randn([6, 4, 3, 3], (Kind::Float, Device::Cpu)));
+        // A generator of its own: libtorch's global one is shared with the tests beside.
+        let mut rng = crate::rng::LayerRng::new(3, 0, crate::rng::Purpose::Init);
+        let mut draw = || crate::init::uniform(&mut rng, &[6, 4, 3, 3], 2.0, Device::Cpu);
+        let w = crate::init::channels_last(draw());
         let mut opt = Optimizer::new(config, vec![("w".into(), w.shallow_clone())]);
         for _ in 0..3 {
-            let g = Tensor::randn([6, 4, 3, 3], (Kind::Float, Device::Cpu));
+            let g = draw();
             let g = if grads_channels_last { crate::init::channels_last(g) } else { g };
             opt.step(&[g]).unwrap();
         }

@@ -27,6 +27,7 @@ mod tests {
 
     use crate::arch::LayerSpec;
     use crate::config::{LossKind, ModelConfig, Nonlin, OptimConfig, Training};
+    use crate::rng::{LayerRng, Purpose};
     use crate::{HiddenBlock, Targets};
 
     use super::*;
@@ -44,14 +45,19 @@ mod tests {
         HiddenBlock::new(0, &spec, 10, &model, &OptimConfig::default(), 3, Device::Cpu).unwrap()
     }
 
+    /// Values in [-2, 2) from a generator of their own (libtorch's global one is shared with
+    /// the tests running beside these).
+    fn uniform(seed: u64, shape: &[i64]) -> Tensor {
+        crate::init::uniform(&mut LayerRng::new(seed, 0, Purpose::Init), shape, 2.0, Device::Cpu)
+    }
+
     fn named(b: &HiddenBlock, name: &str) -> Tensor {
         b.parameters().into_iter().find(|(n, _)| n == name).unwrap().1
     }
 
     #[test]
     fn a_bf16_product_is_the_product_of_rounded_operands_rounded_once() {
-        tch::manual_seed(5);
-        let x = Tensor::randn([32, 64], (Kind::Float, Device::Cpu));
+        let x = uniform(5, &[32, 64]);
         let (low, full) = (block(true, false), block(false, false));
         let h = low.forward_with_noise(&x, false, None).h.to_kind(Kind::Double);
         assert_eq!(low.forward_with_noise(&x, false, None).h.kind(), Kind::Float, "the result comes back in float32");
@@ -72,9 +78,10 @@ mod tests {
 
     #[test]
     fn bf16_training_keeps_losses_weights_and_state_in_float32_and_follows_float32() {
-        tch::manual_seed(6);
-        let x = Tensor::randn([64, 64], (Kind::Float, Device::Cpu));
-        let labels = Tensor::randint(10, [64], (Kind::Int64, Device::Cpu));
+        let x = uniform(6, &[64, 64]);
+        let mut draw = LayerRng::new(6, 1, Purpose::Data);
+        let labels: Vec<i64> = (0..64).map(|_| (draw.next_u32() % 10) as i64).collect();
+        let labels = Tensor::from_slice(&labels);
         let targets = Targets::new(&labels, 10, None);
         let (mut low, mut full) = (block(true, true), block(false, true));
         let before = named(&low, "encoder.weight").copy();
