@@ -237,9 +237,11 @@ else
     bench vgg8b-predsim configs/fashion-mnist-vgg8b-predsim.json 8 50
 fi
 
-step "eager PyTorch yardstick: mlp predsim on $DEV"
-"$PY" scripts/torch_baseline.py --device "$DEV" --synthetic --steps "$([[ "$QUICK" == 1 ]] && echo 5 || echo 200)" \
-    | tee "$OUT/torch-baseline.json"
+step "eager PyTorch yardstick: mlp predsim on $DEV, Adam as in the paper's code and fused"
+for fused in "" --fused; do
+    "$PY" scripts/torch_baseline.py --device "$DEV" --synthetic --steps "$([[ "$QUICK" == 1 ]] && echo 5 || echo 200)" $fused \
+        | tee -a "$OUT/torch-baseline.json"
+done
 
 rm -rf "$DATA" "$RUNS" "$SUMMARY"
 echo
