@@ -103,7 +103,8 @@ impl Inbox {
         }
     }
 
-    /// Waits for every stage's end-of-epoch report and every evaluation result.
+    /// Waits for every stage's end-of-epoch report and the evaluation of each of the
+    /// `eval_sets` sets evaluated (the last stage reports one a set).
     /// `start` is when the epoch began (seconds since the Unix epoch).
     pub fn collect_epoch(
         &mut self,
@@ -112,10 +113,10 @@ impl Inbox {
         lr: f64,
         start: f64,
         stages: &[StagePlan],
-        eval_batches: usize,
+        eval_sets: usize,
     ) -> Result<EpochMetrics> {
         let (mut stats, mut evals): (Vec<EpochStats>, Vec<Report>) = (Vec::new(), Vec::new());
-        while stats.len() < stages.len() || evals.len() < eval_batches {
+        while stats.len() < stages.len() || evals.len() < eval_sets {
             match self.next(step)? {
                 Report::EpochStats(s) => stats.push(s),
                 r => evals.push(r),

@@ -112,9 +112,10 @@ pub struct EpochStats {
 /// What a stage sends to the coordinator, over its report link.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Report {
+    /// A set's evaluation this epoch, over its `batches` batches.
     Eval {
         set: EvalSet,
-        index: usize,
+        batches: usize,
         wrong: i64,
         count: i64,
         loss_sum: f64,

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::checkpoint::{self, FileEntry, Verified};
 use crate::link::{LinkReceiver, LinkSender, ReportSender};
-use crate::message::{unix_now, Control, EpochStats, LayerReport, Message, Report, StageFailure, StageTiming};
+use crate::message::{unix_now, Control, EpochStats, EvalSet, LayerReport, Message, Report, StageFailure, StageTiming};
 use crate::placement::StagePlan;
 use crate::plan::Plan;
 use crate::watchdog::Watch;
@@ -49,6 +49,19 @@ pub struct Stage {
     train_done: Option<f64>,
     /// First non-finite loss noted on the device: step * LAYER_SLOTS + layer, or -1.
     first_bad: Option<Tensor>,
+    /// The last stage's evaluation so far this epoch, per set, summed on the device and
+    /// read back once, at the epoch's end.
+    evals: Vec<(EvalSet, EvalSums)>,
+}
+
+/// An evaluation set's figures so far: batches and images seen, and on the device the
+/// misclassified images (int64) and the summed loss (float64, each batch's float32 sum added
+/// in order, as the coordinator added them when each batch was read back).
+struct EvalSums {
+    batches: usize,
+    count: i64,
+    wrong: Tensor,
+    loss: Tensor,
 }
 
 /// Layer indices a non-finite mark can hold (the last slot: "the whole stage").
@@ -93,6 +106,7 @@ impl Stage {
             depth_samples: 0,
             train_done: None,
             first_bad: None,
+            evals: Vec::new(),
         })
     }
 
@@ -172,7 +186,7 @@ impl Stage {
                 self.timing.train_examples += labels.size()[0] as u64;
                 Ok((!is_last).then(|| Message::with(Control::Train { epoch, step }, out, labels)))
             }
-            Control::Eval { set, index } => {
+            Control::Eval { set, .. } => {
                 self.mark_train_done();
                 let p = payload.ok_or_else(|| self.fail(None, None, "an evaluation message without a batch"))?;
                 let x = p.input.to_device(self.device);
@@ -187,12 +201,20 @@ impl Stage {
                     return Ok(Some(Message::with(control, out, p.labels)));
                 }
                 let labels = p.labels.to_device(out.device());
-                let (wrong, loss_sum) = self.guard(None, None, |_| {
-                    let wrong = out.argmax(1, false).ne_tensor(&labels).sum(Kind::Int64).int64_value(&[]);
+                self.guard(None, None, |s| {
+                    let wrong = out.argmax(1, false).ne_tensor(&labels).sum(Kind::Int64);
                     let loss = out.cross_entropy_loss(&labels, None::<Tensor>, Reduction::Sum, -100, 0.0);
-                    (wrong, loss.double_value(&[]))
+                    let loss = loss.to_kind(Kind::Double);
+                    let count = labels.size()[0];
+                    match s.evals.iter_mut().find(|(k, _)| *k == set) {
+                        Some((_, e)) => {
+                            (e.batches, e.count) = (e.batches + 1, e.count + count);
+                            e.wrong = &e.wrong + wrong;
+                            e.loss = &e.loss + loss;
+                        }
+                        None => s.evals.push((set, EvalSums { batches: 1, count, wrong, loss })),
+                    }
                 })?;
-                self.report(Report::Eval { set, index, wrong, count: labels.size()[0], loss_sum })?;
                 Ok(None)
             }
             Control::SetLr { lr } => {
@@ -207,6 +229,7 @@ impl Stage {
             Control::EpochEnd { epoch } => {
                 self.read_first_bad()?; // nothing non-finite reaches an epoch's figures
                 self.mark_train_done();
+                self.report_evals()?;
                 self.report_epoch(epoch)?;
                 pass_on()
             }
@@ -221,6 +244,26 @@ impl Stage {
             }
             Control::Shutdown => pass_on(),
         }
+    }
+
+    /// Reports this epoch's evaluation, one figure per set (read back from the device once).
+    fn report_evals(&mut self) -> Result<(), StageFailure> {
+        let figures = self.guard(None, None, |s| {
+            s.evals
+                .drain(..)
+                .map(|(set, e)| Report::Eval {
+                    set,
+                    batches: e.batches,
+                    wrong: e.wrong.int64_value(&[]),
+                    count: e.count,
+                    loss_sum: e.loss.double_value(&[]),
+                })
+                .collect::<Vec<_>>()
+        })?;
+        for r in figures {
+            self.report(r)?;
+        }
+        Ok(())
     }
 
     /// Writes every layer of this stage into checkpoint `seq`'s folder, each file synced.

@@ -83,18 +83,20 @@ impl Training<'_> {
                     return Ok(true);
                 }
             }
-            let mut n_eval = 0;
+            // The last stage sums each set's batches and reports the set once, at the epoch's end.
+            let mut sets_evaluated = 0;
             let sets = [(EvalSet::Test, Some(&mut *self.test)), (EvalSet::Validation, self.validation.as_deref_mut())];
             for (set, source) in sets {
                 let Some(source) = source else { continue };
                 for index in 0..source.batches {
                     let b = source.source.batch(1, index);
                     pipeline.feed(Message::with(Control::Eval { set, index }, b.images, b.labels), self.inbox)?;
-                    n_eval += 1;
                 }
+                sets_evaluated += (source.batches > 0) as usize;
             }
             pipeline.feed(Message::control(Control::EpochEnd { epoch }), self.inbox)?;
-            let mut metrics = self.inbox.collect_epoch(epoch, progress.step, lr, start, &self.plan.stages, n_eval)?;
+            let mut metrics =
+                self.inbox.collect_epoch(epoch, progress.step, lr, start, &self.plan.stages, sets_evaluated)?;
             metrics.data_wait_s = data_wait.as_secs_f64();
             if metrics.data_wait_s > 0.1 * metrics.train_seconds && metrics.data_wait_s > 0.5 {
                 tracing::warn!(
