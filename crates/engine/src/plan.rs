@@ -298,9 +298,8 @@ impl Plan {
             let remote = remote.map_err(|_| EngineError::Other("asking the workers to measure panicked".into()))?;
             let mut times = local?.into_iter().chain(remote?);
             let mut by_host: BTreeMap<Option<&str>, Vec<f64>> = BTreeMap::new();
-            for &(host, device, threads) in
-                hosts.iter().filter(|h| h.0.is_none()).chain(hosts.iter().filter(|h| h.0.is_some()))
-            {
+            // `hosts` has this process first, as `devices` has, then the workers as asked.
+            for &(host, device, threads) in &hosts {
                 let times = times.next().unwrap_or_default();
                 if times.len() != self.num_layers() || times.iter().any(|t| !t.is_finite() || *t < 0.0) {
                     return Err(EngineError::Other(format!(
