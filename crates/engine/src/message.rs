@@ -24,8 +24,9 @@ pub enum EvalSet {
 pub enum Control {
     /// A training batch: each stage trains its layers on it and sends their output on.
     Train { epoch: usize, step: u64 },
-    /// An evaluation batch: forward in eval mode; the last stage reports the errors.
-    Eval { set: EvalSet, index: usize },
+    /// An evaluation batch: forward in eval mode; the last stage adds its errors and loss
+    /// to the set's figures, which it reports at the epoch's end.
+    Eval { set: EvalSet },
     /// New learning rate for every optimizer, from the next training batch on.
     SetLr { lr: f64 },
     /// The epoch's last batch has passed: report statistics and reset them.

@@ -186,7 +186,7 @@ impl Stage {
                 self.timing.train_examples += labels.size()[0] as u64;
                 Ok((!is_last).then(|| Message::with(Control::Train { epoch, step }, out, labels)))
             }
-            Control::Eval { set, .. } => {
+            Control::Eval { set } => {
                 self.mark_train_done();
                 let p = payload.ok_or_else(|| self.fail(None, None, "an evaluation message without a batch"))?;
                 let x = p.input.to_device(self.device);

@@ -90,7 +90,7 @@ impl Training<'_> {
                 let Some(source) = source else { continue };
                 for index in 0..source.batches {
                     let b = source.source.batch(1, index);
-                    pipeline.feed(Message::with(Control::Eval { set, index }, b.images, b.labels), self.inbox)?;
+                    pipeline.feed(Message::with(Control::Eval { set }, b.images, b.labels), self.inbox)?;
                 }
                 sets_evaluated += (source.batches > 0) as usize;
             }

@@ -328,7 +328,7 @@ mod tests {
         assert!(e.contains("over the"), "{e}");
         let mut buf = Vec::new();
         let h = Header {
-            control: Control::Eval { set: crate::message::EvalSet::Test, index: 0 },
+            control: Control::Eval { set: crate::message::EvalSet::Test },
             tensors: vec![
                 TensorHeader { kind: "f32".into(), shape: vec![2, 3], nccl: true },
                 TensorHeader { kind: "i64".into(), shape: vec![2], nccl: false },
