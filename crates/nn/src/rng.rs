@@ -78,7 +78,9 @@ impl LayerRng {
         let n: i64 = shape.iter().product();
         let (k1, k2) = self.hash_key();
         let pos = self.inner.get_word_pos();
-        let start = i64::try_from(pos).expect("a generator position below 2^63 words");
+        // The counter runs modulo 2^62 (no int64 overflow whatever position a checkpoint
+        // holds; a generator reaches 2^62 words only after centuries of draws).
+        let start = (pos % (1u128 << 62)) as i64;
         let opts = (Kind::Int64, device);
         let counter = Tensor::arange(n, opts) + start;
         let low = counter.bitwise_and(0xFFFF_FFFF_i64);
@@ -203,6 +205,15 @@ mod tests {
             .map(|w| if (w as u64) < keep_below(0.5) { 2.0 } else { 0.0 })
             .collect();
         assert_eq!(across, want);
+        // A position past 2^62 (only a crafted checkpoint holds one) wraps, and is no panic.
+        r.inner.set_word_pos((1u128 << 66) + 7);
+        assert_eq!(r.inner.get_word_pos(), (1u128 << 66) + 7);
+        let far = Vec::<f32>::try_from(r.dropout_noise_hashed(&[4], 0.5, Device::Cpu)).unwrap();
+        let want: Vec<f32> = (0..4)
+            .map(|i| hash_word(k1, k2, 7 + i))
+            .map(|w| if (w as u64) < keep_below(0.5) { 2.0 } else { 0.0 })
+            .collect();
+        assert_eq!(far, want);
     }
 
     #[test]
