@@ -210,7 +210,7 @@ cat > "$SUMMARY" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 m = r["machine"]
-print("{}: matmul {:.0f} GFLOP/s".format(", ".join(m["device_names"]), m["matmul_gflops"]))
+print("{}: matmul in {} {:.0f} GFLOP/s".format(", ".join(m["device_names"]), m["matmul_kind"], m["matmul_gflops"]))
 for run in r["runs"]:
     dev = (run.get("peak_device_bytes") or 0) / 1e9
     placement = run["placement"] if isinstance(run["placement"], str) else json.dumps(run["stages"])

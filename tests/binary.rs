@@ -256,6 +256,7 @@ fn bench_train_prints_one_json_object_of_consistent_figures() {
     let num = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or_else(|| panic!("{key} in {v}"));
     assert!(num(&report["machine"], "cores") >= 1.0);
     assert!(num(&report["machine"], "matmul_gflops") > 0.0);
+    assert_eq!(report["machine"]["matmul_kind"], "float32", "demo.json's products are float32");
     let flop = num(&report, "train_gflop_per_image");
     assert!(flop > 0.0);
     let layers = report["layer_step_seconds"].as_array().expect("demo.json learns locally: layers are timed").len();

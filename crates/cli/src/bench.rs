@@ -166,10 +166,12 @@ struct MachineInfo {
     cores: usize,
     cuda_devices: usize,
     device_names: Vec<String>,
-    /// A square float32 matrix product on the first device with every core (CPU) or the
-    /// device alone: the rate to compare `gflops` with.
+    /// A square matrix product on the first device with every core (CPU) or the device
+    /// alone, in the precision the config's products run in (`matmul_kind`): the rate to
+    /// compare `gflops` with.
     matmul_gflops: f64,
     matmul_size: i64,
+    matmul_kind: &'static str,
 }
 
 pub fn train(args: TrainBench) -> anyhow::Result<()> {
@@ -192,7 +194,8 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
         Training::Backprop => None,
         _ => Some(placement::measure_costs(&plan)?),
     };
-    let (matmul_gflops, matmul_size) = matmul_rate(&machine);
+    let matmul_kind = if base.model.bf16 { Kind::BFloat16 } else { Kind::Float };
+    let (matmul_gflops, matmul_size) = matmul_rate(&machine, matmul_kind);
     let mut rounds: Vec<Vec<Measured>> = (0..runs.len()).map(|_| Vec::new()).collect();
     for round in 1..=args.rounds {
         for (i, BenchRun { mode, placement }) in runs.iter().enumerate() {
@@ -230,6 +233,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
             device_names: device_names(&machine),
             matmul_gflops,
             matmul_size,
+            matmul_kind: if base.model.bf16 { "bfloat16" } else { "float32" },
         },
         steps_per_epoch: args.steps,
         measured_epochs: args.repeats,
@@ -431,9 +435,9 @@ fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// GFLOP/s of a square float32 matrix product on the first device (every core on a CPU),
+/// GFLOP/s of a square matrix product of `kind` on the first device (every core on a CPU),
 /// best of five after a warm-up, and the size used.
-fn matmul_rate(machine: &Machine) -> (f64, i64) {
+fn matmul_rate(machine: &Machine, kind: Kind) -> (f64, i64) {
     let device = machine.visible()[0];
     let n: i64 = if matches!(device, DeviceId::Cuda(_)) { 8192 } else { 1024 };
     let cores = machine.cores;
@@ -441,8 +445,8 @@ fn matmul_rate(machine: &Machine) -> (f64, i64) {
         s.spawn(|| {
             layerwise_engine::set_thread_count(cores);
             let d = device.tch();
-            let a = Tensor::randn([n, n], (Kind::Float, d));
-            let b = Tensor::randn([n, n], (Kind::Float, d));
+            let a = Tensor::randn([n, n], (Kind::Float, d)).to_kind(kind);
+            let b = Tensor::randn([n, n], (Kind::Float, d)).to_kind(kind);
             let sync = || {
                 if let DeviceId::Cuda(i) = device {
                     tch::Cuda::synchronize(i as i64);
@@ -495,9 +499,10 @@ fn print_table(r: &Report) {
         r.train_gflop_per_image
     );
     println!(
-        "machine: {} cores, {}; matmul {n}x{n}: {:.1} GFLOP/s",
+        "machine: {} cores, {}; matmul {n}x{n} in {}: {:.1} GFLOP/s",
         r.machine.cores,
         r.machine.device_names.join(", "),
+        r.machine.matmul_kind,
         r.machine.matmul_gflops,
         n = r.machine.matmul_size
     );
