@@ -9,6 +9,7 @@
 pub mod arch;
 pub mod block;
 pub mod config;
+mod ffi;
 pub mod init;
 pub mod losses;
 pub mod network;
@@ -49,7 +50,7 @@ pub type Result<T> = std::result::Result<T, NnError>;
 pub fn cudnn() -> (bool, bool) {
     let (mut benchmark, mut deterministic) = (0, 0);
     // SAFETY: two plain flags of libtorch's global context, written into our two ints.
-    unsafe { optim::ffi::lw_cudnn(&mut benchmark, &mut deterministic) };
+    unsafe { ffi::lw_cudnn(&mut benchmark, &mut deterministic) };
     (benchmark != 0, deterministic != 0)
 }
 
@@ -58,7 +59,7 @@ pub fn cudnn() -> (bool, bool) {
 /// not depend on scheduling. Without CUDA they are kept and have no effect.
 pub fn set_cudnn(benchmark: bool, deterministic: bool) {
     // SAFETY: two plain flags of libtorch's global context.
-    unsafe { optim::ffi::lw_set_cudnn(benchmark.into(), deterministic.into()) }
+    unsafe { ffi::lw_set_cudnn(benchmark.into(), deterministic.into()) }
 }
 
 /// A tensor with the name it is saved under (PyTorch-style dotted names).

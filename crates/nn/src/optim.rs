@@ -13,6 +13,7 @@ use tch::{Kind, Tensor};
 
 use crate::block::load_into;
 use crate::config::{OptimConfig, OptimKind};
+use crate::ffi;
 use crate::{Named, NnError, Result};
 
 #[derive(Debug)]
@@ -169,42 +170,6 @@ impl Optimizer {
     pub fn load_parameters(&self, named: &[Named], owner: &str) -> Result<()> {
         let params: Vec<Named> = self.params.iter().map(|p| (p.name.clone(), p.param.shallow_clone())).collect();
         load_into(&params, named, owner)
-    }
-}
-
-pub(crate) mod ffi {
-    use std::ffi::{c_char, c_int};
-
-    use tch::Tensor;
-
-    /// tch's tensor handle is libtorch's `at::Tensor*`.
-    pub type TensorPtr = *const torch_sys::C_tensor;
-
-    extern "C" {
-        // src/fused.cpp
-        pub fn lw_fused_adam(
-            params: *const TensorPtr,
-            grads: *const TensorPtr,
-            exp_avgs: *const TensorPtr,
-            exp_avg_sqs: *const TensorPtr,
-            max_exp_avg_sqs: *const TensorPtr,
-            steps: *const TensorPtr,
-            n: usize,
-            lr: f64,
-            beta1: f64,
-            beta2: f64,
-            weight_decay: f64,
-            eps: f64,
-            amsgrad: c_int,
-            err: *mut c_char,
-            err_len: usize,
-        ) -> c_int;
-        pub fn lw_set_cudnn(benchmark: c_int, deterministic: c_int);
-        pub fn lw_cudnn(benchmark: *mut c_int, deterministic: *mut c_int);
-    }
-
-    pub fn ptrs<'a>(ts: impl Iterator<Item = &'a Tensor>) -> Vec<TensorPtr> {
-        ts.map(|t| t.as_ptr()).collect()
     }
 }
 
