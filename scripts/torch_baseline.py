@@ -7,13 +7,16 @@ per layer. Written by us from the method's spec, for comparing images/s with
 pipeline (one crop offset per batch, in the training thread), which favours it.
 
     . scripts/setup.sh && python3 scripts/torch_baseline.py [--steps 150] [--threads 2]
-        [--device cuda:0] [--synthetic] [--fused]
+        [--device cuda:0] [--synthetic] [--fused] [--bf16]
 
 `--synthetic` trains on 50,000 random CIFAR-shaped images (3x32x32) instead of
 Fashion-MNIST, as scripts/gpu-check.sh does on a machine without the data set.
 `--fused` gives each Adam PyTorch's fused kernel (layerwise's default), where the paper's
 code updates one tensor at a time: the same kernels as layerwise, to see what the engine
 itself costs.
+`--bf16` runs every linear layer's product in bfloat16 with a float32 result, as
+layerwise's `model.bf16` does (similarity matrices, batch norm, losses and weights stay
+float32).
 """
 import argparse
 import gzip
@@ -26,6 +29,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = "/usr/share/datasets/fashion-mnist"
+BF16 = False  # set by --bf16
+
+
+def linear(m, x):
+    """`m(x)`, or with --bf16 its product in bfloat16 and its result in float32."""
+    if not BF16:
+        return m(x)
+    low = lambda t: None if t is None else t.bfloat16()
+    return F.linear(low(x), low(m.weight), low(m.bias)).float()
 
 
 def read_idx(path):
@@ -54,10 +66,10 @@ class Block(nn.Module):
         self.beta = beta
 
     def train_step(self, x, y, sim_target):
-        h = F.leaky_relu(self.bn(self.encoder(x)), 0.01)
+        h = F.leaky_relu(self.bn(linear(self.encoder, x)), 0.01)
         out = F.dropout(h, 0.1, True)
-        pred = F.cross_entropy(self.decoder(h), y)
-        sim = F.mse_loss(sim_matrix(self.sim_transform(h)), sim_target)
+        pred = F.cross_entropy(linear(self.decoder, h), y)
+        sim = F.mse_loss(sim_matrix(linear(self.sim_transform, h)), sim_target)
         loss = (1 - self.beta) * pred + self.beta * sim
         self.opt.zero_grad()
         loss.backward()
@@ -72,7 +84,10 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--synthetic", action="store_true")
     ap.add_argument("--fused", action="store_true")
+    ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
+    global BF16
+    BF16 = args.bf16
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
     dev = torch.device(args.device)
@@ -111,7 +126,7 @@ def main():
         sim_target = sim_matrix(F.one_hot(y, 10).float())
         for blk in blocks:
             x = blk.train_step(x, y, sim_target)
-        loss = 0.01 * F.cross_entropy(out(x), y)
+        loss = 0.01 * F.cross_entropy(linear(out, x), y)
         out_opt.zero_grad()
         loss.backward()
         out_opt.step()
@@ -129,7 +144,7 @@ def main():
     sync()
     secs = time.perf_counter() - start
     print(json.dumps({"recipe": f"mlp 3x1024 predsim, batch 128, input {channels}x{size}x{size}",
-                      "device": args.device, "threads": args.threads, "steps": args.steps, "fused": args.fused,
+                      "device": args.device, "threads": args.threads, "steps": args.steps, "fused": args.fused, "bf16": args.bf16,
                       "images_per_sec": round(args.steps * b / secs)}))
 
 
