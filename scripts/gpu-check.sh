@@ -21,11 +21,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The sources a binary is built from, as one hash: --pack records it beside the binary and
+# the checks refuse a binary packed from other sources (the GPU machine has no git).
+source_hash() { find crates Cargo.toml Cargo.lock -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1; }
+
 if [[ "${1:-}" == "--pack" ]]; then
     . scripts/setup.sh
     cargo build --release -p layerwise
     mkdir -p dist/gpu
     strip -o dist/gpu/layerwise target/release/layerwise
+    source_hash > dist/gpu/source.sha256
     ls -l dist/gpu/layerwise
     exit 0
 fi
@@ -36,6 +41,10 @@ QUICK=${QUICK:-0}
 OUT=${OUT:-dist/gpu-out}
 mkdir -p "$OUT"
 [[ -x "$BIN" ]] || { echo "gpu-check: no binary at $BIN: run 'bash scripts/gpu-check.sh --pack' where Rust is, and carry dist/gpu" >&2; exit 2; }
+if [[ -z "${LAYERWISE_BIN:-}" && "$(cat dist/gpu/source.sha256 2>/dev/null)" != "$(source_hash)" ]]; then
+    echo "gpu-check: $BIN was packed from other sources than these: run 'bash scripts/gpu-check.sh --pack' again" >&2
+    exit 2
+fi
 PY=${PYTHON:-python3}
 TORCH_DIR=$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__)')
@@ -94,8 +103,11 @@ run_small() {  # run_small DIR [extra args...]
         "$@" 2>>"$OUT/train.log"
 }
 # What a final checkpoint evaluates to, less where it lies.
-eval_json() { "$BIN" eval "$1" --json 2>>"$OUT/train.log" | "$PY" -c 'import json, sys
-e = json.load(sys.stdin); e.pop("checkpoint"); print(json.dumps(e, sort_keys=True))'; }
+eval_json() {
+    "$BIN" eval "$1" --json 2>>"$OUT/train.log" | "$PY" -c 'import json, sys
+e = json.load(sys.stdin); e.pop("checkpoint"); print(json.dumps(e, sort_keys=True))' ||
+        { echo "FAILED: layerwise eval $1" >&2; failures+=("eval of $1"); }
+}
 ON_GPU="[{\"layers\": [0, 1, 2, 3], \"device\": \"$DEV\"}]"
 PER_LAYER=$(stages_json 4 4)
 RUNS=$(mktemp -d)
@@ -110,26 +122,38 @@ same_eval() {
     fi
 }
 
+# A run that fails is a failure of its check; the checks after it still run.
+ran() {  # ran WHAT RUN_SMALL_ARGS...
+    local what=$1; shift
+    run_small "$@" && return 0
+    echo "FAILED: $what; the log's last line: $(tail -n 1 "$OUT/train.log")"
+    failures+=("$what on $DEV")
+    return 1
+}
+
 step "pipelined (one stage per layer) against sequential, on $DEV"
-run_small "$RUNS/seq" --set pipeline.mode='"sequential"' --set "pipeline.placement=$ON_GPU"
-run_small "$RUNS/pipe" --set "pipeline.placement=$PER_LAYER"
-eval_json "$RUNS/seq" > "$OUT/eval-sequential.json"
-eval_json "$RUNS/pipe" > "$OUT/eval-pipelined.json"
-same_eval "pipelined != sequential" sequential eval-sequential.json pipelined eval-pipelined.json
+if ran "sequential run" "$RUNS/seq" --set pipeline.mode='"sequential"' --set "pipeline.placement=$ON_GPU" &&
+    ran "pipelined run" "$RUNS/pipe" --set "pipeline.placement=$PER_LAYER"; then
+    eval_json "$RUNS/seq" > "$OUT/eval-sequential.json"
+    eval_json "$RUNS/pipe" > "$OUT/eval-pipelined.json"
+    same_eval "pipelined != sequential" sequential eval-sequential.json pipelined eval-pipelined.json
+fi
 
 step "resumed half-way against uninterrupted, on $DEV"
-run_small "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --set train.epochs=1
-run_small "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --resume
-eval_json "$RUNS/half" > "$OUT/eval-resumed.json"
-same_eval "resume != uninterrupted" uninterrupted eval-pipelined.json resumed eval-resumed.json
+if ran "first half" "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --set train.epochs=1 &&
+    ran "resumed half" "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --resume; then
+    eval_json "$RUNS/half" > "$OUT/eval-resumed.json"
+    same_eval "resume != uninterrupted" uninterrupted eval-pipelined.json resumed eval-resumed.json
+fi
 
 step "bf16 products (model.bf16): pipelined against sequential, on $DEV"
-run_small "$RUNS/seq16" --set model.bf16=true --set pipeline.mode='"sequential"' --set "pipeline.placement=$ON_GPU"
-run_small "$RUNS/pipe16" --set model.bf16=true --set "pipeline.placement=$PER_LAYER"
-eval_json "$RUNS/seq16" > "$OUT/eval-sequential-bf16.json"
-eval_json "$RUNS/pipe16" > "$OUT/eval-pipelined-bf16.json"
-same_eval "bf16 pipelined != sequential" sequential eval-sequential-bf16.json pipelined eval-pipelined-bf16.json
-echo "float32: $(cat "$OUT/eval-pipelined.json")"
+if ran "bf16 sequential run" "$RUNS/seq16" --set model.bf16=true --set pipeline.mode='"sequential"' --set "pipeline.placement=$ON_GPU" &&
+    ran "bf16 pipelined run" "$RUNS/pipe16" --set model.bf16=true --set "pipeline.placement=$PER_LAYER"; then
+    eval_json "$RUNS/seq16" > "$OUT/eval-sequential-bf16.json"
+    eval_json "$RUNS/pipe16" > "$OUT/eval-pipelined-bf16.json"
+    same_eval "bf16 pipelined != sequential" sequential eval-sequential-bf16.json pipelined eval-pipelined-bf16.json
+    echo "float32: $(cat "$OUT/eval-pipelined.json" 2>/dev/null)"
+fi
 
 # Two ranks launched as torchrun launches them, both on $DEV: rank 0 coordinates and holds
 # the first layers, rank 1 the rest; the link between them carries GPU tensors.
@@ -240,7 +264,7 @@ fi
 step "eager PyTorch yardstick: mlp predsim on $DEV, Adam as in the paper's code and fused"
 for fused in "" --fused; do
     "$PY" scripts/torch_baseline.py --device "$DEV" --synthetic --steps "$([[ "$QUICK" == 1 ]] && echo 5 || echo 200)" $fused \
-        | tee -a "$OUT/torch-baseline.json"
+        | tee -a "$OUT/torch-baseline.json" || failures+=("eager PyTorch yardstick $fused")
 done
 
 rm -rf "$DATA" "$RUNS" "$SUMMARY"
