@@ -10,7 +10,7 @@
 # the same run sequential, and a run resumed half-way against the uninterrupted one, both
 # compared by `layerwise eval` of their final checkpoints; `bench train --json` of mlp
 # predsim and vgg8b predsim on random CIFAR-shaped data with 1, 2 and 4 stages on the one
-# GPU; a model too big for the GPU refused by validate; two processes (a torchrun-style
+# GPU, and of vgg8b predsim with bf16 products (model.bf16) on one stage; a model too big for the GPU refused by validate; two processes (a torchrun-style
 # launch of 2 ranks, both on the one GPU) with the GPU link over TCP and over NCCL, each
 # against the single-process run (NCCL may refuse two ranks on one GPU: the script says
 # so); `auto` over a worker, which times the layers on its GPU for the coordinator; the mlp recipe in eager PyTorch (scripts/torch_baseline.py) as the yardstick.
@@ -243,9 +243,9 @@ for run in r["runs"]:
         run["mode"], placement, run["images_per_sec"], run["gflops"], run["efficiency"],
         run["peak_rss_bytes"] / 1e9, dev))
 EOF
-bench() {  # bench NAME CONFIG LAYERS STEPS [extra args...]
+bench() {  # [PARTS="1 2 4"] bench NAME CONFIG LAYERS STEPS [extra args...]
     local name=$1 config=$2 layers=$3 steps=$4; shift 4
-    for parts in 1 2 4; do
+    for parts in ${PARTS:-1 2 4}; do
         step "bench $name, $parts stage(s) on $DEV"
         "$BIN" bench train "$config" --steps "$steps" --repeats "$([[ "$QUICK" == 1 ]] && echo 1 || echo 3)" --json "${DATA_SET[@]}" \
             --set "pipeline.placement=$(stages_json "$layers" "$parts")" "$@" \
@@ -256,15 +256,18 @@ bench() {  # bench NAME CONFIG LAYERS STEPS [extra args...]
 if [[ "$QUICK" == 1 ]]; then
     bench mlp-predsim configs/fashion-mnist-mlp-predsim.json 4 2 --set model.num_hidden=64
     bench vgg8b-predsim configs/fashion-mnist-vgg8b-predsim.json 8 1 --set model.feat_mult=0.0625 --set train.batch_size=8
+    PARTS=1 bench vgg8b-predsim-bf16 configs/fashion-mnist-vgg8b-predsim.json 8 1 --set model.feat_mult=0.0625 \
+        --set train.batch_size=8 --set model.bf16=true
 else
     bench mlp-predsim configs/fashion-mnist-mlp-predsim.json 4 200
     bench vgg8b-predsim configs/fashion-mnist-vgg8b-predsim.json 8 50
+    PARTS=1 bench vgg8b-predsim-bf16 configs/fashion-mnist-vgg8b-predsim.json 8 50 --set model.bf16=true
 fi
 
-step "eager PyTorch yardstick: mlp predsim on $DEV, Adam as in the paper's code and fused"
-for fused in "" --fused; do
-    "$PY" scripts/torch_baseline.py --device "$DEV" --synthetic --steps "$([[ "$QUICK" == 1 ]] && echo 5 || echo 200)" $fused \
-        | tee -a "$OUT/torch-baseline.json" || failures+=("eager PyTorch yardstick $fused")
+step "eager PyTorch yardstick: mlp predsim on $DEV, Adam as in the paper's code, fused, and fused with bf16 products"
+for flags in "" --fused "--fused --bf16"; do
+    "$PY" scripts/torch_baseline.py --device "$DEV" --synthetic --steps "$([[ "$QUICK" == 1 ]] && echo 5 || echo 200)" $flags \
+        | tee -a "$OUT/torch-baseline.json" || failures+=("eager PyTorch yardstick $flags")
 done
 
 rm -rf "$DATA" "$RUNS" "$SUMMARY"
