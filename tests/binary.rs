@@ -20,7 +20,16 @@ fn binary_keeps_libtorch_cuda_and_finds_torch_without_ld_library_path() {
     }
     let run = Command::new(BIN).arg("devices").env_remove("LD_LIBRARY_PATH").output().expect("run layerwise");
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert!(String::from_utf8_lossy(&run.stdout).contains("cuda devices"));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("cuda devices"), "{stdout}");
+    // The CPU's bfloat16 units, as its flags name them.
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let has = |unit: &str| flags.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == unit));
+    let line = stdout.lines().find(|l| l.starts_with("cpu: ")).unwrap_or_else(|| panic!("no cpu line: {stdout}"));
+    for unit in ["avx512_bf16", "amx_bf16"] {
+        assert_eq!(line.contains(unit), has(unit), "{unit}: {line}");
+    }
+    assert_eq!(line.contains("none"), !has("avx512_bf16") && !has("amx_bf16"), "{line}");
 }
 
 /// `layerwise train configs/demo.json --run-dir RUN_DIR [--resume] --set ...`.

@@ -354,6 +354,7 @@ fn main() -> ExitCode {
         Command::Validate { configs, no_data } => validate(&configs, !no_data),
         Command::Plot { run_dir, out } => plot::plot(&run_dir, out).map(|p| println!("wrote {}", p.display())),
         Command::Devices => {
+            println!("cpu: {} cores, bfloat16 products: {}", layerwise_engine::Machine::detect().cores, cpu_bf16());
             println!("cuda available: {}", tch::Cuda::is_available());
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
@@ -367,5 +368,19 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Whether this CPU multiplies bfloat16 in hardware (the instructions oneDNN's bfloat16
+/// products use), as its flags in /proc/cpuinfo say: `model.bf16` speeds up CPU stages
+/// only where it does.
+fn cpu_bf16() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags: Vec<&str> =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("flags")).map_or(vec![], |f| f.split_whitespace().collect());
+    let units: Vec<&str> = ["avx512_bf16", "amx_bf16"].into_iter().filter(|u| flags.contains(u)).collect();
+    match units.as_slice() {
+        [] => "none (model.bf16 would slow CPU products down)".into(),
+        u => format!("{} (model.bf16 speeds CPU products up)", u.join(", ")),
     }
 }
