@@ -354,7 +354,9 @@ impl Plan {
     /// Bytes a run of this plan needs at least, by a rough count: every parameter (heads
     /// included) with its gradient and optimizer state, and the larger of: every layer's
     /// training activations with their gradients, one layer's evaluation activations
-    /// (evaluation keeps no gradients).
+    /// (evaluation keeps no gradients). With `model.bf16`, also the bfloat16 copies that
+    /// the products keep for their backward pass: of every weight, and of each layer's
+    /// input and output.
     pub fn memory_estimate(&self) -> f64 {
         combine(&self.layer_memory())
     }
@@ -364,8 +366,12 @@ impl Plan {
     fn layer_memory(&self) -> Vec<LayerMemory> {
         let (m, t) = (&self.config.model, &self.config.train);
         let classes = self.arch.num_classes as f64;
-        let state_per_param =
-            4.0 * (2.0 + if self.config.optim.kind == layerwise_nn::OptimKind::Sgd { 1.0 } else { 2.0 });
+        // float32 parameter, gradient and optimizer state; a bfloat16 copy under `bf16`.
+        let state_per_param = 4.0
+            * (2.0 + if self.config.optim.kind == layerwise_nn::OptimKind::Sgd { 1.0 } else { 2.0 })
+            + if m.bf16 { 2.0 } else { 0.0 };
+        // Four float32 tensors of a layer's output size; under `bf16`, two bfloat16 copies.
+        let train_per_feature = 4.0 * 4.0 + if m.bf16 { 2.0 * 2.0 } else { 0.0 };
         let (batch, eval_batch) = (t.batch_size as f64, t.eval_batch() as f64);
         let mut layers: Vec<LayerMemory> = self
             .arch
@@ -384,7 +390,7 @@ impl Plan {
                 };
                 LayerMemory {
                     state: (spec.block_parameters(m.batch_norm) as f64 + head) * state_per_param,
-                    train: 4.0 * 4.0 * batch * features,
+                    train: train_per_feature * batch * features,
                     eval: 4.0 * 2.0 * eval_batch * features,
                 }
             })
@@ -771,6 +777,32 @@ mod tests {
         assert!(DeviceId::parse("gpu0").unwrap_err().contains("expected \"cpu\""));
         let m = Machine { cuda_devices: 1, cores: 2 };
         assert!(m.check(DeviceId::Cuda(1)).unwrap_err().contains("1 CUDA device"));
+    }
+
+    /// `model.bf16` adds a bfloat16 copy of every parameter (2 bytes against Adam's 16 of
+    /// float32 state) and two of each layer's activations (4 bytes against 16); evaluation
+    /// is unchanged. A device that holds the float32 run can be too small for the bf16 one.
+    #[test]
+    fn bf16_copies_are_in_the_memory_estimate() {
+        let mut c = RunConfig::default();
+        c.model.num_hidden = 64;
+        let machine = Machine { cuda_devices: 1, cores: 2 };
+        let f32_plan = Plan::build(&c, machine).unwrap();
+        c.model.bf16 = true;
+        let bf16_plan = Plan::build(&c, machine).unwrap();
+        for (a, b) in f32_plan.layer_memory().iter().zip(bf16_plan.layer_memory()) {
+            assert!(a.state > 0.0);
+            assert_eq!(b.state, a.state * 18.0 / 16.0, "parameters");
+            assert_eq!(b.train, a.train * 20.0 / 16.0, "training activations");
+            assert_eq!(b.eval, a.eval, "evaluation");
+        }
+        let (small, large) = (f32_plan.memory_estimate(), bf16_plan.memory_estimate());
+        assert!(large > small * 1.05, "{large} against {small}");
+        let bf16_need = BTreeMap::from([(DeviceId::Cuda(0), large)]);
+        let have = |_| Some(((small + large) / 2.0) as u64);
+        assert!(check_fits(&BTreeMap::from([(DeviceId::Cuda(0), small)]), have, 128, None).is_ok());
+        let e = check_fits(&bf16_need, have, 128, None).unwrap_err().to_string();
+        assert!(e.contains("cuda:0 has"), "{e}");
     }
 
     #[test]
