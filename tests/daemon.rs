@@ -225,6 +225,28 @@ fn every_config_in_configs_validates() {
     let out = Command::new(BIN).arg("validate").arg("--no-data").arg(&bad).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("optim.lr"));
+    // --set applies to every config named, and the estimate follows it: bf16 copies and a
+    // larger batch need more.
+    let estimate = |sets: &[&str]| -> f64 {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(repo_root()).args(["validate", "--no-data", "configs/demo.json"]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{text}");
+        let gib =
+            text.split("needs about ").nth(1).and_then(|t| t.split(' ').next()).unwrap_or_else(|| panic!("{text}"));
+        gib.parse().unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    let base = estimate(&[]);
+    assert!(base > 0.0);
+    assert!(estimate(&["model.bf16=true"]) > base);
+    assert!(estimate(&["train.batch_size=1024"]) > base);
+    let out =
+        Command::new(BIN).arg("validate").arg("--no-data").arg(&bad).args(["--set", "optim.lr=0.1"]).output().unwrap();
+    assert!(out.status.success(), "--set mends the bad key: {}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[test]

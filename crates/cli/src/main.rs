@@ -125,12 +125,15 @@ enum Command {
         #[arg(long)]
         runs: PathBuf,
     },
-    /// Check config files without running them.
+    /// Check config files without running them, and say how much memory each needs.
     Validate {
         configs: Vec<PathBuf>,
         /// Do not check that the data files are present.
         #[arg(long)]
         no_data: bool,
+        /// Override a config key in every config, as `train --set` does.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
     /// Draw a run's learning curves (PNG or SVG, by the file's extension).
     Plot {
@@ -271,11 +274,16 @@ fn status(runs: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn validate(configs: &[PathBuf], check_data: bool) -> anyhow::Result<()> {
+fn validate(configs: &[PathBuf], overrides: &[String], check_data: bool) -> anyhow::Result<()> {
     let mut bad = 0;
     for path in configs {
-        match RunConfig::load(path, &[]).and_then(|c| Plan::check(&c, check_data)) {
-            Ok(plan) => println!("{}: ok ({} stage(s) here)", path.display(), plan.stages.len()),
+        match RunConfig::load(path, overrides).and_then(|c| Plan::check(&c, check_data)) {
+            Ok(plan) => println!(
+                "{}: ok ({} stage(s) here; needs about {:.2} GiB, by a rough count)",
+                path.display(),
+                plan.stages.len(),
+                plan.memory_estimate() / (1u64 << 30) as f64
+            ),
             Err(e) => {
                 bad += 1;
                 println!("{}: {e}", path.display());
@@ -351,7 +359,7 @@ fn main() -> ExitCode {
             .map(|p| println!("submitted {}", p.display()))
             .map_err(|e| anyhow::anyhow!(e)),
         Command::Status { runs } => status(&runs),
-        Command::Validate { configs, no_data } => validate(&configs, !no_data),
+        Command::Validate { configs, no_data, overrides } => validate(&configs, &overrides, !no_data),
         Command::Plot { run_dir, out } => plot::plot(&run_dir, out).map(|p| println!("wrote {}", p.display())),
         Command::Devices => {
             println!("cpu: {} cores, bfloat16 products: {}", layerwise_engine::Machine::detect().cores, cpu_bf16());
