@@ -91,11 +91,24 @@ def channels_last(w):
     return w.contiguous(memory_format=torch.channels_last)
 
 
+def product(cfg, op, x, w, b=None):
+    """op(x, w, b); with cfg["bf16"], on bfloat16 operands with the result in float32, as
+    autocast runs a convolution or a linear layer."""
+    if not cfg.get("bf16"):
+        return op(x, w, b)
+    low = lambda t: None if t is None else t.bfloat16()
+    return op(low(x), low(w), low(b)).float()
+
+
+def conv3x3(x, w, b):
+    return F.conv2d(x, channels_last(w), b, stride=1, padding=1)
+
+
 def block_hidden(p, x, kind, cfg, train=True):
     if kind == "conv":
-        z = F.conv2d(x, channels_last(p["encoder.weight"]), p["encoder.bias"], stride=cfg.get("stride", 1), padding=cfg.get("padding", 1))
+        z = product(cfg, conv3x3, x, p["encoder.weight"], p["encoder.bias"])
     else:
-        z = F.linear(x.reshape(x.shape[0], -1), p["encoder.weight"], p["encoder.bias"])
+        z = product(cfg, F.linear, x.reshape(x.shape[0], -1), p["encoder.weight"], p["encoder.bias"])
     if cfg["batch_norm"]:
         z = F.batch_norm(z, p["bn.running_mean"], p["bn.running_var"], p["bn.weight"], p["bn.bias"], train, 0.1, 1e-5)
     return F.leaky_relu(z, 0.01) if cfg["nonlin"] == "leakyrelu" else F.relu(z)
@@ -126,9 +139,9 @@ def local_losses(p, h, kind, cfg, y, sim_target, bce_target):
         if bio:
             g = pooled(h)
         elif kind == "conv":
-            g = F.conv2d(h, channels_last(p["sim_transform.weight"]), None, 1, 1)
+            g = product(cfg, conv3x3, h, p["sim_transform.weight"])
         else:
-            g = F.linear(h, p["sim_transform.weight"])
+            g = product(cfg, F.linear, h, p["sim_transform.weight"])
         sim = F.mse_loss(sim_matrix(g, cfg["similarity_std"]), sim_target)
     if loss in ("pred", "predsim"):
         feats = pooled(h).reshape(h.shape[0], -1)
@@ -136,7 +149,7 @@ def local_losses(p, h, kind, cfg, y, sim_target, bce_target):
             logits = FeedbackLinear.apply(feats, p["decoder.weight"], p["decoder.bias"], p["decoder.feedback"])
             pred = F.binary_cross_entropy_with_logits(logits, bce_target)
         else:
-            logits = F.linear(feats, p["decoder.weight"], p["decoder.bias"])
+            logits = product(cfg, F.linear, feats, p["decoder.weight"], p["decoder.bias"])
             pred = F.cross_entropy(logits, y)
     if loss == "predsim":
         total = (1 - cfg["beta"]) * pred + cfg["beta"] * sim
@@ -356,6 +369,7 @@ def main():
             block_case(f"block_{kind}_{loss}", kind, loss=loss)
             block_case(f"block_{kind}_bio_{loss}", kind, loss=loss, training="bio")
         block_case(f"block_{kind}_leaky_nobn_nostd", kind, nonlin="leakyrelu", batch_norm=False, similarity_std=False)
+        block_case(f"block_{kind}_bf16_predsim", kind, bf16=True)
     # Adam in both of torch.optim's CPU paths: the single-tensor default and the fused kernel.
     for fused, suffix in ((False, ""), (True, "_fused")):
         optimizer_case(f"optim_adam{suffix}", lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3, fused=fused),

@@ -35,6 +35,7 @@ fn model_config(g: &Golden) -> ModelConfig {
         similarity_std: g.bool("similarity_std"),
         target_proj_size: g.i64("target_proj_size") as usize,
         dropout: g.f64("dropout"),
+        bf16: g.config.get("bf16").and_then(|v| v.as_bool()).unwrap_or(false),
         ..Default::default()
     }
 }
@@ -152,6 +153,9 @@ block_goldens!(
     block_conv_bio_sim,
     block_conv_bio_predsim,
     block_conv_leaky_nobn_nostd,
+    // model.bf16: PyTorch casts each product's operands to bfloat16 and its result back.
+    block_linear_bf16_predsim,
+    block_conv_bf16_predsim,
 );
 
 /// Five steps of each optimizer equal `torch.optim`'s to the last bit.
