@@ -345,7 +345,7 @@ def network_case(name, arch, steps=2, **over):
             h_in = block_send_on(h, None, pool)
         if cfg["training"] in ("local", "bio"):
             h_in = h_in.detach()
-        logits = F.linear(h_in.reshape(b, -1), out_p["weight"], out_p["bias"])
+        logits = product(cfg, F.linear, h_in.reshape(b, -1), out_p["weight"], out_p["bias"])
         tensors[f"logits.{step}"] = logits.detach()
         loss = scale * F.cross_entropy(logits, y)
         (global_total + loss).backward()
@@ -390,6 +390,8 @@ def main():
     network_case("network_conv_local_global", "conv", training="local_global", batch_norm=False)
     network_case("network_conv_bio", "conv", training="bio")
     network_case("network_mlp_local_sim_leaky", "mlp", training="local", loss="sim", nonlin="leakyrelu")
+    network_case("network_mlp_local_bf16", "mlp", training="local", bf16=True)
+    network_case("network_conv_local_bf16", "conv", training="local", bf16=True)
 
 
 if __name__ == "__main__":

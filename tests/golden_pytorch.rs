@@ -315,6 +315,16 @@ fn conv_local_global_training_steps_match_pytorch() {
 }
 
 #[test]
+fn mlp_local_training_steps_with_bf16_products_match_pytorch() {
+    check_network("network_mlp_local_bf16");
+}
+
+#[test]
+fn conv_local_training_steps_with_bf16_products_match_pytorch() {
+    check_network("network_conv_local_bf16");
+}
+
+#[test]
 fn conv_bio_training_steps_match_pytorch() {
     check_network("network_conv_bio");
 }
