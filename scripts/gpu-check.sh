@@ -14,7 +14,9 @@
 # launch of 2 ranks, both on the one GPU) with the GPU link over TCP and over NCCL, each
 # against the single-process run (NCCL may refuse two ranks on one GPU: the script says
 # so); `auto` over a worker, which times the layers on its GPU for the coordinator; the mlp recipe in eager PyTorch (scripts/torch_baseline.py) as the yardstick.
-# Figures go to stdout and to $OUT (or dist/gpu-out) as JSON.
+# Figures go to stdout and to $OUT (or dist/gpu-out) as JSON. The exactness checks and the
+# yardstick run first; a bench starts only within BUDGET_S seconds (450) of the start, so
+# that the whole fits the device tool's 600 s a command; what is skipped is listed.
 #
 # DEVICE=cpu QUICK=1 bash scripts/gpu-check.sh runs the same script here, on the CPU with
 # tiny benches and this checkout's torch, to check the script itself before a GPU is lent.
@@ -38,6 +40,9 @@ fi
 BIN=${LAYERWISE_BIN:-dist/gpu/layerwise}
 DEV=${DEVICE:-cuda:0}
 QUICK=${QUICK:-0}
+# Benches start only while the script has run less than this (seconds): the device tool
+# stops a command at 600 s, and what is skipped is said, not lost silently.
+BUDGET=${BUDGET_S:-450}
 OUT=${OUT:-dist/gpu-out}
 mkdir -p "$OUT"
 [[ -x "$BIN" ]] || { echo "gpu-check: no binary at $BIN: run 'bash scripts/gpu-check.sh --pack' where Rust is, and carry dist/gpu" >&2; exit 2; }
@@ -58,6 +63,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 step() { echo; echo "=== $*"; }
 failures=()
+skipped=()
 
 step "layerwise devices"
 "$BIN" devices | tee "$OUT/devices.txt"
@@ -243,10 +249,21 @@ for run in r["runs"]:
         run["mode"], placement, run["images_per_sec"], run["gflops"], run["efficiency"],
         run["peak_rss_bytes"] / 1e9, dev))
 EOF
+step "eager PyTorch yardstick: mlp predsim on $DEV, Adam as in the paper's code, fused, and fused with bf16 products"
+for flags in "" --fused "--fused --bf16"; do
+    "$PY" scripts/torch_baseline.py --device "$DEV" --synthetic --steps "$([[ "$QUICK" == 1 ]] && echo 5 || echo 200)" $flags \
+        | tee -a "$OUT/torch-baseline.json" || failures+=("eager PyTorch yardstick $flags")
+done
+
 bench() {  # [PARTS="1 2 4"] bench NAME CONFIG LAYERS STEPS [extra args...]
     local name=$1 config=$2 layers=$3 steps=$4; shift 4
     for parts in ${PARTS:-1 2 4}; do
         step "bench $name, $parts stage(s) on $DEV"
+        if ((SECONDS >= BUDGET)); then
+            echo "skipped: ${SECONDS}s gone of a ${BUDGET}s budget (BUDGET_S)"
+            skipped+=("bench $name $parts")
+            continue
+        fi
         "$BIN" bench train "$config" --steps "$steps" --repeats "$([[ "$QUICK" == 1 ]] && echo 1 || echo 3)" --json "${DATA_SET[@]}" \
             --set "pipeline.placement=$(stages_json "$layers" "$parts")" "$@" \
             > "$OUT/bench-$name-$parts.json" 2>>"$OUT/bench.log" || failures+=("bench $name $parts")
@@ -264,16 +281,17 @@ else
     PARTS=1 bench vgg8b-predsim-bf16 configs/fashion-mnist-vgg8b-predsim.json 8 50 --set model.bf16=true
 fi
 
-step "eager PyTorch yardstick: mlp predsim on $DEV, Adam as in the paper's code, fused, and fused with bf16 products"
-for flags in "" --fused "--fused --bf16"; do
-    "$PY" scripts/torch_baseline.py --device "$DEV" --synthetic --steps "$([[ "$QUICK" == 1 ]] && echo 5 || echo 200)" $flags \
-        | tee -a "$OUT/torch-baseline.json" || failures+=("eager PyTorch yardstick $flags")
-done
-
 rm -rf "$DATA" "$RUNS" "$SUMMARY"
 echo
+if ((${#skipped[@]})); then
+    printf 'gpu-check: skipped for time: %s\n' "${skipped[@]}"
+fi
 if ((${#failures[@]})); then
     printf 'gpu-check: FAILED: %s\n' "${failures[@]}"
     exit 1
 fi
-echo "gpu-check: all checks passed; figures in $OUT"
+if ((${#skipped[@]})); then
+    echo "gpu-check: every check that ran passed; figures in $OUT"
+else
+    echo "gpu-check: all checks passed; figures in $OUT"
+fi
