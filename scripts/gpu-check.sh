@@ -10,10 +10,12 @@
 # the same run sequential, and a run resumed half-way against the uninterrupted one, both
 # compared by `layerwise eval` of their final checkpoints; `bench train --json` of mlp
 # predsim and vgg8b predsim on random CIFAR-shaped data with 1, 2 and 4 stages on the one
-# GPU, and of vgg8b predsim with bf16 products (model.bf16) on one stage; a model too big for the GPU refused by validate; two processes (a torchrun-style
-# launch of 2 ranks, both on the one GPU) with the GPU link over TCP and over NCCL, each
-# against the single-process run (NCCL may refuse two ranks on one GPU: the script says
-# so); `auto` over a worker, which times the layers on its GPU for the coordinator; the mlp recipe in eager PyTorch (scripts/torch_baseline.py) as the yardstick.
+# GPU, and of vgg8b predsim with bf16 products (model.bf16) on one stage; a model too big
+# for the GPU refused by validate; two processes (a torchrun-style launch of 2 ranks, both
+# on the one GPU) with the GPU link over TCP and over NCCL, each against the
+# single-process run (NCCL may refuse two ranks on one GPU: the script says so); `auto`
+# over a worker, which times the layers on its GPU for the coordinator; the mlp recipe in
+# eager PyTorch (scripts/torch_baseline.py) as the yardstick.
 # Figures go to stdout and to $OUT (or dist/gpu-out) as JSON. The exactness checks and the
 # yardstick run first; a bench starts only within BUDGET_S seconds (450) of the start, so
 # that the whole fits the device tool's 600 s a command; what is skipped is listed.

@@ -194,7 +194,8 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
         Training::Backprop => None,
         _ => Some(placement::measure_costs(&plan)?),
     };
-    let matmul_kind = if base.model.bf16 { Kind::BFloat16 } else { Kind::Float };
+    let (matmul_kind, matmul_kind_name) =
+        if base.model.bf16 { (Kind::BFloat16, "bfloat16") } else { (Kind::Float, "float32") };
     let (matmul_gflops, matmul_size) = matmul_rate(&machine, matmul_kind);
     let mut rounds: Vec<Vec<Measured>> = (0..runs.len()).map(|_| Vec::new()).collect();
     for round in 1..=args.rounds {
@@ -233,7 +234,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
             device_names: device_names(&machine),
             matmul_gflops,
             matmul_size,
-            matmul_kind: if base.model.bf16 { "bfloat16" } else { "float32" },
+            matmul_kind: matmul_kind_name,
         },
         steps_per_epoch: args.steps,
         measured_epochs: args.repeats,

@@ -197,23 +197,22 @@ mod tests {
         let mut b = LayerRng::new(0, 0, Purpose::Init);
         b.set_state(&saved).unwrap();
         assert!(b.dropout_noise_hashed(&[64], p, Device::Cpu).equal(&next));
+        // Four words at p = 0.5 from counter `start` on, computed word by word.
+        let want = |start: u64| -> Vec<f32> {
+            (0..4)
+                .map(|i| hash_word(k1, k2, start + i))
+                .map(|w| if (w as u64) < keep_below(0.5) { 2.0 } else { 0.0 })
+                .collect()
+        };
         // Above 2^32 words the high half of the position takes part.
         r.inner.set_word_pos((1u128 << 32) - 2);
         let across = Vec::<f32>::try_from(r.dropout_noise_hashed(&[4], 0.5, Device::Cpu)).unwrap();
-        let want: Vec<f32> = (0..4)
-            .map(|i| hash_word(k1, k2, (1u64 << 32) - 2 + i))
-            .map(|w| if (w as u64) < keep_below(0.5) { 2.0 } else { 0.0 })
-            .collect();
-        assert_eq!(across, want);
+        assert_eq!(across, want((1u64 << 32) - 2));
         // A position past 2^62 (only a crafted checkpoint holds one) wraps, and is no panic.
         r.inner.set_word_pos((1u128 << 66) + 7);
         assert_eq!(r.inner.get_word_pos(), (1u128 << 66) + 7);
         let far = Vec::<f32>::try_from(r.dropout_noise_hashed(&[4], 0.5, Device::Cpu)).unwrap();
-        let want: Vec<f32> = (0..4)
-            .map(|i| hash_word(k1, k2, 7 + i))
-            .map(|w| if (w as u64) < keep_below(0.5) { 2.0 } else { 0.0 })
-            .collect();
-        assert_eq!(far, want);
+        assert_eq!(far, want(7));
     }
 
     #[test]
