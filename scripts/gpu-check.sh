@@ -45,6 +45,7 @@ QUICK=${QUICK:-0}
 # Benches start only while the script has run less than this (seconds): the device tool
 # stops a command at 600 s, and what is skipped is said, not lost silently.
 BUDGET=${BUDGET_S:-450}
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu-check: BUDGET_S: expected whole seconds, got '$BUDGET'" >&2; exit 2; }
 OUT=${OUT:-dist/gpu-out}
 mkdir -p "$OUT"
 [[ -x "$BIN" ]] || { echo "gpu-check: no binary at $BIN: run 'bash scripts/gpu-check.sh --pack' where Rust is, and carry dist/gpu" >&2; exit 2; }
