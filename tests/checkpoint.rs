@@ -4,19 +4,19 @@
 
 use std::path::Path;
 
-use layerwise_engine::checkpoint;
-use layerwise_engine::config::Placement;
-use layerwise_engine::{PipelineMode, RunConfig, RunOptions, RunSummary};
+use layerwise_coordinator::{RunOptions, RunSummary};
+use layerwise_plan::{PipelineMode, Placement, RunConfig, StageSpec};
+use layerwise_rundir::checkpoint;
 use layerwise_tests::{assert_same_run, data_dir, run_in_temp, small_run_config};
 
 fn run(config: &RunConfig, dir: &Path, options: RunOptions) -> RunSummary {
-    layerwise_engine::run(config, dir, options).unwrap()
+    layerwise_coordinator::run(config, dir, options).unwrap()
 }
 
-fn pipelined(data: &Path, placement: &str) -> RunConfig {
+fn pipelined(data: &Path, placement: Placement) -> RunConfig {
     let mut c = small_run_config(data, "mlp");
     c.pipeline.mode = PipelineMode::Pipelined;
-    c.pipeline.placement = Placement::Named(placement.into());
+    c.pipeline.placement = placement;
     c
 }
 
@@ -31,7 +31,7 @@ fn resume() -> RunOptions {
 #[test]
 fn a_run_stopped_and_resumed_equals_the_run_done_in_one_go() {
     let data = data_dir();
-    let config = pipelined(data.path(), "per_layer");
+    let config = pipelined(data.path(), Placement::PerLayer);
     let whole = run_in_temp(&config);
     // mid-epoch 2; just after the last batch of epoch 1, before its evaluation; at step 1
     for n in [17, 12, 1] {
@@ -54,7 +54,7 @@ fn a_conv_net_stopped_and_resumed_equals_the_run_done_in_one_go() {
     // Convolution weights and their Adam slots are channels-last in memory; checkpoints hold
     // them contiguous, and a resume must put every value back where it was.
     let data = data_dir();
-    let config = pipelined(data.path(), "per_layer");
+    let config = pipelined(data.path(), Placement::PerLayer);
     let config = RunConfig { model: small_run_config(data.path(), "vgg6a").model, ..config };
     let whole = run_in_temp(&config);
     let dir = tempfile::tempdir().unwrap();
@@ -68,17 +68,17 @@ fn a_conv_net_stopped_and_resumed_equals_the_run_done_in_one_go() {
 #[test]
 fn a_checkpoint_taken_under_one_placement_resumes_under_another() {
     let data = data_dir();
-    let whole = run_in_temp(&pipelined(data.path(), "per_layer"));
+    let whole = run_in_temp(&pipelined(data.path(), Placement::PerLayer));
     let dir = tempfile::tempdir().unwrap();
-    run(&pipelined(data.path(), "per_layer"), dir.path(), stop_at(9));
-    let mut single = pipelined(data.path(), "single");
+    run(&pipelined(data.path(), Placement::PerLayer), dir.path(), stop_at(9));
+    let mut single = pipelined(data.path(), Placement::Single);
     single.pipeline.mode = PipelineMode::Sequential;
     let mid = run(&single, dir.path(), RunOptions { resume: true, stop_after_step: Some(15), ..Default::default() });
     assert!(mid.stopped);
-    let mut two = pipelined(data.path(), "per_layer");
+    let mut two = pipelined(data.path(), Placement::PerLayer);
     two.pipeline.placement = Placement::Stages(vec![
-        layerwise_engine::config::StageSpec { layers: vec![0, 1], device: "cpu".into() },
-        layerwise_engine::config::StageSpec { layers: vec![2, 3], device: "cpu".into() },
+        StageSpec { layers: vec![0, 1], device: "cpu".into() },
+        StageSpec { layers: vec![2, 3], device: "cpu".into() },
     ]);
     let resumed = run(&two, dir.path(), resume());
     assert_same_run(&whole, &resumed, "per-layer -> single sequential -> 2 stages");
@@ -87,7 +87,7 @@ fn a_checkpoint_taken_under_one_placement_resumes_under_another() {
 #[test]
 fn checkpoints_are_verified_and_a_damaged_newest_one_is_skipped() {
     let data = data_dir();
-    let mut config = pipelined(data.path(), "per_layer");
+    let mut config = pipelined(data.path(), Placement::PerLayer);
     config.checkpoint.every_steps = 5;
     config.checkpoint.keep = 3;
     let dir = tempfile::tempdir().unwrap();
@@ -123,19 +123,19 @@ fn checkpoints_are_verified_and_a_damaged_newest_one_is_skipped() {
 #[test]
 fn a_checkpoint_of_another_model_is_refused_naming_what_differs() {
     let data = data_dir();
-    let config = pipelined(data.path(), "per_layer");
+    let config = pipelined(data.path(), Placement::PerLayer);
     let dir = tempfile::tempdir().unwrap();
     run(&config, dir.path(), stop_at(3));
     let mut other = config.clone();
     other.model.num_hidden = 64;
-    let e = layerwise_engine::run(&other, dir.path(), resume()).unwrap_err().to_string();
+    let e = layerwise_coordinator::run(&other, dir.path(), resume()).unwrap_err().to_string();
     assert!(e.contains("model.num_hidden") && e.contains("48") && e.contains("64"), "{e}");
 }
 
 #[test]
 fn the_best_checkpoint_is_kept_beside_the_newest() {
     let data = data_dir();
-    let mut config = pipelined(data.path(), "per_layer");
+    let mut config = pipelined(data.path(), Placement::PerLayer);
     config.train.epochs = 3;
     config.checkpoint.keep = 1;
     let dir = tempfile::tempdir().unwrap();
@@ -152,10 +152,10 @@ fn the_best_checkpoint_is_kept_beside_the_newest() {
 
 /// Collects what a stage reports, for tests that drive one stage by hand.
 #[derive(Default)]
-struct Collect(std::sync::Mutex<Vec<layerwise_engine::message::Report>>);
+struct Collect(std::sync::Mutex<Vec<layerwise_pipeline::message::Report>>);
 
-impl layerwise_engine::link::ReportSender for Collect {
-    fn send(&self, r: layerwise_engine::message::Report) -> Result<(), layerwise_engine::link::Closed> {
+impl layerwise_pipeline::link::ReportSender for Collect {
+    fn send(&self, r: layerwise_pipeline::message::Report) -> Result<(), layerwise_pipeline::link::Closed> {
         self.0.lock().unwrap().push(r);
         Ok(())
     }
@@ -163,13 +163,13 @@ impl layerwise_engine::link::ReportSender for Collect {
 
 #[test]
 fn a_stage_resumes_from_its_own_files_alone_and_writes_its_own_part_of_a_checkpoint() {
-    use layerwise_engine::message::{Control, Message, Report};
-    use layerwise_engine::stage::{Stage, StageEnv};
-    use layerwise_engine::{Machine, Plan};
+    use layerwise_pipeline::message::{Control, Message, Report};
+    use layerwise_pipeline::stage::{Stage, StageEnv};
+    use layerwise_plan::{Machine, Plan};
     use std::sync::Arc;
 
     let data = data_dir();
-    let config = pipelined(data.path(), "per_layer");
+    let config = pipelined(data.path(), Placement::PerLayer);
     let dir = tempfile::tempdir().unwrap();
     run(&config, dir.path(), stop_at(5));
     let full = checkpoint::latest(&dir.path().join("checkpoints")).unwrap();
@@ -181,13 +181,7 @@ fn a_stage_resumes_from_its_own_files_alone_and_writes_its_own_part_of_a_checkpo
     let seen = checkpoint::Verified { dir: mine.path().to_path_buf(), ..full.clone() };
     let plan = Plan::build(&config, Machine::detect()).unwrap();
     let (out, reports) = (tempfile::tempdir().unwrap(), Arc::new(Collect::default()));
-    let env = |resume| StageEnv {
-        checkpoints: out.path().to_path_buf(),
-        resume: Some(resume),
-        reports: reports.clone(),
-        fault: None,
-        watch: None,
-    };
+    let env = |resume| StageEnv::new(out.path().to_path_buf(), Some(resume), reports.clone());
     let mut stage = Stage::build(&plan, 2, env(seen.clone())).unwrap();
     std::fs::create_dir_all(checkpoint::partial_dir(out.path(), 5, 1)).unwrap();
     stage.handle(Message::control(Control::Checkpoint { step: 5, seq: 1 })).unwrap();
@@ -212,7 +206,7 @@ fn a_stage_resumes_from_its_own_files_alone_and_writes_its_own_part_of_a_checkpo
 #[test]
 fn damaged_checkpoints_never_take_a_keep_slot_from_a_new_one() {
     let data = data_dir();
-    let mut config = pipelined(data.path(), "per_layer");
+    let mut config = pipelined(data.path(), Placement::PerLayer);
     config.checkpoint.every_steps = 5;
     config.checkpoint.keep = 2;
     let dir = tempfile::tempdir().unwrap();

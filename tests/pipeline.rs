@@ -4,12 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use layerwise_engine::config::{Placement, StageSpec};
-use layerwise_engine::fault::{Fault, FaultKind};
-use layerwise_engine::message::StageFailure;
-use layerwise_engine::{EngineError, PipelineMode, RunConfig, RunOptions};
+use layerwise_coordinator::{Error, RunOptions};
 use layerwise_nn::arch::InputShape;
 use layerwise_nn::{Architecture, Network};
+use layerwise_pipeline::fault::{Fault, FaultKind};
+use layerwise_pipeline::message::StageFailure;
+use layerwise_plan::{PipelineMode, Placement, RunConfig, StageSpec};
 use tch::{Device, Kind};
 
 use layerwise_tests::{assert_same_run, data_dir, run_in_temp, small_run_config as config, Ran};
@@ -32,7 +32,7 @@ fn pipelined_equals_sequential_with(arch: &str, placements: Vec<Placement>, chan
     let mut base = config(data.path(), arch);
     change(&mut base);
     base.pipeline.mode = PipelineMode::Sequential;
-    base.pipeline.placement = Placement::Named("single".into());
+    base.pipeline.placement = Placement::Single;
     let reference = run(&base);
     let state = reference.state().unwrap();
     let names: Vec<&String> = state.iter().map(|(n, _)| n).collect();
@@ -53,8 +53,8 @@ fn pipelined_equals_sequential_with(arch: &str, placements: Vec<Placement>, chan
 
 #[test]
 fn pipelined_mlp_equals_sequential_bit_for_bit_for_every_placement() {
-    let per_layer = Placement::Named("per_layer".into());
-    pipelined_equals_sequential("mlp", vec![per_layer, stages(&[&[0, 1], &[2, 3]]), Placement::Named("single".into())]);
+    let per_layer = Placement::PerLayer;
+    pipelined_equals_sequential("mlp", vec![per_layer, stages(&[&[0, 1], &[2, 3]]), Placement::Single]);
 }
 
 #[test]
@@ -65,7 +65,7 @@ fn with_bf16_products_pipelined_still_equals_sequential_bit_for_bit() {
     let data = data_dir();
     let mut full = config(data.path(), "vgg6a");
     full.pipeline.mode = PipelineMode::Sequential;
-    full.pipeline.placement = Placement::Named("single".into());
+    full.pipeline.placement = Placement::Single;
     let full = run(&full).state().unwrap();
     let low = low.state().unwrap();
     let weight = |state: &[(String, tch::Tensor)]| {
@@ -77,14 +77,14 @@ fn with_bf16_products_pipelined_still_equals_sequential_bit_for_bit() {
 #[test]
 fn pipelined_vgg_equals_sequential_bit_for_bit() {
     // vgg6a: 4 conv blocks, 1 linear block, the output layer
-    pipelined_equals_sequential("vgg6a", vec![Placement::Named("per_layer".into()), stages(&[&[0, 1, 2], &[3, 4, 5]])]);
+    pipelined_equals_sequential("vgg6a", vec![Placement::PerLayer, stages(&[&[0, 1, 2], &[3, 4, 5]])]);
 }
 
 #[test]
 fn reported_test_error_equals_an_independent_evaluation_of_the_weights() {
     let data = data_dir();
     let mut c = config(data.path(), "mlp");
-    c.pipeline.placement = Placement::Named("per_layer".into());
+    c.pipeline.placement = Placement::PerLayer;
     c.train.steps_per_epoch = None;
     let summary = run(&c);
     let reported = summary.epochs.last().unwrap().test_error;
@@ -92,7 +92,7 @@ fn reported_test_error_equals_an_independent_evaluation_of_the_weights() {
     let arch = Architecture::new(&c.model, InputShape { channels: 1, size: 28 }, 10).unwrap();
     let mut net = Network::new(&c.model, &c.optim, arch, 99, Device::Cpu).unwrap();
     net.load(&summary.state().unwrap()).unwrap();
-    let splits = layerwise_data::dataset::load(&c.data).unwrap();
+    let splits = layerwise_data::load(&c.data).unwrap();
     let x = (splits.test.images.to_kind(Kind::Float) / 255.0 - 0.286) / 0.353;
     let wrong = net.predict(&x).argmax(1, false).ne_tensor(&splits.test.labels).sum(Kind::Int64).int64_value(&[]);
     let independent = 100.0 * wrong as f64 / splits.test.len() as f64;
@@ -106,7 +106,7 @@ fn training_in_backprop_and_local_global_runs_as_one_stage_and_learns() {
     for training in [layerwise_nn::Training::Backprop, layerwise_nn::Training::LocalGlobal] {
         let mut c = config(data.path(), "mlp");
         c.model.training = training;
-        c.pipeline.placement = Placement::Named("per_layer".into());
+        c.pipeline.placement = Placement::PerLayer;
         let s = run(&c);
         assert_eq!(s.plan.len(), 1, "{training:?} runs as one stage");
         assert!(s.epochs.last().unwrap().test_error < 50.0, "{training:?}");
@@ -117,19 +117,19 @@ fn failure(kind: FaultKind, layer: usize, mode: PipelineMode) -> (StageFailure, 
     let data = data_dir();
     let mut c = config(data.path(), "mlp");
     c.pipeline.mode = mode;
-    c.pipeline.placement = Placement::Named("per_layer".into());
+    c.pipeline.placement = Placement::PerLayer;
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let run_dir = dir.path().to_path_buf();
     let start = Instant::now();
     std::thread::spawn(move || {
         let options = RunOptions { fault: Some(Fault { layer, step: 7, kind }), ..Default::default() };
-        let _ = tx.send(layerwise_engine::run(&c, &run_dir, options).map(|_| ()));
+        let _ = tx.send(layerwise_coordinator::run(&c, &run_dir, options).map(|_| ()));
     });
     let result = rx.recv_timeout(Duration::from_secs(60)).expect("the run stops within 60 s");
     let elapsed = start.elapsed();
     match result {
-        Err(EngineError::Stage(f)) => (f, elapsed, dir),
+        Err(Error::Stage(f)) => (f, elapsed, dir),
         other => panic!("expected a stage failure, got {other:?}"),
     }
 }
@@ -138,13 +138,14 @@ fn failure(kind: FaultKind, layer: usize, mode: PipelineMode) -> (StageFailure, 
 fn a_nan_is_reported_at_its_exact_step_when_losses_are_read_back_only_every_5_steps() {
     let data = data_dir();
     let mut c = config(data.path(), "mlp");
-    c.pipeline.placement = Placement::Named("per_layer".into());
+    c.pipeline.placement = Placement::PerLayer;
     c.train.check_finite_every = Some(5);
     let dir = tempfile::tempdir().unwrap();
     let fault = Fault { layer: 1, step: 7, kind: FaultKind::NonFinite };
-    let e = layerwise_engine::run(&c, dir.path(), RunOptions { fault: Some(fault), ..Default::default() }).unwrap_err();
+    let e = layerwise_coordinator::run(&c, dir.path(), RunOptions { fault: Some(fault), ..Default::default() })
+        .unwrap_err();
     match e {
-        EngineError::Stage(f) => assert_eq!((f.stage, f.layer, f.step), (1, Some(1), Some(7)), "{f}"),
+        Error::Stage(f) => assert_eq!((f.stage, f.layer, f.step), (1, Some(1), Some(7)), "{f}"),
         other => panic!("expected a stage failure, got {other}"),
     }
 }
@@ -197,7 +198,7 @@ fn a_stalled_stage_is_reported_while_it_stalls() {
     let logs = captured_logs();
     let data = data_dir();
     let mut c = config(data.path(), "mlp");
-    c.pipeline.placement = Placement::Named("per_layer".into());
+    c.pipeline.placement = Placement::PerLayer;
     c.train.epochs = 1;
     c.train.stall_warning_s = 0.3;
     // Stage 2 holds step 5 until the warning is seen: the test waits for the log line, so a
@@ -207,7 +208,7 @@ fn a_stalled_stage_is_reported_while_it_stalls() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().to_path_buf();
     let run = std::thread::spawn(move || {
-        layerwise_engine::run(&c, &run_dir, RunOptions { fault: Some(fault), ..Default::default() }).map(|_| ())
+        layerwise_coordinator::run(&c, &run_dir, RunOptions { fault: Some(fault), ..Default::default() }).map(|_| ())
     });
     let warning = loop {
         let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();

@@ -1,10 +1,10 @@
 //! The real Fashion-MNIST from Debian's package reads whole and right.
 
-use layerwise_data::{dataset, DataConfig};
+use layerwise_data::DataConfig;
 
 #[test]
 fn real_fashion_mnist_has_its_counts_shape_and_balanced_labels() {
-    let splits = dataset::load(&DataConfig::default()).expect("scripts/setup.sh installs dataset-fashion-mnist");
+    let splits = layerwise_data::load(&DataConfig::default()).expect("scripts/setup.sh installs dataset-fashion-mnist");
     assert_eq!(splits.train.len(), 60_000);
     assert_eq!(splits.test.len(), 10_000);
     assert_eq!(splits.train.image_shape(), (1, 28, 28));

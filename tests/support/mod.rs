@@ -138,8 +138,8 @@ pub fn data_dir() -> tempfile::TempDir {
 
 /// A small predsim run with dropout, batch norm, augmentation and cutout: 2 epochs of 12
 /// steps, a learning-rate milestone between them, one intra-op thread per stage.
-pub fn small_run_config(data: &Path, arch: &str) -> layerwise_engine::RunConfig {
-    let mut c = layerwise_engine::RunConfig::default();
+pub fn small_run_config(data: &Path, arch: &str) -> layerwise_plan::RunConfig {
+    let mut c = layerwise_plan::RunConfig::default();
     c.data.root = Some(data.to_path_buf());
     c.data.cutout_holes = 1;
     c.data.cutout_length = 6;
@@ -162,28 +162,28 @@ pub fn small_run_config(data: &Path, arch: &str) -> layerwise_engine::RunConfig 
 /// A finished run and the folder that holds it: its final state is its last checkpoint,
 /// so the folder lives as long as the summary is used.
 pub struct Ran {
-    pub summary: layerwise_engine::RunSummary,
+    pub summary: layerwise_coordinator::RunSummary,
     pub dir: tempfile::TempDir,
 }
 
 impl std::ops::Deref for Ran {
-    type Target = layerwise_engine::RunSummary;
+    type Target = layerwise_coordinator::RunSummary;
     fn deref(&self) -> &Self::Target {
         &self.summary
     }
 }
 
 /// Runs `config` in a new temporary folder.
-pub fn run_in_temp(config: &layerwise_engine::RunConfig) -> Ran {
+pub fn run_in_temp(config: &layerwise_plan::RunConfig) -> Ran {
     let dir = tempfile::tempdir().unwrap();
-    let summary = layerwise_engine::run(config, dir.path(), Default::default()).unwrap();
+    let summary = layerwise_coordinator::run(config, dir.path(), Default::default()).unwrap();
     Ran { summary, dir }
 }
 
 /// Asserts two runs ended in the same state, bit for bit: every tensor of every layer
 /// (parameters, buffers, optimizer, generator, statistics) and every epoch's figures.
 #[track_caller]
-pub fn assert_same_run(a: &layerwise_engine::RunSummary, b: &layerwise_engine::RunSummary, what: &str) {
+pub fn assert_same_run(a: &layerwise_coordinator::RunSummary, b: &layerwise_coordinator::RunSummary, what: &str) {
     let (sa, sb) = (a.state().unwrap(), b.state().unwrap());
     assert_eq!(sa.len(), sb.len(), "{what}: same tensors");
     for ((na, ta), (nb, tb)) in sa.iter().zip(&sb) {

@@ -1,63 +1,29 @@
-//! `layerwise bench`: figures, printed, never asserted. `bench data` measures how fast the
-//! loader makes training batches (augmentation included) on one thread, for a config's data
-//! set and for CIFAR-shaped data; compare with training's images/s, which it must exceed
-//! many times over for data never to limit training.
+//! `layerwise bench`: figures, printed, never asserted. `bench train` runs a config
+//! sequentially and pipelined under several placements, each in a child process, and
+//! reports images/s, speedup against the best `auto` could reach, and peak memory
+//! ([`report`] prints the table); `bench data` ([`data`]) times the loader.
 
-use std::path::{Path, PathBuf};
+mod data;
+mod machine;
+mod report;
+
+use machine::{device_names, matmul_rate, peak_rss_bytes};
+
+pub use data::data;
+
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use layerwise_data::batches::{BatchSource, Sampler, Transform};
-use layerwise_data::dataset::{self, Dataset};
-use layerwise_data::{DataConfig, DatasetKind};
-use layerwise_engine::config::Placement;
-use layerwise_engine::net::cluster::Cluster;
-use layerwise_engine::{placement, DeviceId, Machine, PipelineMode, Plan, RunConfig, RunOptions};
+use layerwise_coordinator::RunOptions;
+use layerwise_net::Cluster;
 use layerwise_nn::config::Training;
+use layerwise_pipeline::calibrate;
+use layerwise_plan::balance::Costs;
+use layerwise_plan::{DeviceId, Machine, PipelineMode, Placement, Plan, RunConfig};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
-
-fn measure(name: &str, mut source: BatchSource, batches: usize) {
-    let n = batches.min(source.batches_per_epoch());
-    let _ = source.batch(1, 0); // warm-up: builds the epoch's order
-    let start = Instant::now();
-    let mut images = 0;
-    for i in 0..n {
-        images += source.batch(1, i).labels.size()[0];
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!("{name:<48} {:>10.0} images/s  ({images} images in {secs:.2} s, 1 thread)", images as f64 / secs);
-}
-
-pub fn data(config: Option<&Path>, batches: usize) -> anyhow::Result<()> {
-    layerwise_engine::set_thread_count(1);
-    let cfg = match config {
-        Some(p) => RunConfig::load(p, &[])?,
-        None => RunConfig::default(),
-    };
-    let sampler = Sampler { batch_size: cfg.train.batch_size, drop_last: false, classes_per_batch: 0, seed: 1 };
-    let splits = dataset::load(&cfg.data)?;
-    let (channels, size, _) = splits.train.image_shape();
-    let transform = Transform::from_config(&cfg.data, channels, size)?;
-    let label = format!(
-        "{:?} (crop {}, flip {}, cutout {}x{})",
-        cfg.data.dataset, transform.crop_padding, transform.flip, transform.cutout_holes, transform.cutout_length
-    );
-    measure(&label, BatchSource::training(splits.train, transform, sampler.clone()), batches);
-
-    // CIFAR-shaped: 50,000 random 3x32x32 images with the CIFAR recipe and cutout.
-    let cifar = DataConfig { dataset: DatasetKind::Cifar10, cutout_holes: 1, cutout_length: 16, ..Default::default() };
-    let images = Tensor::randint(256, [50_000, 3, 32, 32], (Kind::Uint8, tch::Device::Cpu));
-    let labels = Tensor::randint(10, [50_000], (Kind::Int64, tch::Device::Cpu));
-    let set = Dataset { images, labels, num_classes: 10 };
-    measure(
-        "CIFAR-shaped (crop 4, flip, cutout 1x16)",
-        BatchSource::training(set, Transform::from_config(&cifar, 3, 32)?, sampler),
-        batches,
-    );
-    Ok(())
-}
+use tch::Kind;
 
 /// What `bench train` is asked.
 pub struct TrainBench {
@@ -85,18 +51,16 @@ struct BenchRun {
 /// one and two workers, linked over TCP); in both, the three stages share the cores.
 fn runs(config: &RunConfig, machine: &Machine) -> anyhow::Result<Vec<BenchRun>> {
     let run = |mode, placement| BenchRun { mode, placement };
-    let mut runs = vec![run(PipelineMode::Sequential, Placement::Named("single".into()))];
-    for placement in
-        [config.pipeline.placement.clone(), Placement::Named("auto".into()), Placement::Named("per_layer".into())]
-    {
+    let mut runs = vec![run(PipelineMode::Sequential, Placement::Single)];
+    for placement in [config.pipeline.placement.clone(), Placement::Auto, Placement::PerLayer] {
         if !runs.iter().any(|r| r.mode == PipelineMode::Pipelined && r.placement == placement) {
             runs.push(run(PipelineMode::Pipelined, placement));
         }
     }
     let layers = Plan::build(config, *machine)?.num_layers();
-    if machine.cuda_devices == 0 && layers >= 3 && !placement::is_global(config.model.training) {
+    if machine.cuda_devices == 0 && layers >= 3 && !config.model.training.is_global() {
         // As a launch of three ranks spreads them: stage r > 0 on worker `rankr`.
-        let Placement::Stages(apart) = layerwise_engine::net::launch::spread(layers, &[DeviceId::Cpu; 3])? else {
+        let Placement::Stages(apart) = layerwise_net::launch::spread(layers, &[DeviceId::Cpu; 3])? else {
             unreachable!("spread gives stages")
         };
         let mut together = apart.clone();
@@ -192,7 +156,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
     // Layers without local losses (backprop) cannot be timed alone.
     let costs = match base.model.training {
         Training::Backprop => None,
-        _ => Some(placement::measure_costs(&plan)?),
+        _ => Some(calibrate::costs(&plan)?),
     };
     let (matmul_kind, matmul_kind_name) =
         if base.model.bf16 { (Kind::BFloat16, "bfloat16") } else { (Kind::Float, "float32") };
@@ -247,7 +211,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_table(&report);
+        report::print_table(&report);
     }
     Ok(())
 }
@@ -260,7 +224,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
 /// sequential run's own threads leave unused: where threads scale perfectly, the best is
 /// 1.0. On GPUs, each device runs its stages alone: the stages' summed times over the
 /// slowest device's. Without layer times (backprop), the units alone bound it.
-fn best_speedup(m: &Measured, costs: Option<&placement::Costs>, machine: &Machine) -> f64 {
+fn best_speedup(m: &Measured, costs: Option<&Costs>, machine: &Machine) -> f64 {
     let mut gpus: Vec<&String> = m.devices.iter().filter(|d| d.starts_with("cuda")).collect();
     gpus.dedup();
     let units = if gpus.is_empty() { machine.cores.min(m.stages.len()) } else { gpus.len() }.max(1) as f64;
@@ -361,7 +325,7 @@ fn measure_one(base: &RunConfig, run: BenchRun, steps: usize, repeats: usize) ->
     let mut options = RunOptions::default();
     let mut children = Vec::new();
     if !workers.is_empty() {
-        let secret = layerwise_engine::net::wire::nonce();
+        let secret = layerwise_net::wire::nonce();
         let cluster = Cluster::listen("127.0.0.1:0", secret.clone().into_bytes(), Duration::from_secs(120))?;
         for name in &workers {
             let child = Command::new(std::env::current_exe()?)
@@ -374,7 +338,7 @@ fn measure_one(base: &RunConfig, run: BenchRun, steps: usize, repeats: usize) ->
         }
         options.cluster = Some(cluster);
     }
-    let summary = layerwise_engine::run(&c, dir.path(), options)?;
+    let summary = layerwise_coordinator::run(&c, dir.path(), options)?;
     for mut child in children {
         child.0.wait()?;
     }
@@ -423,115 +387,5 @@ fn median(xs: &[f64]) -> f64 {
         0 => f64::NAN,
         n if n % 2 == 1 => v[n / 2],
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// This process's peak resident memory (`VmHWM`).
-fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// GFLOP/s of a square matrix product of `kind` on the first device (every core on a CPU),
-/// best of five after a warm-up, and the size used.
-fn matmul_rate(machine: &Machine, kind: Kind) -> (f64, i64) {
-    let device = machine.visible()[0];
-    let n: i64 = if matches!(device, DeviceId::Cuda(_)) { 8192 } else { 1024 };
-    let cores = machine.cores;
-    let secs = std::thread::scope(|s| {
-        s.spawn(|| {
-            layerwise_engine::set_thread_count(cores);
-            let d = device.tch();
-            let a = Tensor::randn([n, n], (Kind::Float, d)).to_kind(kind);
-            let b = Tensor::randn([n, n], (Kind::Float, d)).to_kind(kind);
-            let sync = || {
-                if let DeviceId::Cuda(i) = device {
-                    tch::Cuda::synchronize(i as i64);
-                }
-            };
-            let _ = a.matmul(&b);
-            sync();
-            (0..5)
-                .map(|_| {
-                    let t = Instant::now();
-                    let _ = a.matmul(&b);
-                    sync();
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min)
-        })
-        .join()
-        .unwrap_or(f64::NAN)
-    });
-    (2.0 * (n as f64).powi(3) / secs / 1e9, n)
-}
-
-/// The CPU's model name and each GPU's, as the system reports them.
-fn device_names(machine: &Machine) -> Vec<String> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, v)| v.trim().to_string()))
-        .unwrap_or_else(|| "cpu".into());
-    let mut names = vec![format!("cpu: {cpu}")];
-    let mut gpus: Vec<String> = std::fs::read_dir("/proc/driver/nvidia/gpus")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("information")).ok())
-        .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string())))
-        .collect();
-    gpus.truncate(machine.cuda_devices);
-    names.extend(gpus.into_iter().enumerate().map(|(i, g)| format!("cuda:{i}: {g}")));
-    names
-}
-
-fn print_table(r: &Report) {
-    println!(
-        "{}: batch {}, {} measured epoch(s) of {} steps after a warm-up; {:.3} GFLOP per image per step",
-        r.config.display(),
-        r.batch_size,
-        r.measured_epochs,
-        r.steps_per_epoch,
-        r.train_gflop_per_image
-    );
-    println!(
-        "machine: {} cores, {}; matmul {n}x{n} in {}: {:.1} GFLOP/s",
-        r.machine.cores,
-        r.machine.device_names.join(", "),
-        r.machine.matmul_kind,
-        r.machine.matmul_gflops,
-        n = r.machine.matmul_size
-    );
-    println!(
-        "{:<11} {:<28} {:<22} {:>9} {:>8} {:>6} {:>6} {:>8} {:>9} {:>9}",
-        "mode", "placement", "stages", "images/s", "speedup", "best", "eff", "GFLOP/s", "peak RSS", "peak dev"
-    );
-    for row in &r.runs {
-        let m = &row.measured;
-        let placement = match &m.placement {
-            Placement::Named(name) => format!("{name:?}"),
-            Placement::Stages(_) if m.processes > 1 => format!("listed, {} processes", m.processes),
-            Placement::Stages(_) => "listed, 1 process".into(),
-        };
-        let stages = m.stages.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join("");
-        let gib = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
-        println!(
-            "{:<11} {:<28} {:<22} {:>9.0} {:>7.2}x {:>5.2}x {:>6.2} {:>8.1} {:>9} {:>9}",
-            format!("{:?}", m.mode).to_lowercase(),
-            placement,
-            stages,
-            m.images_per_sec,
-            row.speedup,
-            row.best_speedup,
-            row.efficiency,
-            row.gflops,
-            gib(m.peak_rss_bytes),
-            m.peak_device_bytes.map_or("-".into(), gib)
-        );
     }
 }

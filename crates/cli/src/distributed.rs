@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use layerwise_engine::net::cluster::Cluster;
-use layerwise_engine::net::launch::{spread, Launch};
-use layerwise_engine::net::wire::load_secret;
-use layerwise_engine::net::worker::{self, WorkerOptions};
-use layerwise_engine::{DeviceId, Machine, Plan, RunConfig};
+use layerwise_net::launch::{spread, Launch};
+use layerwise_net::wire::load_secret;
+use layerwise_net::worker::{self, WorkerOptions};
+use layerwise_net::Cluster;
+use layerwise_plan::{DeviceId, Machine, Plan, RunConfig};
 
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {

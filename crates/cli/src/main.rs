@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use layerwise_engine::{Plan, RunConfig, RunOptions};
+use layerwise_coordinator::RunOptions;
+use layerwise_plan::{Plan, RunConfig};
 
 #[derive(Parser)]
 #[command(
@@ -207,7 +208,7 @@ fn train(
         signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())?;
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    let launch = layerwise_engine::net::launch::Launch::from_env()?;
+    let launch = layerwise_net::launch::Launch::from_env()?;
     if let Some(launch) = launch.as_ref().filter(|l| l.rank > 0) {
         return distributed::rank_worker(launch, &net, stop);
     }
@@ -217,7 +218,7 @@ fn train(
     let (plan, cluster) = distributed::coordinate(&mut cfg, launch.as_ref(), &net, &run_dir, &stop)?;
     let on_step = std::io::stderr().is_terminal().then(|| progress_bar(cfg.train.batch_size, cfg.train.epochs));
     let options = RunOptions { resume, on_step, stop: Some(stop), cluster, ..Default::default() };
-    let summary = layerwise_engine::run_plan(plan, &run_dir, options)
+    let summary = layerwise_coordinator::run_plan(plan, &run_dir, options)
         .with_context(|| format!("run {} failed", run_dir.display()))?;
     if summary.stopped {
         println!(
@@ -362,7 +363,7 @@ fn main() -> ExitCode {
         Command::Validate { configs, no_data, overrides } => validate(&configs, &overrides, !no_data),
         Command::Plot { run_dir, out } => plot::plot(&run_dir, out).map(|p| println!("wrote {}", p.display())),
         Command::Devices => {
-            println!("cpu: {} cores, bfloat16 products: {}", layerwise_engine::Machine::detect().cores, cpu_bf16());
+            println!("cpu: {} cores, bfloat16 products: {}", layerwise_plan::Machine::detect().cores, cpu_bf16());
             println!("cuda available: {}", tch::Cuda::is_available());
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use layerwise_engine::metrics::EpochMetrics;
-use layerwise_engine::rundir::RunDir;
+use layerwise_rundir::metrics::EpochMetrics;
+use layerwise_rundir::RunDir;
 use plotters::prelude::*;
 
 /// Fonts tried for the labels (Debian's fonts-dejavu-core, installed by scripts/setup.sh).

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use layerwise_engine::evaluate;
+use layerwise_coordinator::evaluate;
 use tch::Device;
 
 fn device() -> Device {

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use layerwise_engine::net::cluster::Cluster;
-use layerwise_engine::rundir::{RunDir, RunState};
-use layerwise_engine::{DeviceId, Plan, RunConfig, RunOptions};
+use layerwise_coordinator::RunOptions;
+use layerwise_net::Cluster;
+use layerwise_plan::{DeviceId, Plan, RunConfig};
+use layerwise_rundir::{RunDir, RunState};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// A job thread's end.
@@ -50,7 +51,7 @@ pub fn check_job_name(name: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "job name {:?}: expected 1 to 100 of A-Z a-z 0-9 . _ - not starting with a dot",
-            layerwise_engine::plan::quote(name)
+            layerwise_plan::quote(name)
         ))
     }
 }
@@ -304,12 +305,12 @@ impl JobTable {
             let span = tracing::info_span!("job", name = %job.name);
             // Whatever happens in the job (a panic in its setup included) ends here, reported.
             let result = catch_unwind(AssertUnwindSafe(|| {
-                span.in_scope(|| layerwise_engine::run_plan(job.plan, &run_dir, options))
+                span.in_scope(|| layerwise_coordinator::run_plan(job.plan, &run_dir, options))
             }));
             let result = match result {
                 Ok(r) => r.map(|s| s.stopped).map_err(|e| e.to_string()),
                 Err(panic) => {
-                    let reason = format!("panicked: {}", layerwise_engine::stage::panic_message(&*panic));
+                    let reason = format!("panicked: {}", layerwise_pipeline::thread::panic_message(&*panic));
                     let dir = RunDir { path: run_dir.clone() };
                     let (epoch, step) = dir.status().map_or((0, 0), |s| (s.epoch, s.step));
                     let _ = dir.set_status(RunState::Failed, &reason, epoch, step);
@@ -399,6 +400,6 @@ pub fn submit(config: &Path, name: Option<&str>, jobs: &Path) -> Result<PathBuf,
     std::fs::create_dir_all(jobs).map_err(|e| format!("{}: {e}", jobs.display()))?;
     let text = serde_json::to_string_pretty(&plan.config).expect("config serialises");
     let path = jobs.join(format!("{name}.json"));
-    layerwise_engine::rundir::write_atomic(&path, text.as_bytes()).map_err(|e| e.to_string())?;
+    layerwise_rundir::status::write_atomic(&path, text.as_bytes()).map_err(|e| e.to_string())?;
     Ok(path)
 }

@@ -31,7 +31,7 @@ pub struct ServeOptions {
     /// A job that was running each time the service died this many times is failed, not resumed.
     pub max_crash_restarts: u32,
     /// Listening for workers: jobs may place stages on them.
-    pub cluster: Option<std::sync::Arc<layerwise_engine::net::cluster::Cluster>>,
+    pub cluster: Option<std::sync::Arc<layerwise_net::Cluster>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,10 @@
 //! uninterrupted run would have trained on.
 
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+
+use crate::rng::batch_rng;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::DataConfig;
@@ -153,13 +155,6 @@ fn cutout_mask(cy: &[i64], cx: &[i64], length: i64, h: i64, w: i64) -> Tensor {
     };
     let inside = span(cy, h).view([b, 1, h, 1]).logical_and(&span(cx, w).view([b, 1, 1, w]));
     inside.logical_not().to_kind(Kind::Float)
-}
-
-/// A generator for one (seed, epoch, batch, purpose): independent of every other batch.
-pub fn batch_rng(seed: u64, epoch: usize, index: usize, purpose: u64) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6c61_7965_7277_6973);
-    rng.set_stream(((epoch as u64) << 40) ^ ((index as u64) << 4) ^ purpose);
-    rng
 }
 
 /// How the training set is cut into batches each epoch.

@@ -3,8 +3,9 @@
 use rand::seq::SliceRandom;
 use tch::{Kind, Tensor};
 
-use crate::config::{DataConfig, DatasetKind};
-use crate::{cifar, folder, idx, stl10, svhn, DataError, Result};
+use crate::config::DatasetKind;
+use crate::rng::batch_rng;
+use crate::{DataError, Result};
 
 #[derive(Debug)]
 pub struct Dataset {
@@ -49,7 +50,7 @@ impl Dataset {
             )));
         }
         let mut perm: Vec<i64> = (0..n as i64).collect();
-        perm.shuffle(&mut crate::batches::batch_rng(seed, 0, 0, 7));
+        perm.shuffle(&mut batch_rng(seed, 0, 0, 7));
         let (held, rest) = perm.split_at(size);
         let pick = |idx: &[i64]| {
             let mut idx = idx.to_vec();
@@ -98,21 +99,4 @@ pub struct Splits {
     pub test: Dataset,
     pub validation: Option<Dataset>,
     pub kind: DatasetKind,
-}
-
-/// Reads the configured data set from disk.
-pub fn load(config: &DataConfig) -> Result<Splits> {
-    let root = config.root();
-    if !root.is_dir() {
-        return Err(DataError::file(&root, format!("data root of {:?} not found: expected a folder", config.dataset)));
-    }
-    let (train, test) = match config.dataset {
-        DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Kmnist => idx::load_splits(&root)?,
-        DatasetKind::Cifar10 => cifar::load_cifar10(&root)?,
-        DatasetKind::Cifar100 => cifar::load_cifar100(&root, config.cifar100_labels)?,
-        DatasetKind::Svhn => svhn::load(&root, config.svhn_extra)?,
-        DatasetKind::Stl10 => stl10::load(&root)?,
-        DatasetKind::ImageFolder => folder::load(&root, config.image_size, config.image_channels)?,
-    };
-    Ok(Splits { train, test, validation: None, kind: config.dataset })
 }

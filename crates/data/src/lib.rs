@@ -11,11 +11,14 @@ pub mod config;
 pub mod dataset;
 pub mod folder;
 pub mod idx;
+pub mod read;
+pub mod rng;
 pub mod stl10;
 pub mod svhn;
 
 pub use config::{DataConfig, DatasetKind};
 pub use dataset::{Dataset, Splits};
+pub use read::load;
 
 use std::path::PathBuf;
 

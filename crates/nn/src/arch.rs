@@ -102,7 +102,7 @@ impl LayerSpec {
 }
 
 /// Input images: channels x size x size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InputShape {
     pub channels: i64,
     pub size: i64,
@@ -229,7 +229,7 @@ impl Architecture {
     pub fn training_flops_per_image(&self, model: &ModelConfig, batch: i64) -> f64 {
         use crate::config::{LossKind, Training};
         let local = model.training != Training::Backprop;
-        let global = matches!(model.training, Training::Backprop | Training::LocalGlobal);
+        let global = model.training.is_global();
         let sim = local && matches!(model.loss, LossKind::Sim | LossKind::Predsim);
         let pred = local && matches!(model.loss, LossKind::Pred | LossKind::Predsim);
         let bio = model.training == Training::Bio;

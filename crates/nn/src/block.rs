@@ -1,4 +1,5 @@
-//! A hidden block and its local loss heads: the unit that learns from its own error.
+//! A hidden block with its local loss heads ([`crate::heads`]): the unit that learns from
+//! its own error.
 //!
 //! Conv block: `conv -> BatchNorm2d -> nonlin`, sends `pool(dropout2d(h))` on.
 //! Linear block: `linear -> BatchNorm1d -> nonlin`, sends `dropout(h)` on.
@@ -6,38 +7,19 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::arch::{decoder_pool, LayerSpec, Pool, PoolKind};
-use crate::config::{LossKind, ModelConfig, Nonlin, OptimConfig, Training};
+use crate::arch::{LayerSpec, Pool, PoolKind};
+use crate::config::{ModelConfig, Nonlin, OptimConfig};
+use crate::heads::{Heads, LocalLosses};
 use crate::init;
-use crate::losses::{feedback_alignment_linear, pred_loss, pred_loss_bce, sim_loss};
 use crate::optim::Optimizer;
 use crate::precision::product;
 use crate::rng::{LayerRng, Purpose};
+use crate::stats::LayerStats;
 use crate::targets::Targets;
-use crate::{strip_prefix, Named, NnError, Result};
+use crate::{load_into, strip_prefix, Named, NnError, Result};
 
 const BN_MOMENTUM: f64 = 0.1;
 const BN_EPS: f64 = 1e-5;
-
-/// The local heads of a block: the sim loss's learned transform `g` and the pred loss's
-/// decoder `W p(h) + b`, with `p` an average pool for conv blocks.
-#[derive(Debug)]
-struct Heads {
-    /// Products in bfloat16 ([`crate::precision`]).
-    bf16: bool,
-    loss: LossKind,
-    beta: f64,
-    bio: bool,
-    similarity_std: bool,
-    /// Conv blocks: 3x3 conv weight C x C x 3 x 3; linear blocks: D x D. None in bio mode.
-    sim_transform: Option<Tensor>,
-    decoder_weight: Option<Tensor>,
-    decoder_bias: Option<Tensor>,
-    /// Bio mode: the fixed random matrix that carries the decoder's error back to `h`.
-    feedback: Option<Tensor>,
-    /// Average-pool kernel and padding of `p` (conv blocks), None for identity.
-    pool: Option<((i64, i64), (i64, i64))>,
-}
 
 /// The parts of one forward pass.
 #[derive(Debug)]
@@ -48,15 +30,6 @@ pub struct BlockForward {
     pub out: Tensor,
 }
 
-/// The local losses of one step. `total` is what the block's optimizer descends.
-#[derive(Debug)]
-pub struct LocalLosses {
-    pub total: Tensor,
-    pub pred: Option<Tensor>,
-    pub sim: Option<Tensor>,
-    pub logits: Option<Tensor>,
-}
-
 /// What a local training step gives back.
 #[derive(Debug)]
 pub struct LocalStep {
@@ -64,98 +37,6 @@ pub struct LocalStep {
     pub output: Tensor,
     /// The loss the block descended, detached.
     pub loss: Tensor,
-}
-
-/// The reference's per-layer statistics, summed on the device so that reading them (once
-/// per epoch) is the only synchronisation.
-#[derive(Debug)]
-pub struct LayerStats {
-    /// [sum of pred loss x B, sum of sim loss x B, local classifier errors]
-    sums: Tensor,
-    pub examples: u64,
-}
-
-/// Statistics read back as numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct LayerStatsSnapshot {
-    pub loss_pred: f64,
-    pub loss_sim: f64,
-    /// Percent of examples the local classifier got wrong (NaN where it has none).
-    pub error: f64,
-    pub examples: u64,
-}
-
-impl LayerStats {
-    pub fn new(device: Device) -> Self {
-        Self { sums: Tensor::zeros([3], (Kind::Double, device)), examples: 0 }
-    }
-
-    fn record(&mut self, losses: &LocalLosses, labels: &Tensor) {
-        let _guard = tch::no_grad_guard();
-        let b = labels.size()[0];
-        let zero = || Tensor::zeros([], (Kind::Double, labels.device()));
-        let scaled = |t: &Option<Tensor>| t.as_ref().map_or_else(zero, |t| t.detach().to_kind(Kind::Double) * b as f64);
-        let wrong = match &losses.logits {
-            Some(logits) if logits.size()[1] != 1 && labels.kind() == Kind::Int64 && logits.size().len() == 2 => {
-                logits.argmax(1, false).ne_tensor(labels).sum(Kind::Double)
-            }
-            _ => zero(),
-        };
-        let step = Tensor::stack(&[scaled(&losses.pred), scaled(&losses.sim), wrong], 0);
-        self.sums += step;
-        self.examples += b as u64;
-    }
-
-    /// Means since the last reset; `has_classifier` says whether `error` means anything.
-    pub fn snapshot(&self, has_classifier: bool) -> LayerStatsSnapshot {
-        let n = self.examples.max(1) as f64;
-        let v: Vec<f64> = Vec::<f64>::try_from(self.sums.to_device(Device::Cpu)).unwrap_or_default();
-        LayerStatsSnapshot {
-            loss_pred: v[0] / n,
-            loss_sim: v[1] / n,
-            error: if has_classifier { 100.0 * v[2] / n } else { f64::NAN },
-            examples: self.examples,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        let _ = self.sums.zero_();
-        self.examples = 0;
-    }
-
-    /// The running sums as named tensors (`stats.sums`, `stats.examples`), so that an
-    /// epoch interrupted by a checkpoint reports the same figures when resumed.
-    pub fn state(&self) -> Vec<Named> {
-        stats_state(&self.sums, self.examples)
-    }
-
-    pub fn load_state(&mut self, named: &[Named]) -> Result<()> {
-        self.examples = load_stats(&mut self.sums, named)?;
-        Ok(())
-    }
-}
-
-pub(crate) fn stats_state(sums: &Tensor, examples: u64) -> Vec<Named> {
-    vec![
-        ("stats.sums".to_string(), sums.shallow_clone()),
-        ("stats.examples".to_string(), Tensor::from(examples as i64)),
-    ]
-}
-
-pub(crate) fn load_stats(sums: &mut Tensor, named: &[Named]) -> Result<u64> {
-    let find = |key: &str| {
-        named
-            .iter()
-            .find(|(n, _)| n == key)
-            .map(|(_, t)| t)
-            .ok_or_else(|| NnError::State(format!("missing tensor {key:?}")))
-    };
-    let s = find("stats.sums")?;
-    if s.size() != sums.size() {
-        return Err(NnError::State(format!("stats.sums has shape {:?}, expected {:?}", s.size(), sums.size())));
-    }
-    sums.copy_(&s.to_kind(Kind::Double));
-    Ok(find("stats.examples")?.int64_value(&[]) as u64)
 }
 
 /// One hidden block with its heads, generator, optimizer and statistics.
@@ -410,125 +291,10 @@ impl HiddenBlock {
     }
 }
 
-impl Heads {
-    fn new(spec: &LayerSpec, num_classes: i64, model: &ModelConfig, rng: &mut LayerRng, device: Device) -> Self {
-        let bio = model.training == Training::Bio;
-        let wants_sim = matches!(model.loss, LossKind::Sim | LossKind::Predsim);
-        let wants_pred = matches!(model.loss, LossKind::Pred | LossKind::Predsim);
-        let (channels, dim_in, pool) = match *spec {
-            LayerSpec::Conv { out_channels, size_out, .. } => {
-                let (kernel, pad, n) = decoder_pool(out_channels, size_out, model.dim_in_decoder as i64);
-                (out_channels, n, (kernel != (1, 1)).then_some((kernel, pad)))
-            }
-            LayerSpec::Linear { out_features, .. } => (out_features, out_features, None),
-        };
-        let sim_transform = (wants_sim && !bio).then(|| match spec {
-            LayerSpec::Conv { .. } => init::channels_last(init::uniform(
-                rng,
-                &[channels, channels, 3, 3],
-                init::default_bound(channels * 9),
-                device,
-            )),
-            LayerSpec::Linear { .. } => {
-                init::uniform(rng, &[channels, channels], init::default_bound(channels), device)
-            }
-        });
-        let outputs = if bio { model.target_proj_size as i64 } else { num_classes };
-        let bound = init::default_bound(dim_in);
-        let (decoder_weight, decoder_bias, feedback) = if wants_pred {
-            let w = init::zeros(&[outputs, dim_in], device);
-            let b = init::uniform(rng, &[outputs], bound, device);
-            let f = bio.then(|| init::uniform(rng, &[outputs, dim_in], bound, device).set_requires_grad(false));
-            (Some(w), Some(b), f)
-        } else {
-            (None, None, None)
-        };
-        Heads {
-            bf16: model.bf16,
-            loss: model.loss,
-            beta: model.beta,
-            bio,
-            similarity_std: model.similarity_std,
-            sim_transform,
-            decoder_weight,
-            decoder_bias,
-            feedback,
-            pool,
-        }
-    }
-
-    fn pooled(&self, h: &Tensor) -> Tensor {
-        match self.pool {
-            Some((kernel, pad)) => {
-                h.avg_pool2d([kernel.0, kernel.1], [kernel.0, kernel.1], [pad.0, pad.1], false, true, None)
-            }
-            None => h.shallow_clone(),
-        }
-    }
-
-    fn losses(&self, h: &Tensor, targets: &Targets) -> LocalLosses {
-        let sim = matches!(self.loss, LossKind::Sim | LossKind::Predsim).then(|| {
-            let transformed = match &self.sim_transform {
-                Some(w) if h.dim() == 4 => {
-                    product(self.bf16, h, w, None, |h, w, _| h.conv2d(w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1))
-                }
-                Some(w) => product(self.bf16, h, w, None, |h, w, _| h.linear(w, None::<Tensor>)),
-                None => self.pooled(h),
-            };
-            sim_loss(&transformed, &targets.sim, self.similarity_std)
-        });
-        let (pred, logits) = match (&self.decoder_weight, &self.decoder_bias) {
-            (Some(w), b) => {
-                let features = self.pooled(h).flatten(1, -1);
-                let logits = match &self.feedback {
-                    Some(f) => product(self.bf16, &features, w, b.as_ref(), |x, w, b| {
-                        let f = if self.bf16 { f.to_kind(Kind::BFloat16) } else { f.shallow_clone() };
-                        feedback_alignment_linear(x, w, b, &f)
-                    }),
-                    None => product(self.bf16, &features, w, b.as_ref(), |x, w, b| x.linear(w, b)),
-                };
-                let loss = match &targets.bce {
-                    Some(t) if self.bio => pred_loss_bce(&logits, t),
-                    _ => pred_loss(&logits, &targets.labels),
-                };
-                (Some(loss), Some(logits))
-            }
-            _ => (None, None),
-        };
-        let total = match (self.loss, &pred, &sim) {
-            (LossKind::Predsim, Some(p), Some(s)) => p * (1.0 - self.beta) + s * self.beta,
-            (_, Some(p), None) => p.shallow_clone(),
-            (_, None, Some(s)) => s.shallow_clone(),
-            _ => unreachable!("a block with heads has a pred or a sim loss"),
-        };
-        LocalLosses { total, pred, sim, logits }
-    }
-}
-
 pub(crate) fn apply_pool(x: &Tensor, pool: &Pool) -> Tensor {
     let (k, s, p) = (pool.kernel, pool.stride, pool.padding);
     match pool.kind {
         PoolKind::Max => x.max_pool2d([k, k], [s, s], [p, p], [1, 1], false),
         PoolKind::Avg => x.avg_pool2d([k, k], [s, s], [p, p], false, true, None),
     }
-}
-
-/// Copies each of `targets` from the tensor of the same name in `source`, shapes checked.
-pub(crate) fn load_into(targets: &[Named], source: &[Named], owner: &str) -> Result<()> {
-    let _guard = tch::no_grad_guard();
-    for (name, t) in targets {
-        let (_, src) = source
-            .iter()
-            .find(|(n, _)| n == name)
-            .ok_or_else(|| NnError::State(format!("{owner}: missing tensor {name:?}")))?;
-        if src.size() != t.size() {
-            return Err(NnError::State(format!(
-                "{owner}: tensor {name:?} has shape {:?}, expected {:?}",
-                src.size(),
-                t.size()
-            )));
-        }
-        t.shallow_clone().copy_(&src.to_kind(t.kind()));
-    }
-    Ok(())
 }

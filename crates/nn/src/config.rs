@@ -34,6 +34,14 @@ pub enum Training {
     Bio,
 }
 
+impl Training {
+    /// Whether gradients cross layers (backprop, local+global): then every layer is in one
+    /// process, trained one after the other.
+    pub fn is_global(self) -> bool {
+        matches!(self, Training::Backprop | Training::LocalGlobal)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {

@@ -10,6 +10,7 @@ pub mod arch;
 pub mod block;
 pub mod config;
 mod ffi;
+mod heads;
 pub mod init;
 pub mod losses;
 pub mod network;
@@ -18,16 +19,19 @@ pub mod output;
 pub mod precision;
 pub mod rng;
 pub mod similarity;
+pub mod stats;
 pub mod targets;
 
 pub use arch::{Architecture, LayerSpec, Pool, PoolKind};
-pub use block::{BlockForward, HiddenBlock, LayerStats, LocalStep};
+pub use block::{BlockForward, HiddenBlock, LocalStep};
 pub use config::{LossKind, ModelConfig, Nonlin, OptimConfig, OptimKind, Training};
+pub use heads::LocalLosses;
 pub use network::{Network, StepOutput};
 pub use optim::Optimizer;
 pub use output::OutputLayer;
 pub use rng::LayerRng;
 pub use similarity::similarity_matrix;
+pub use stats::LayerStats;
 pub use targets::Targets;
 
 /// Errors of the math crate: a model that cannot be built from its settings, or a state
@@ -68,4 +72,24 @@ pub type Named = (String, tch::Tensor);
 /// The tensors whose names start with `prefix`, with the prefix removed.
 pub fn strip_prefix(named: &[Named], prefix: &str) -> Vec<Named> {
     named.iter().filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_string(), t.shallow_clone()))).collect()
+}
+
+/// Copies each of `targets` from the tensor of the same name in `source`, shapes checked.
+pub(crate) fn load_into(targets: &[Named], source: &[Named], owner: &str) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    for (name, t) in targets {
+        let (_, src) = source
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| NnError::State(format!("{owner}: missing tensor {name:?}")))?;
+        if src.size() != t.size() {
+            return Err(NnError::State(format!(
+                "{owner}: tensor {name:?} has shape {:?}, expected {:?}",
+                src.size(),
+                t.size()
+            )));
+        }
+        t.shallow_clone().copy_(&src.to_kind(t.kind()));
+    }
+    Ok(())
 }

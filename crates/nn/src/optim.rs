@@ -11,9 +11,9 @@ use std::ffi::{c_int, CStr};
 
 use tch::{Kind, Tensor};
 
-use crate::block::load_into;
 use crate::config::{OptimConfig, OptimKind};
 use crate::ffi;
+use crate::load_into;
 use crate::{Named, NnError, Result};
 
 #[derive(Debug)]

@@ -2,12 +2,13 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::block::{load_into, load_stats, stats_state};
 use crate::config::{ModelConfig, OptimConfig};
 use crate::init;
+use crate::load_into;
 use crate::losses::pred_loss;
 use crate::optim::Optimizer;
 use crate::rng::{LayerRng, Purpose};
+use crate::stats::{load_stats, stats_state};
 use crate::{strip_prefix, Named, Result};
 
 #[derive(Debug)]

@@ -1,0 +1,333 @@
+//! The coordinator's side of the network: a listener that admits workers (and data links
+//! into the coordinator's own stages) and the registry of workers, each with its control
+//! connection and the job that holds it. Starting a job on workers is [`crate::remote_job`];
+//! asking them to time layers is [`crate::ask`].
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use layerwise_pipeline::message::{Report, StageFailure};
+use layerwise_plan::machine::MACHINE_ID_MAX;
+use layerwise_plan::DeviceId;
+
+use crate::job::{Rendezvous, Sockets};
+use crate::protocol::{heartbeat, Measurement, ToCoordinator, ToWorker, PEER_TIMEOUT};
+use crate::wire::{self, Role};
+use crate::{Error, Result};
+
+/// A registered worker.
+pub struct WorkerConn {
+    pub name: String,
+    pub devices: Vec<DeviceId>,
+    /// Each device's memory in bytes, where the worker knows it.
+    pub memory: Vec<Option<u64>>,
+    pub cores: usize,
+    /// The machine it runs on: processes on one share its cores.
+    pub machine: String,
+    pub data_addr: SocketAddr,
+    pub peer: SocketAddr,
+    /// The address this worker reached the coordinator at: where it dials the links into
+    /// the coordinator's stages (never the listener's 0.0.0.0).
+    pub coordinator_addr: SocketAddr,
+    control: Arc<Mutex<TcpStream>>,
+    /// The job it runs now; cleared when the worker says it finished, or is lost.
+    job: Mutex<Option<JobHold>>,
+    changed: Condvar,
+    /// The measurement asked of it and where its answer goes; dropped when it is lost.
+    pub(crate) measuring: Mutex<Option<(u64, Sender<Measurement>)>>,
+}
+
+/// A job's hold on a worker: where the worker's reports of that job go, and what to shut
+/// if the worker is lost.
+pub(crate) struct JobHold {
+    pub id: u64,
+    pub reports: Sender<Report>,
+    pub sockets: Sockets,
+    pub first_stage: usize,
+}
+
+impl WorkerConn {
+    pub(crate) fn send(&self, msg: &ToWorker) -> bool {
+        let mut s = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        wire::write_frame(&mut *s, msg).is_ok()
+    }
+
+    pub(crate) fn lock_job(&self) -> MutexGuard<'_, Option<JobHold>> {
+        self.job.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The job that holds this worker now, if any.
+    pub fn job(&self) -> Option<u64> {
+        self.lock_job().as_ref().map(|h| h.id)
+    }
+
+    /// Releases this worker from job `id`, if that job holds it.
+    pub(crate) fn release(&self, id: u64) {
+        let mut held = self.lock_job();
+        if held.as_ref().is_some_and(|h| h.id == id) {
+            *held = None;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until job `id` no longer holds this worker; past `limit`, releases it.
+    pub(crate) fn wait_released(&self, id: u64, limit: Duration) {
+        let mut held = self.lock_job();
+        let since = Instant::now();
+        while held.as_ref().is_some_and(|h| h.id == id) {
+            if since.elapsed() > limit {
+                tracing::warn!("worker {} has not ended its stages of the finished job; released", self.name);
+                *held = None;
+                return;
+            }
+            held = self.changed.wait_timeout(held, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+pub(crate) type Registry = Arc<(Mutex<BTreeMap<String, Arc<WorkerConn>>>, Condvar)>;
+
+/// The coordinator's listener and its workers.
+pub struct Cluster {
+    pub addr: SocketAddr,
+    /// How long a job waits for the workers it names to register before it fails.
+    wait_limit: Duration,
+    pub(crate) secret: Arc<Vec<u8>>,
+    pub(crate) workers: Registry,
+    pub(crate) incoming: Rendezvous,
+}
+
+impl Cluster {
+    /// Listens on `addr` for workers and links; a job waits at most `wait_limit` for the
+    /// workers it names.
+    pub fn listen(addr: &str, secret: Vec<u8>, wait_limit: Duration) -> Result<Arc<Cluster>> {
+        let listener =
+            TcpListener::bind(addr).map_err(|e| Error::Config(format!("--listen {addr}: cannot listen there: {e}")))?;
+        let addr = listener.local_addr().map_err(|e| Error::Other(e.to_string()))?;
+        let cluster = Arc::new(Cluster {
+            addr,
+            wait_limit,
+            secret: Arc::new(secret),
+            workers: Arc::default(),
+            incoming: Rendezvous::default(),
+        });
+        let (secret, workers, incoming) = (cluster.secret.clone(), cluster.workers.clone(), cluster.incoming.clone());
+        std::thread::Builder::new()
+            .name("listener".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(stream) = conn else { continue };
+                    let (secret, workers, incoming) = (secret.clone(), workers.clone(), incoming.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("peer".into())
+                        .spawn(move || admit(stream, &secret, &workers, &incoming));
+                }
+            })
+            .map_err(|e| Error::Other(format!("cannot start the listener: {e}")))?;
+        tracing::info!("listening for workers on {addr}");
+        Ok(cluster)
+    }
+
+    /// Names of the workers registered now.
+    pub fn registered(&self) -> Vec<String> {
+        self.workers.0.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// Whether `w` is still the worker registered under its name (not lost, not replaced).
+    pub(crate) fn still_registered(&self, w: &Arc<WorkerConn>) -> bool {
+        let workers = self.workers.0.lock().unwrap_or_else(|p| p.into_inner());
+        workers.get(&w.name).is_some_and(|r| Arc::ptr_eq(r, w))
+    }
+
+    /// Waits until every worker named has registered; fails naming the missing ones after
+    /// the wait limit (or when `stop` is set).
+    pub fn wait_for(&self, names: &[String], stop: Option<&AtomicBool>) -> Result<Vec<Arc<WorkerConn>>> {
+        let (m, cv) = &*self.workers;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let start = Instant::now();
+        let mut said: Option<Instant> = None;
+        loop {
+            let missing: Vec<&String> = names.iter().filter(|n| !g.contains_key(*n)).collect();
+            if missing.is_empty() {
+                return Ok(names.iter().map(|n| g[n].clone()).collect());
+            }
+            if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                return Err(Error::Other(format!("stopped while waiting for workers {missing:?}")));
+            }
+            if start.elapsed() >= self.wait_limit {
+                return Err(Error::Other(format!(
+                    "workers {missing:?} did not register on {} within {} s (--worker-wait)",
+                    self.addr,
+                    self.wait_limit.as_secs_f64()
+                )));
+            }
+            if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                tracing::info!("waiting for workers {missing:?} to register on {}", self.addr);
+                said = Some(Instant::now());
+            }
+            g = cv.wait_timeout(g, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// Handles one connection to the listener: a data link is handed to its stage; a worker is
+/// registered and then served until it goes.
+fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Rendezvous) {
+    let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+    match wire::accept(&mut stream, secret) {
+        Ok(Role::Link { job, stage }) => incoming.arrive(job, stage, stream),
+        Ok(worker @ Role::Worker { .. }) => {
+            let Some(conn) = register(&stream, worker, workers) else { return };
+            let stop = Arc::new(AtomicBool::new(false));
+            heartbeat(conn.control.clone(), stop.clone(), || ToWorker::Heartbeat);
+            let lost = serve_worker(&conn, stream);
+            stop.store(true, Ordering::SeqCst);
+            forget(&conn, workers, &lost);
+        }
+        Err(e) => tracing::warn!("refused a connection from {peer}: {e}"),
+    }
+}
+
+/// Registers a worker that has proved the secret, or refuses it (telling it why).
+fn register(stream: &TcpStream, role: Role, workers: &Registry) -> Option<Arc<WorkerConn>> {
+    let Role::Worker { name, devices, memory, cores, machine, data_addr } = role else { return None };
+    let control = stream.try_clone().ok()?;
+    let conn = Arc::new(WorkerConn {
+        name,
+        devices,
+        memory,
+        cores,
+        machine,
+        data_addr,
+        peer: stream.peer_addr().unwrap_or(data_addr),
+        coordinator_addr: stream.local_addr().ok()?,
+        control: Arc::new(Mutex::new(control)),
+        job: Mutex::new(None),
+        changed: Condvar::new(),
+        measuring: Mutex::new(None),
+    });
+    let (m, cv) = &**workers;
+    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+    let refusal = refusal(&conn)
+        .or_else(|| g.contains_key(&conn.name).then(|| format!("a worker named {} is registered already", conn.name)));
+    if let Some(reason) = refusal {
+        conn.send(&ToWorker::Refused { reason: reason.clone() });
+        tracing::warn!("refused worker {} from {}: {reason}", conn.name, conn.peer);
+        return None;
+    }
+    g.insert(conn.name.clone(), conn.clone());
+    cv.notify_all();
+    let devices: Vec<String> = conn.devices.iter().map(|d| d.to_string()).collect();
+    tracing::info!("worker {} registered from {}: {} ({} cores)", conn.name, conn.peer, devices.join(", "), conn.cores);
+    Some(conn)
+}
+
+/// Why a worker's registration does not hold together, if it does not.
+fn refusal(conn: &WorkerConn) -> Option<String> {
+    let name = &conn.name;
+    if conn.memory.len() != conn.devices.len() {
+        return Some(format!(
+            "worker {name} gave {} memory sizes for {} devices",
+            conn.memory.len(),
+            conn.devices.len()
+        ));
+    }
+    if conn.machine.is_empty() || conn.machine.len() > MACHINE_ID_MAX {
+        let len = conn.machine.len();
+        return Some(format!("worker {name}: a machine id of {len} bytes (expected 1 to {MACHINE_ID_MAX})"));
+    }
+    if conn.devices.is_empty() {
+        return Some(format!("worker {name} offers no device"));
+    }
+    None
+}
+
+/// Drops a worker that is gone: a job it held fails, naming the worker and why, and the
+/// job's sockets here are shut.
+fn forget(conn: &WorkerConn, workers: &Registry, lost: &str) {
+    let (name, peer) = (&conn.name, conn.peer);
+    workers.0.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    conn.measuring.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match conn.lock_job().take() {
+        None => tracing::info!("worker {name} ({peer}) left: {lost}"),
+        Some(h) => {
+            let reason = format!("worker {name} ({peer}) lost: {lost}");
+            tracing::error!("{reason}");
+            let failure = StageFailure { stage: h.first_stage, layer: None, step: None, reason };
+            let _ = h.reports.send(Report::Failed(failure));
+            h.sockets.abort();
+        }
+    }
+    conn.changed.notify_all();
+}
+
+/// Reads a worker's frames until it is lost; returns why.
+fn serve_worker(conn: &WorkerConn, mut stream: TcpStream) -> String {
+    if let Err(e) = stream.set_read_timeout(Some(PEER_TIMEOUT)) {
+        return e.to_string();
+    }
+    let mut r = std::io::BufReader::new(&mut stream);
+    loop {
+        match wire::read_frame::<ToCoordinator>(&mut r) {
+            Ok(ToCoordinator::Heartbeat) => {}
+            Ok(ToCoordinator::Report { job, report }) => {
+                if let Some(h) = conn.lock_job().as_ref().filter(|h| h.id == job) {
+                    let _ = h.reports.send(report);
+                }
+            }
+            Ok(ToCoordinator::Measured { request, times }) => {
+                let mut asked = conn.measuring.lock().unwrap_or_else(|p| p.into_inner());
+                if asked.as_ref().is_some_and(|(r, _)| *r == request) {
+                    let (_, answer) = asked.take().expect("checked");
+                    let _ = answer.send(times);
+                }
+            }
+            Ok(ToCoordinator::Finished { job }) => conn.release(job),
+            Err(wire::WireError::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                return format!("no heartbeat for {} s", PEER_TIMEOUT.as_secs())
+            }
+            Err(wire::WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return "connection closed".into()
+            }
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+/// Test helpers: a worker that registers but runs nothing, so that the tests play its part.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Registers a worker named `name` on `machine` whose CPU has `memory` bytes, through
+    /// `addr`; returns its control socket once the coordinator lists it.
+    pub fn fake_worker(cluster: &Cluster, addr: SocketAddr, name: &str, machine: &str, memory: u64) -> TcpStream {
+        let role = Role::Worker {
+            name: name.into(),
+            devices: vec![DeviceId::Cpu],
+            memory: vec![Some(memory)],
+            cores: 1,
+            machine: machine.into(),
+            data_addr: "127.0.0.1:9".parse().unwrap(),
+        };
+        let stream = wire::connect(addr, &cluster.secret, role).unwrap();
+        cluster.wait_for(&[name.to_string()], None).unwrap();
+        stream
+    }
+
+    /// The next message to a fake worker that is not a heartbeat.
+    pub fn next_message(worker: &mut TcpStream) -> wire::WireResult<ToWorker> {
+        loop {
+            match wire::read_frame::<ToWorker>(worker)? {
+                ToWorker::Heartbeat => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! What the coordinator and its workers say to each other over a worker's control
+//! connection (framed and authenticated by [`crate::wire`]), and the heartbeat that tells
+//! each side the other is alive.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use layerwise_pipeline::link::{Closed, ReportSender};
+use layerwise_pipeline::message::Report;
+use layerwise_plan::{DataShape, DeviceId, Host, RunConfig, StagePlan};
+use serde::{Deserialize, Serialize};
+
+use crate::wire;
+
+/// How often each side of a control connection says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Silence after which a peer is lost. A closed socket (a process that died, on a host that
+/// stays up) is noticed at once.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a worker is given to run: everything its stages need, nothing it must look up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Assignment {
+    pub job: u64,
+    pub config: RunConfig,
+    /// The data's images and classes: the worker may not hold the data set.
+    pub shape: DataShape,
+    /// Every stage of the plan (hosts named); the worker runs those placed on it.
+    pub stages: Vec<StagePlan>,
+    /// The run's checkpoint folder: stages write their parts there (a shared filesystem).
+    pub checkpoints: PathBuf,
+    /// The checkpoint to resume from.
+    pub resume: Option<PathBuf>,
+    /// Where each host's stages take their input links, as this worker reaches them.
+    pub hosts: Vec<(Host, SocketAddr)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToWorker {
+    Assign(Box<Assignment>),
+    /// Time each layer's training step on `device` (for `auto` over workers); answered by
+    /// [`ToCoordinator::Measured`] with the same `request`.
+    Measure {
+        request: u64,
+        config: Box<RunConfig>,
+        /// The data's images and classes.
+        shape: DataShape,
+        device: DeviceId,
+        /// Intra-op threads to time them with: the worker's share of its machine's budget
+        /// once the stages are placed (see [`layerwise_plan::placement::share_threads`]).
+        threads: usize,
+    },
+    Abort {
+        job: u64,
+        reason: String,
+    },
+    /// Registration refused (a worker of that name is registered already).
+    Refused {
+        reason: String,
+    },
+    Heartbeat,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToCoordinator {
+    Report {
+        job: u64,
+        report: Report,
+    },
+    /// Every stage of the job on this worker has ended.
+    Finished {
+        job: u64,
+    },
+    Measured {
+        request: u64,
+        times: Measurement,
+    },
+    Heartbeat,
+}
+
+/// A worker's answer to [`ToWorker::Measure`]: seconds per training step of each layer
+/// (the output layer last), or why it could not measure.
+pub type Measurement = std::result::Result<Vec<f64>, String>;
+
+/// A stage's report link in a worker: the control connection to the coordinator.
+pub struct RemoteReports {
+    pub job: u64,
+    pub control: Arc<Mutex<TcpStream>>,
+}
+
+impl ReportSender for RemoteReports {
+    fn send(&self, report: Report) -> Result<(), Closed> {
+        let mut s = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        wire::write_frame(&mut *s, &ToCoordinator::Report { job: self.job, report }).map_err(|_| Closed)
+    }
+}
+
+/// Sends `beat` on `control` every [`HEARTBEAT`] until the connection fails or `stop` is set.
+pub fn heartbeat<T: Serialize + Send + 'static>(
+    control: Arc<Mutex<TcpStream>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    beat: fn() -> T,
+) {
+    let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || loop {
+        std::thread::sleep(HEARTBEAT);
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let mut s = control.lock().unwrap_or_else(|p| p.into_inner());
+        if wire::write_frame(&mut *s, &beat()).is_err() {
+            return;
+        }
+    });
+}

@@ -1,0 +1,108 @@
+//! The stages a worker is handed: they come over the network, so they are checked as any
+//! input is before the worker builds or runs anything from them.
+
+use crate::checks::limits::CPU_THREADS;
+use crate::config::{PipelineMode, RunConfig};
+use crate::placement::{Host, StagePlan};
+use crate::{quote, Error, Machine, Result};
+
+/// Checks stages that came from elsewhere (a worker's assignment) as hostile input: stage
+/// `i` has index `i`, the stages hold every layer once, contiguous and in order, each layer
+/// with a device, threads within limits, a mode and training that allow this many stages,
+/// and every device of `host`'s stages present here.
+pub fn check_assigned(
+    stages: &[StagePlan],
+    num_layers: usize,
+    config: &RunConfig,
+    machine: &Machine,
+    host: &Host,
+) -> Result<()> {
+    let bad = |i: usize, what: String| Err(Error::Config(format!("the coordinator's stage {i}: {what}")));
+    if stages.is_empty() {
+        return Err(Error::Config("the coordinator's plan has no stage".into()));
+    }
+    if stages.len() > 1 && (config.model.training.is_global() || config.pipeline.mode == PipelineMode::Sequential) {
+        return Err(Error::Config(format!(
+            "the coordinator's plan has {} stages, but model.training {:?} with pipeline.mode {:?} runs as one",
+            stages.len(),
+            config.model.training,
+            config.pipeline.mode
+        )));
+    }
+    let mut expected = 0;
+    for (i, s) in stages.iter().enumerate() {
+        if s.index != i {
+            return bad(i, format!("numbered {}", s.index));
+        }
+        if s.layers.is_empty() || s.layers.iter().enumerate().any(|(k, &l)| l != expected + k) {
+            return bad(
+                i,
+                format!("layers {}, expected contiguous layers from {expected}", quote(&format!("{:?}", s.layers))),
+            );
+        }
+        expected += s.layers.len();
+        if expected > num_layers {
+            return bad(i, format!("layers up to {}, but the model has {num_layers}", expected - 1));
+        }
+        if s.devices.len() != s.layers.len() {
+            return bad(i, format!("{} devices for {} layers", s.devices.len(), s.layers.len()));
+        }
+        if !(1..=CPU_THREADS).contains(&s.threads) {
+            return bad(i, format!("{} threads, expected 1..={}", s.threads, CPU_THREADS));
+        }
+        if s.host == *host {
+            for d in &s.devices {
+                machine.check(*d).map_err(|e| Error::Config(format!("the coordinator's stage {i}: {e}")))?;
+            }
+        }
+    }
+    if expected != num_layers {
+        return Err(Error::Config(format!(
+            "the coordinator's stages hold {expected} of the model's {num_layers} layers"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::resolve;
+    use crate::{DeviceId, Placement, StageSpec};
+    use layerwise_nn::Training;
+
+    #[test]
+    fn stages_from_the_network_are_checked_before_a_worker_runs_them() {
+        let c = {
+            let mut c = RunConfig::default();
+            let spec = |layers: Vec<usize>, device: &str| StageSpec { layers, device: device.into() };
+            c.pipeline.placement = Placement::Stages(vec![spec(vec![0, 1], "cpu"), spec(vec![2, 3], "w1/cpu")]);
+            c
+        };
+        let cpu = Machine { cuda_devices: 0, cores: 2 };
+        let good = resolve(&c, 4, &cpu, None).unwrap();
+        let w1 = Host::Worker("w1".into());
+        assert!(check_assigned(&good, 4, &c, &cpu, &w1).is_ok());
+        let refused = |edit: fn(&mut Vec<StagePlan>)| {
+            let mut stages = good.clone();
+            edit(&mut stages);
+            check_assigned(&stages, 4, &c, &cpu, &w1).unwrap_err().to_string()
+        };
+        assert!(refused(|s| s[1].index = 7).contains("stage 1: numbered 7"));
+        assert!(refused(|s| s[1].layers = vec![3, 4]).contains("expected contiguous layers from 2"));
+        assert!(refused(|s| s[1].layers = vec![2, 3, 4, 5]).contains("the model has 4"));
+        assert!(refused(|s| s.truncate(1)).contains("hold 2 of the model's 4 layers"));
+        assert!(refused(|s| s[1].devices.clear()).contains("0 devices for 2 layers"));
+        assert!(refused(|s| s[1].threads = 0).contains("0 threads"));
+        assert!(refused(|s| s[1].devices = vec![DeviceId::Cuda(0); 2]).contains("cuda:0 is not present"));
+        assert!(refused(|s| s.clear()).contains("no stage"));
+        // Another host's devices are that host's to check.
+        let mut theirs = good.clone();
+        theirs[0].devices = vec![DeviceId::Cuda(3); 2];
+        assert!(check_assigned(&theirs, 4, &c, &cpu, &w1).is_ok());
+        let mut global = c.clone();
+        global.model.training = Training::Backprop;
+        let e = check_assigned(&good, 4, &global, &cpu, &w1).unwrap_err().to_string();
+        assert!(e.contains("runs as one"), "{e}");
+    }
+}
