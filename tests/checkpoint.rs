@@ -132,6 +132,24 @@ fn a_checkpoint_of_another_model_is_refused_naming_what_differs() {
     assert!(e.contains("model.num_hidden") && e.contains("48") && e.contains("64"), "{e}");
 }
 
+/// A run whose final checkpoint cannot be written fails saying why, in its error and in
+/// status.json (before, both said only "could not be written (see the log)"). The folder
+/// the checkpoint must take is held by a file, so renaming the finished cut into place fails.
+#[test]
+fn a_final_checkpoint_that_cannot_be_written_fails_the_run_with_its_cause() {
+    let data = data_dir();
+    let mut config = pipelined(data.path(), Placement::PerLayer);
+    config.train.epochs = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("checkpoints");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join(checkpoint::step_dir_name(12)), b"in the way").unwrap();
+    let e = layerwise_coordinator::run(&config, dir.path(), RunOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("step-0000000012 could not be written: ") && e.contains("Not a directory"), "{e}");
+    let status = std::fs::read_to_string(dir.path().join("status.json")).unwrap();
+    assert!(status.contains("\"failed\"") && status.contains("Not a directory"), "{status}");
+}
+
 #[test]
 fn the_best_checkpoint_is_kept_beside_the_newest() {
     let data = data_dir();

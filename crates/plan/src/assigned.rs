@@ -75,6 +75,7 @@ mod tests {
     fn stages_from_the_network_are_checked_before_a_worker_runs_them() {
         let c = {
             let mut c = RunConfig::default();
+            c.model.num_layers = 3; // four layers with the output layer
             let spec = |layers: Vec<usize>, device: &str| StageSpec { layers, device: device.into() };
             c.pipeline.placement = Placement::Stages(vec![spec(vec![0, 1], "cpu"), spec(vec![2, 3], "w1/cpu")]);
             c
@@ -96,6 +97,19 @@ mod tests {
         assert!(refused(|s| s[1].threads = 0).contains("0 threads"));
         assert!(refused(|s| s[1].devices = vec![DeviceId::Cuda(0); 2]).contains("cuda:0 is not present"));
         assert!(refused(|s| s.clear()).contains("no stage"));
+        // A worker's plan is built only from stages that pass, whatever devices the
+        // coordinator's own stages name.
+        let mut c = c.clone();
+        c.pipeline.placement = Placement::Stages(vec![
+            StageSpec { layers: vec![0, 1], device: "cuda:5".into() },
+            StageSpec { layers: vec![2, 3], device: "w1/cpu".into() },
+        ]);
+        let shape = crate::DataShape::of_config(&c.data).unwrap();
+        let mut numbered_wrong = good.clone();
+        numbered_wrong[1].index = 7;
+        let e = crate::Plan::assigned(&c, cpu, shape, numbered_wrong, &w1).unwrap_err().to_string();
+        assert!(e.contains("stage 1: numbered 7"), "{e}");
+        assert_eq!(crate::Plan::assigned(&c, cpu, shape, good.clone(), &w1).unwrap().stages, good);
         // Another host's devices are that host's to check.
         let mut theirs = good.clone();
         theirs[0].devices = vec![DeviceId::Cuda(3); 2];

@@ -97,8 +97,13 @@ impl Plan {
         stages: Vec<StagePlan>,
         host: &Host,
     ) -> Result<Plan> {
-        let mut plan = Self::build_unplaced(config, machine, shape)?;
+        // The coordinator resolved the placement (its devices are its own to check).
+        let mut unplaced = config.clone();
+        unplaced.pipeline.placement = crate::Placement::Single;
+        unplaced.pipeline.workers.clear();
+        let mut plan = Self::build_unplaced(&unplaced, machine, shape)?;
         crate::assigned::check_assigned(&stages, plan.num_layers(), config, &machine, host)?;
+        plan.config = config.clone();
         plan.stages = stages;
         plan.check_memory(host)?;
         Ok(plan)
