@@ -3,23 +3,34 @@
 
 Each case is written to tests/golden/<case>.safetensors: the inputs, the initial tensors
 (named as layerwise names them), and what PyTorch computes from them. The case's settings
-travel in the file's metadata as JSON under "config". Run with the project's torch:
+travel in the file's metadata as JSON under "config", the torch version that computed them
+under "torch". Run with the project's torch:
 
-    . scripts/setup.sh && python3 scripts/golden.py
+    . scripts/setup.sh && python3 scripts/golden.py            # rewrite tests/golden
+    . scripts/setup.sh && python3 scripts/golden.py --check    # recompute, compare, write nothing
+
+`--check` (scripts/test.sh runs it) recomputes every case into a temporary folder and fails,
+naming the cases, unless each file is byte for byte the committed one: the goldens the
+tests hold layerwise to are what this script computes, not an older copy.
 
 The model code here is written independently of layerwise's Rust, from the method's spec
 (shared/docs/ALGORITHM.md), with PyTorch's functional ops and torch.optim.
 """
+import filecmp
 import json
 import os
 import struct
 import sys
+import tempfile
+import warnings
 
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # none is needed here
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden")
 DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64", torch.uint8: "U8"}
+QUIET = False
 
 
 def save(case, tensors, config):
@@ -31,7 +42,7 @@ def save(case, tensors, config):
         header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
-    header["__metadata__"] = {"config": json.dumps(config, sort_keys=True)}
+    header["__metadata__"] = {"config": json.dumps(config, sort_keys=True), "torch": torch.__version__}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     os.makedirs(OUT, exist_ok=True)
@@ -40,7 +51,8 @@ def save(case, tensors, config):
         f.write(raw)
         for b in blobs:
             f.write(b)
-    print(f"golden: {case}: {len(tensors)} tensors")
+    if not QUIET:
+        print(f"golden: {case}: {len(tensors)} tensors")
 
 
 # ---------------------------------------------------------------- the method, functionally
@@ -360,7 +372,30 @@ def network_case(name, arch, steps=2, **over):
     save(name, tensors, cfg)
 
 
+def check():
+    """Recomputes every case into a temporary folder and compares it with tests/golden."""
+    global OUT, QUIET
+    committed, QUIET = OUT, True
+    with tempfile.TemporaryDirectory() as fresh:
+        OUT = fresh
+        compute_all()
+        ours, theirs = set(os.listdir(fresh)), set(os.listdir(committed))
+        differ = sorted(f for f in ours & theirs if not filecmp.cmp(os.path.join(fresh, f), os.path.join(committed, f), shallow=False))
+        problems = [f"{f}: differs" for f in differ] + [f"{f}: not committed" for f in sorted(ours - theirs)]
+        problems += [f"{f}: committed, not computed by this script" for f in sorted(theirs - ours)]
+    if problems:
+        print("golden --check: tests/golden is not what scripts/golden.py computes with torch "
+              f"{torch.__version__} (rerun it and commit):", *problems, sep="\n  ", file=sys.stderr)
+        return 1
+    print(f"golden --check: all {len(ours)} cases match tests/golden (torch {torch.__version__})")
+    return 0
+
+
 def main():
+    return check() if sys.argv[1:] == ["--check"] else compute_all()
+
+
+def compute_all():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     similarity_cases()

@@ -116,17 +116,21 @@ fn check_block(case: &str) {
     for ((name, _), grad) in params.iter().zip(&grads) {
         assert_close(&format!("{case}: grad of {name}"), grad, g.get(&format!("grad.{name}")), RTOL_GRAD, 1e-5);
     }
-    for (name, t) in block.buffers() {
-        if g.has(&format!("after.{name}")) {
-            assert_close(
-                &format!("{case}: {name} after forward"),
-                &t,
-                g.get(&format!("after.{name}")),
-                RTOL_FORWARD,
-                FLOOR,
-            );
-        }
+    // Every buffer PyTorch recorded is compared: a tensor renamed on either side fails here
+    // instead of dropping out of the comparison.
+    let recorded = g.with_prefix("after.");
+    let buffers = block.buffers();
+    for (name, expected) in &recorded {
+        let (_, t) = buffers.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{case}: no buffer {name}"));
+        assert_close(&format!("{case}: {name} after forward"), t, expected, RTOL_FORWARD, FLOOR);
     }
+    let batch_norm = buffers.iter().filter(|(n, _)| n.starts_with("bn.running_")).count();
+    assert_eq!(
+        recorded.len(),
+        batch_norm,
+        "{case}: PyTorch recorded {} buffers, the block has {batch_norm} running statistics",
+        recorded.len()
+    );
 }
 
 macro_rules! block_goldens {
@@ -182,12 +186,14 @@ fn check_optimizer(case: &str) {
             g.get(&format!("after.{i}")),
         );
     }
-    for (name, t) in opt.state() {
-        if let Some(key) = name.strip_prefix("p.") {
-            if g.has(&format!("state.{key}")) {
-                assert_bit_identical(&format!("{case}: state {key}"), &t, g.get(&format!("state.{key}")));
-            }
-        }
+    // Every state tensor PyTorch recorded is compared, by name.
+    let recorded = g.with_prefix("state.");
+    assert!(!recorded.is_empty() || kind == OptimKind::Sgd, "{case}: no optimizer state recorded");
+    let state = opt.state();
+    for (key, expected) in &recorded {
+        let name = format!("p.{key}");
+        let (_, t) = state.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("{case}: no state {name}"));
+        assert_bit_identical(&format!("{case}: state {key}"), t, expected);
     }
 }
 
