@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use layerwise_tests::{assert_same_newest_checkpoint, repo_root, write_idx_dataset};
+use layerwise_tests::{
+    assert_same_newest_checkpoint, repo_root, wait_until, write_idx_dataset, OutputWithin, WAIT_LIMIT,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
 
@@ -64,15 +66,30 @@ impl Service {
             .unwrap_or(serde_json::Value::Null)
     }
 
+    /// Waits until job `name`'s status satisfies `what`; fails at once if the job ends
+    /// otherwise.
     fn wait_for(&self, name: &str, what: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        self.wait_for_state(name, what, true)
+    }
+
+    /// As `wait_for`, for a job that may end and then run again (a job file rewritten).
+    fn wait_for_state(
+        &self,
+        name: &str,
+        what: impl Fn(&serde_json::Value) -> bool,
+        fail_on_end: bool,
+    ) -> serde_json::Value {
         let start = Instant::now();
         loop {
             let s = self.status(name);
             if what(&s) {
                 return s;
             }
-            assert!(start.elapsed() < Duration::from_secs(120), "{name}: still {s} after 120 s");
-            std::thread::sleep(Duration::from_millis(20));
+            // A job that has ended otherwise will not get there: fail now, not at the limit.
+            let ended = matches!(s["state"].as_str(), Some("done" | "failed" | "cancelled"));
+            assert!(!(fail_on_end && ended), "{name}: ended as {s}, not as the test waits for");
+            assert!(start.elapsed() < WAIT_LIMIT, "{name}: still {s} after {} s", WAIT_LIMIT.as_secs());
+            std::thread::park_timeout(Duration::from_millis(20));
         }
     }
 
@@ -86,14 +103,7 @@ impl Service {
     }
 
     fn wait_exit(mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "serve did not exit within 60 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until("serve to exit", || self.child.try_wait().unwrap())
     }
 }
 
@@ -101,6 +111,15 @@ impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
     }
+}
+
+/// Held by each test whose jobs train for long (hundreds of epochs until cancelled or
+/// killed, or a full run twice): they take turns, so that on 2 cores no test's jobs starve
+/// another's waits.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn state_is(s: &'static str) -> impl Fn(&serde_json::Value) -> bool {
@@ -129,7 +148,7 @@ fn jobs_run_to_done_and_a_bad_job_fails_without_stopping_the_next() {
     let metrics = std::fs::read_to_string(service.runs.join("c-good/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2);
 
-    let table = Command::new(BIN).arg("status").arg("--runs").arg(&service.runs).output().unwrap();
+    let table = Command::new(BIN).arg("status").arg("--runs").arg(&service.runs).output_within();
     let table = String::from_utf8_lossy(&table.stdout);
     for row in ["a-bad", "failed", "c-good", "done"] {
         assert!(table.contains(row), "{table}");
@@ -140,16 +159,26 @@ fn jobs_run_to_done_and_a_bad_job_fails_without_stopping_the_next() {
 
 #[test]
 fn a_cancel_file_or_a_removed_job_file_cancels_a_running_job_after_a_checkpoint() {
+    let _turn = heavy();
     let root = tempfile::tempdir().unwrap();
     write_idx_dataset(&root.path().join("data"), 300, 100);
     let service = Service::start(root.path());
-    service.submit("long", &job(&root.path().join("data"), 200, 9, 32));
+    // No checkpoints by epoch or step: the only one there can be is the cancel's own.
+    let mut long = job(&root.path().join("data"), 200, 9, 32);
+    long["checkpoint"]["every_epochs"] = 0.into();
+    service.submit("long", &long);
     service.wait_for("long", |s| s["state"] == "running" && s["epoch"].as_u64() >= Some(1));
     std::fs::write(service.jobs.join("long.cancel"), "").unwrap();
     let s = service.wait_for("long", state_is("cancelled"));
-    assert!(s["reason"].as_str().unwrap().contains("checkpoint"), "{s}");
+    let reason = s["reason"].as_str().unwrap();
+    let step: u64 = reason.rsplit("at step ").next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{s}"));
+    assert!(step > 9, "cancelled after the first epoch: {s}");
     let checkpoints = service.runs.join("long/checkpoints");
-    assert!(std::fs::read_dir(&checkpoints).unwrap().count() >= 1);
+    let names: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec![format!("step-{step:010}")], "one checkpoint, at the step the cancel stopped at");
 
     // removing the job file cancels too
     service.submit("long2", &job(&root.path().join("data"), 200, 9, 32));
@@ -163,6 +192,7 @@ fn a_cancel_file_or_a_removed_job_file_cancels_a_running_job_after_a_checkpoint(
 
 #[test]
 fn sigterm_checkpoints_and_a_new_serve_resumes_to_the_uninterrupted_result() {
+    let _turn = heavy();
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("data");
     write_idx_dataset(&data, 600, 100);
@@ -173,7 +203,7 @@ fn sigterm_checkpoints_and_a_new_serve_resumes_to_the_uninterrupted_result() {
     let config = root.path().join("job.json");
     std::fs::write(&config, spec.to_string()).unwrap();
     let whole = root.path().join("whole");
-    let out = Command::new(BIN).arg("train").arg(&config).arg("--run-dir").arg(&whole).output().unwrap();
+    let out = Command::new(BIN).arg("train").arg(&config).arg("--run-dir").arg(&whole).output_within();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let service = Service::start(root.path());
@@ -209,20 +239,20 @@ fn every_config_in_configs_validates() {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     assert!(configs.len() >= 20, "the paper's recipes are there");
-    let out = Command::new(BIN).arg("validate").arg("--no-data").args(&configs).output().unwrap();
+    let out = Command::new(BIN).arg("validate").arg("--no-data").args(&configs).output_within();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     // the Fashion-MNIST ones fully, data files included (Debian's package is installed)
     let fashion: Vec<&PathBuf> = configs
         .iter()
         .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("fashion") || p.ends_with("demo.json"))
         .collect();
-    let out = Command::new(BIN).arg("validate").args(&fashion).output().unwrap();
+    let out = Command::new(BIN).arg("validate").args(&fashion).output_within();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     // and a bad one is named with its key
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"{"optim": {"lr": -1}}"#).unwrap();
-    let out = Command::new(BIN).arg("validate").arg("--no-data").arg(&bad).output().unwrap();
+    let out = Command::new(BIN).arg("validate").arg("--no-data").arg(&bad).output_within();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("optim.lr"));
     // --set applies to every config named, and the estimate follows it: bf16 copies and a
@@ -233,7 +263,7 @@ fn every_config_in_configs_validates() {
         for s in sets {
             cmd.args(["--set", s]);
         }
-        let out = cmd.output().unwrap();
+        let out = cmd.output_within();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success(), "{text}");
         let gib =
@@ -245,7 +275,7 @@ fn every_config_in_configs_validates() {
     assert!(estimate(&["model.bf16=true"]) > base);
     assert!(estimate(&["train.batch_size=1024"]) > base);
     let out =
-        Command::new(BIN).arg("validate").arg("--no-data").arg(&bad).args(["--set", "optim.lr=0.1"]).output().unwrap();
+        Command::new(BIN).arg("validate").arg("--no-data").arg(&bad).args(["--set", "optim.lr=0.1"]).output_within();
     assert!(out.status.success(), "--set mends the bad key: {}", String::from_utf8_lossy(&out.stdout));
 }
 
@@ -290,12 +320,13 @@ fn a_job_file_copied_in_two_halves_runs_once_it_is_complete() {
     // ...and read again when the rest arrives: it runs.
     use std::io::Write;
     std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(rest.as_bytes()).unwrap();
-    let s = service.wait_for("slow", state_is("done"));
+    let s = service.wait_for_state("slow", state_is("done"), false);
     assert_eq!(s["step"].as_u64(), Some(2), "{s}");
 }
 
 #[test]
 fn a_job_running_whenever_the_service_died_is_failed_past_the_limit_and_the_service_goes_on() {
+    let _turn = heavy();
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("data");
     write_idx_dataset(&data, 300, 100);

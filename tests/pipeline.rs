@@ -2,8 +2,6 @@
 //! bit, whatever the placement; the reported test error is what the weights give; and a
 //! failing stage stops the whole pipeline promptly, saying where and why.
 
-use std::time::{Duration, Instant};
-
 use layerwise_coordinator::{Error, RunOptions};
 use layerwise_nn::arch::InputShape;
 use layerwise_nn::{Architecture, Network};
@@ -12,7 +10,7 @@ use layerwise_pipeline::message::StageFailure;
 use layerwise_plan::{PipelineMode, Placement, RunConfig, StageSpec};
 use tch::{Device, Kind};
 
-use layerwise_tests::{assert_same_run, data_dir, run_in_temp, small_run_config as config, Ran};
+use layerwise_tests::{assert_same_run, data_dir, run_in_temp, small_run_config as config, Ran, WAIT_LIMIT};
 
 fn run(config: &RunConfig) -> Ran {
     run_in_temp(config)
@@ -113,7 +111,9 @@ fn training_in_backprop_and_local_global_runs_as_one_stage_and_learns() {
     }
 }
 
-fn failure(kind: FaultKind, layer: usize, mode: PipelineMode) -> (StageFailure, Duration, tempfile::TempDir) {
+/// The failure a run with `kind` injected into `layer` at step 7 stops with. A pipeline
+/// that did not stop would never return: that fails here, after the wait limit.
+fn failure(kind: FaultKind, layer: usize, mode: PipelineMode) -> (StageFailure, tempfile::TempDir) {
     let data = data_dir();
     let mut c = config(data.path(), "mlp");
     c.pipeline.mode = mode;
@@ -121,15 +121,13 @@ fn failure(kind: FaultKind, layer: usize, mode: PipelineMode) -> (StageFailure, 
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let run_dir = dir.path().to_path_buf();
-    let start = Instant::now();
     std::thread::spawn(move || {
         let options = RunOptions { fault: Some(Fault { layer, step: 7, kind }), ..Default::default() };
         let _ = tx.send(layerwise_coordinator::run(&c, &run_dir, options).map(|_| ()));
     });
-    let result = rx.recv_timeout(Duration::from_secs(60)).expect("the run stops within 60 s");
-    let elapsed = start.elapsed();
+    let result = rx.recv_timeout(WAIT_LIMIT).expect("the run stops");
     match result {
-        Err(Error::Stage(f)) => (f, elapsed, dir),
+        Err(Error::Stage(f)) => (f, dir),
         other => panic!("expected a stage failure, got {other:?}"),
     }
 }
@@ -159,10 +157,9 @@ fn each_kind_of_stage_failure_stops_the_pipeline_and_says_where_and_why() {
         (FaultKind::OutOfMemory, 3, "out of memory"),
     ] {
         for mode in [PipelineMode::Pipelined, PipelineMode::Sequential] {
-            let (f, elapsed, dir) = failure(kind, layer, mode);
+            let (f, dir) = failure(kind, layer, mode);
             assert_eq!((f.stage, f.layer, f.step), (layer, Some(layer), Some(7)), "{kind:?} {mode:?}: {f}");
             assert!(f.reason.contains(reason), "{kind:?}: {}", f.reason);
-            assert!(elapsed < Duration::from_secs(30), "{kind:?} took {elapsed:?}");
             let status: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(dir.path().join("status.json")).unwrap()).unwrap();
             assert_eq!(status["state"], "failed");
@@ -210,13 +207,10 @@ fn a_stalled_stage_is_reported_while_it_stalls() {
     let run = std::thread::spawn(move || {
         layerwise_coordinator::run(&c, &run_dir, RunOptions { fault: Some(fault), ..Default::default() }).map(|_| ())
     });
-    let warning = loop {
+    let warning = layerwise_tests::wait_until("the stall warning", || {
         let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
-        if let Some(line) = text.lines().find(|l| l.contains("stalled")) {
-            break line.to_string();
-        }
-        std::thread::park_timeout(std::time::Duration::from_millis(5));
-    };
+        text.lines().find(|l| l.contains("stalled")).map(str::to_string)
+    });
     RELEASE.store(true, std::sync::atomic::Ordering::SeqCst);
     run.join().unwrap().unwrap();
     assert!(warning.contains("stage 2") && warning.contains("train message"), "{warning}");

@@ -1,10 +1,60 @@
-//! Helpers shared by the project-level tests: golden files written by `scripts/golden.py`
-//! and float comparisons with stated tolerances.
+//! Helpers shared by the project-level tests: golden files written by `scripts/golden.py`,
+//! float comparisons with stated tolerances, and waits that end in a failure instead of
+//! hanging CI.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
+
+/// How long a test waits for an event (a file, a state, a process's exit) before it fails.
+/// Generous: a loaded 2-core CI machine never reaches it; a broken feature fails at it
+/// instead of hanging CI.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(600);
+
+/// Polls `poll` until it gives a value; fails, naming `what`, after [`WAIT_LIMIT`].
+pub fn wait_until<T>(what: impl std::fmt::Display, mut poll: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = poll() {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT_LIMIT, "waited {} s for {what}", WAIT_LIMIT.as_secs());
+        std::thread::park_timeout(Duration::from_millis(5));
+    }
+}
+
+/// Waits for `child` to exit and reads its output; after [`WAIT_LIMIT`], kills it and
+/// fails naming `what`.
+pub fn output_within(child: Child, what: &str) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(WAIT_LIMIT) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("{what} did not exit within {} s", WAIT_LIMIT.as_secs())
+        }
+    }
+}
+
+/// `Command::output`, bounded: the command's output once it exits, or a failure after
+/// [`WAIT_LIMIT`].
+pub trait OutputWithin {
+    fn output_within(&mut self) -> Output;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self) -> Output {
+        let what = format!("{:?}", self);
+        let child =
+            self.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
+        output_within(child, &what)
+    }
+}
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -197,6 +247,9 @@ pub fn assert_same_run(a: &layerwise_coordinator::RunSummary, b: &layerwise_coor
         assert_eq!(ea.train_loss.to_bits(), eb.train_loss.to_bits(), "{what}: train loss");
         assert_eq!(ea.train_error.to_bits(), eb.train_error.to_bits(), "{what}: train error");
         assert_eq!(ea.lr, eb.lr, "{what}: lr");
+        let numbers =
+            |e: &layerwise_rundir::metrics::EpochMetrics| e.layers.iter().map(|l| l.layer).collect::<Vec<_>>();
+        assert_eq!(numbers(ea), numbers(eb), "{what}: epoch {}: the same layers reported", ea.epoch);
         for (la, lb) in ea.layers.iter().zip(&eb.layers) {
             assert_eq!(la.loss_sim.to_bits(), lb.loss_sim.to_bits(), "{what}: layer {} sim loss", la.layer);
             assert_eq!(la.loss_pred.to_bits(), lb.loss_pred.to_bits(), "{what}: layer {} pred loss", la.layer);
