@@ -166,7 +166,7 @@ pub fn connect(addr: SocketAddr, secret: &[u8], role: Role) -> WireResult<TcpStr
         Answer::Refused { reason } => Err(WireError::Refused(reason)),
         Answer::Accepted { mac: theirs } => {
             if !same(&theirs, &mac(secret, "acceptor", &own, &greeting.nonce)) {
-                return Err(WireError::Refused(format!("{addr} does not know the shared secret")));
+                return Err(WireError::Denied(format!("{addr} does not know the shared secret")));
             }
             stream.set_read_timeout(None)?;
             Ok(stream)
@@ -217,6 +217,31 @@ pub fn load_secret(file: Option<&std::path::Path>) -> crate::Result<Vec<u8>> {
         )));
     }
     Ok(secret)
+}
+
+/// Test helpers for this crate's tests of the handshake's users.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A coordinator that does not know the secret but says "accepted" anyway (it cannot
+    /// make the acceptor's proof): the worker refuses it instead of registering.
+    pub fn impostor() -> (SocketAddr, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(MAGIC).unwrap();
+            let own = nonce();
+            write_frame(&mut s, &Greeting { version: version(), nonce: own.clone() }).unwrap();
+            read_magic(&mut s).unwrap();
+            let hello: Hello = read_frame(&mut s).unwrap();
+            let guess = mac(b"a guess at the secret", "acceptor", &hello.nonce, &own);
+            write_frame(&mut s, &Answer::Accepted { mac: guess }).unwrap();
+        });
+        (addr, t)
+    }
 }
 
 #[cfg(test)]
@@ -279,5 +304,27 @@ mod tests {
         assert_ne!(base, mac(b"k", "acceptor", "a", "b"));
         assert_ne!(base, mac(b"k", "initiator", "b", "a"));
         assert!(same(&base, &mac(b"k", "initiator", "a", "b")));
+    }
+
+    #[test]
+    fn a_coordinator_that_cannot_prove_the_secret_is_refused_by_the_worker() {
+        let (addr, t) = testing::impostor();
+        let role = Role::Link { job: 1, stage: 1 };
+        let e = connect(addr, b"the real secret, 16+", role).unwrap_err().to_string();
+        assert!(e.contains("does not know the shared secret"), "{e}");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_secret_under_16_bytes_is_refused_before_anything_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, b"fifteen bytes!!\n").unwrap(); // the newline is not counted
+        let e = load_secret(Some(&file)).unwrap_err().to_string();
+        assert!(e.contains("at least 16 bytes") && e.contains("15 bytes given"), "{e}");
+        std::fs::write(&file, b"sixteen bytes!!!\n").unwrap();
+        assert_eq!(load_secret(Some(&file)).unwrap(), b"sixteen bytes!!!");
+        let e = load_secret(Some(&dir.path().join("missing"))).unwrap_err().to_string();
+        assert!(e.contains("missing") && e.contains("cannot read the secret"), "{e}");
     }
 }

@@ -107,6 +107,9 @@ pub fn serve(options: WorkerOptions) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(500));
                 continue;
             }
+            Err(e @ WireError::Denied(_)) => {
+                return Err(Error::Other(format!("worker {name} refused the coordinator {coordinator}: {e}")))
+            }
             Err(e) => return Err(Error::Other(format!("coordinator {coordinator} refused worker {name}: {e}"))),
         };
         waited_since = None;
@@ -418,5 +421,26 @@ mod tests {
         gone.abort();
         assert!(incoming.take(2, 0, &gone).is_none(), "job 2's unclaimed link was dropped");
         assert!(incoming.take(1, 0, &gone).is_some(), "another job's link stays");
+    }
+
+    /// A coordinator that cannot prove the secret: the worker gives up at once (it does not
+    /// retry it as it would an unreachable coordinator), naming it.
+    #[test]
+    fn a_worker_refuses_a_coordinator_that_cannot_prove_the_secret() {
+        let (addr, t) = crate::wire::testing::impostor();
+        let options = WorkerOptions {
+            coordinator: addr.to_string(),
+            name: "w1".into(),
+            devices: vec![DeviceId::Cpu],
+            secret: b"the real secret, 16+".to_vec(),
+            once: true,
+            stop: Arc::default(),
+        };
+        let e = serve(options).unwrap_err().to_string();
+        assert!(
+            e.contains("worker w1 refused the coordinator") && e.contains("does not know the shared secret"),
+            "{e}"
+        );
+        t.join().unwrap();
     }
 }
