@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use layerwise_tests::{assert_same_newest_checkpoint, data_dir, newest_checkpoint_name, small_run_config};
+use layerwise_tests::{
+    assert_same_newest_checkpoint, data_dir, newest_checkpoint_name, output_within, small_run_config, wait_until,
+    OutputWithin,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
 
@@ -28,8 +31,14 @@ impl Proc {
         self.0.as_mut().expect("not waited for yet")
     }
 
+    /// Its output once it exits (a failure, and the process killed, past the wait limit).
     fn output(mut self) -> Output {
-        self.0.take().expect("not waited for yet").wait_with_output().unwrap()
+        output_within(self.0.take().expect("not waited for yet"), BIN)
+    }
+
+    /// Whether it is still running.
+    fn running(&mut self) -> bool {
+        self.child().try_wait().unwrap().is_none()
     }
 }
 
@@ -42,6 +51,9 @@ impl Drop for Proc {
     }
 }
 const SECRET: &str = "a-test-secret-of-enough-bytes";
+
+/// Silence after which a peer is lost (the net crate's PEER_TIMEOUT).
+const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// mlp predsim over three processes: layer 0 here, layers 1-2 on w1, the output on w2.
 const PLACED: &str = r#"pipeline.placement=[{"layers":[0],"device":"cpu"},{"layers":[1,2],"device":"w1/cpu"},{"layers":[3],"device":"w2/cpu"}]"#;
@@ -60,6 +72,20 @@ fn setup() -> Setup {
     let c = small_run_config(data.path(), "mlp");
     std::fs::write(&config, serde_json::to_string_pretty(&c).unwrap()).unwrap();
     Setup { dir, _data: data, config }
+}
+
+/// The shared config's one-process run, trained once for all the tests that compare
+/// a run over several processes with it (the same claim each time: the same weights).
+fn reference() -> &'static Path {
+    static REFERENCE: std::sync::OnceLock<(Setup, PathBuf)> = std::sync::OnceLock::new();
+    let (_, whole) = REFERENCE.get_or_init(|| {
+        let s = setup();
+        let whole = s.dir.path().join("whole");
+        let out = train(&s.config, &whole, &[], false).output_within();
+        assert!(out.status.success(), "{}", text(&out));
+        (s, whole)
+    });
+    whole
 }
 
 fn train(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Command {
@@ -85,10 +111,10 @@ fn worker(addr: &str, name: &str, secret: &str) -> Proc {
 
 /// Waits for `path` to exist while `child` runs.
 fn wait_for(path: &Path, child: &mut Proc) {
-    while !path.exists() {
-        assert!(child.child().try_wait().unwrap().is_none(), "{} exited before {} appeared", BIN, path.display());
-        std::thread::park_timeout(std::time::Duration::from_millis(5));
-    }
+    wait_until(format_args!("{}", path.display()), || {
+        assert!(child.running(), "{} exited before {} appeared", BIN, path.display());
+        path.exists().then_some(())
+    })
 }
 
 fn text(out: &Output) -> String {
@@ -112,13 +138,10 @@ fn coordinator(config: &Path, run: &Path, sets: &[&str], resume: bool) -> (Proc,
 
 /// Waits for the run's first checkpoint while its coordinator (train or serve) runs.
 fn wait_for_a_checkpoint(run: &Path, coordinator: &mut Proc) {
-    while newest_checkpoint_name(run).is_empty() {
-        assert!(
-            coordinator.child().try_wait().unwrap().is_none(),
-            "the coordinator exited before the first checkpoint"
-        );
-        std::thread::park_timeout(std::time::Duration::from_millis(2));
-    }
+    wait_until("the run's first checkpoint", || {
+        assert!(coordinator.running(), "the coordinator exited before the first checkpoint");
+        (!newest_checkpoint_name(run).is_empty()).then_some(())
+    })
 }
 
 /// A coordinator on a free port with workers w1 and w2; returns its output.
@@ -142,9 +165,7 @@ fn placed_run(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Output 
 fn three_processes_train_and_resume_bit_identical_to_one() {
     let s = setup();
     let (c, d) = (&s.config, s.dir.path());
-    let whole = d.join("whole");
-    let out = train(c, &whole, &[], false).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let whole = reference();
 
     // Three processes, with strangers knocking first.
     let run = d.join("three");
@@ -171,7 +192,7 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
 
     // Begun in one process (epoch 1 of 2), finished in three; and the reverse.
     let one_then_three = d.join("one-then-three");
-    let first = train(c, &one_then_three, &["train.epochs=1"], false).output().unwrap();
+    let first = train(c, &one_then_three, &["train.epochs=1"], false).output_within();
     assert!(first.status.success(), "{}", text(&first));
     let out = placed_run(c, &one_then_three, &[], true);
     assert!(out.status.success(), "{}", text(&out));
@@ -181,7 +202,7 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
     let three_then_one = d.join("three-then-one");
     let out = placed_run(c, &three_then_one, &["train.epochs=1"], false);
     assert!(out.status.success(), "{}", text(&out));
-    let out = train(c, &three_then_one, &[], true).output().unwrap();
+    let out = train(c, &three_then_one, &[], true).output_within();
     assert!(out.status.success() && text(&out).contains("resuming from"), "{}", text(&out));
     assert_same_newest_checkpoint(&whole, &three_then_one, "begun in three processes, resumed in one");
 }
@@ -205,9 +226,7 @@ fn stage_threads(log: &str) -> Vec<usize> {
 fn an_auto_placement_spreads_over_the_workers_named_and_trains_as_one_process() {
     let s = setup();
     let (c, d) = (&s.config, s.dir.path());
-    let whole = d.join("whole");
-    let out = train(c, &whole, &[], false).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let whole = reference();
     let run = d.join("auto");
     let (coordinator, addr) = coordinator(c, &run, &[r#"pipeline.workers=["w1","w2"]"#], false);
     let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
@@ -241,7 +260,7 @@ fn a_worker_killed_mid_run_fails_the_run_naming_it_and_resume_ends_identical() {
     let (c, d) = (&s.config, s.dir.path());
     let sets = ["train.epochs=4", "train.steps_per_epoch=40", "model.num_hidden=256", "checkpoint.every_steps=2"];
     let whole = d.join("whole");
-    let out = train(c, &whole, &sets, false).output().unwrap();
+    let out = train(c, &whole, &sets, false).output_within();
     assert!(out.status.success(), "{}", text(&out));
 
     let run = d.join("killed");
@@ -251,12 +270,24 @@ fn a_worker_killed_mid_run_fails_the_run_naming_it_and_resume_ends_identical() {
     let w1 = worker(&addr, "w1", SECRET);
     let mut w2 = worker(&addr, "w2", SECRET);
     wait_for_a_checkpoint(&run, &mut coordinator);
+    let killed = std::time::Instant::now();
     w2.child().kill().unwrap(); // SIGKILL
     let _ = w2.child().wait();
     let out = coordinator.output();
+    let noticed = killed.elapsed();
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
-    assert!(log.contains("stage 2 failed") && log.contains("worker w2") && log.contains("lost"), "{log}");
+    // Noticed by the closed socket, not by the heartbeat's silence (which says "no heartbeat
+    // for 10 s" and cannot fire before 10 s have passed since the kill).
+    assert!(
+        log.contains("stage 2 failed") && log.contains("worker w2") && log.contains("lost: connection closed"),
+        "{log}"
+    );
+    assert!(!log.contains("no heartbeat"), "{log}");
+    assert!(
+        noticed < PEER_TIMEOUT,
+        "the run ended {noticed:?} after the kill: the heartbeat's bound, not the socket's"
+    );
     let w1 = w1.output();
     assert!(!w1.status.success(), "w1's job was aborted: {}", text(&w1));
     let status = std::fs::read_to_string(run.join("status.json")).unwrap();
@@ -279,9 +310,7 @@ fn a_worker_killed_mid_run_fails_the_run_naming_it_and_resume_ends_identical() {
 fn a_torchrun_style_launch_spreads_the_layers_over_the_ranks() {
     let s = setup();
     let (c, d) = (&s.config, s.dir.path());
-    let whole = d.join("whole");
-    let out = train(c, &whole, &[], false).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let whole = reference();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
     let run = d.join("ranks");
     let ranks: Vec<Proc> = (0..3)
@@ -358,14 +387,11 @@ fn serve_fails_a_job_whose_worker_dies_and_goes_on_with_the_next() {
             .unwrap_or_default()
     };
     let wait_state = |name: &str, serve: &mut Proc| -> serde_json::Value {
-        loop {
+        wait_until(format_args!("job {name} to end"), || {
             let st = status(name);
-            if st["state"] == "done" || st["state"] == "failed" {
-                return st;
-            }
-            assert!(serve.child().try_wait().unwrap().is_none(), "serve exited");
-            std::thread::park_timeout(std::time::Duration::from_millis(10));
-        }
+            assert!(serve.running(), "serve exited");
+            (st["state"] == "done" || st["state"] == "failed").then_some(st)
+        })
     };
     submit(
         "a-two-workers",
@@ -404,7 +430,7 @@ fn serve_fails_a_job_whose_worker_dies_and_goes_on_with_the_next() {
     }
 
     assert!(Command::new("kill").args(["-TERM", &serve.child().id().to_string()]).status().unwrap().success());
-    assert!(serve.child().wait().unwrap().success());
+    assert!(wait_until("serve to exit", || serve.child().try_wait().unwrap()).success());
     drop(w1); // a persistent worker: killed
 }
 
@@ -439,8 +465,7 @@ fn a_worker_that_never_registers_fails_the_run_after_the_wait_naming_it() {
     let placement = r#"pipeline.placement=[{"layers":[0,1],"device":"cpu"},{"layers":[2,3],"device":"ghost/cpu"}]"#;
     let out = train(&s.config, &run, &[placement], false)
         .args(["--listen", "127.0.0.1:0", "--worker-wait", "1"])
-        .output()
-        .unwrap();
+        .output_within();
     assert!(!out.status.success());
     let log = text(&out);
     assert!(log.contains("[\"ghost\"] did not register") && log.contains("within 1 s"), "{log}");
