@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use layerwise_tests::{assert_same_newest_checkpoint, newest_checkpoint_name, repo_root};
+use layerwise_tests::{
+    assert_same_newest_checkpoint, newest_checkpoint_name, output_within, repo_root, wait_until, OutputWithin,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
 
@@ -12,13 +14,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
 /// and keep libtorch_cuda.so, without which CUDA silently disappears on GPU machines.
 #[test]
 fn binary_keeps_libtorch_cuda_and_finds_torch_without_ld_library_path() {
-    let out = Command::new("ldd").arg(BIN).env_remove("LD_LIBRARY_PATH").output().expect("run ldd");
+    let out = Command::new("ldd").arg(BIN).env_remove("LD_LIBRARY_PATH").output_within();
     let text = String::from_utf8_lossy(&out.stdout);
     for lib in ["libtorch_cuda.so", "libtorch_cpu.so", "libc10.so"] {
         let line = text.lines().find(|l| l.contains(lib)).unwrap_or_else(|| panic!("{lib} not linked:\n{text}"));
         assert!(!line.contains("not found"), "{lib} not found without LD_LIBRARY_PATH: {line}");
     }
-    let run = Command::new(BIN).arg("devices").env_remove("LD_LIBRARY_PATH").output().expect("run layerwise");
+    let run = Command::new(BIN).arg("devices").env_remove("LD_LIBRARY_PATH").output_within();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("cuda devices"), "{stdout}");
@@ -46,7 +48,7 @@ fn train_command(run_dir: &Path, sets: &[&str], resume: bool) -> Command {
 }
 
 fn train(run_dir: &Path, sets: &[&str]) -> std::process::Output {
-    train_command(run_dir, sets, false).output().expect("run layerwise train")
+    train_command(run_dir, sets, false).output_within()
 }
 
 /// The README's demo, shortened: a predsim mlp, one stage per layer, pipelined, on real
@@ -92,13 +94,12 @@ fn demo_trains_on_real_fashion_mnist_and_writes_its_run_directory() {
         .arg("--json")
         .arg("--predictions")
         .arg(dir.path().join("pred.txt"))
-        .output()
-        .unwrap();
+        .output_within();
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     let e: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
     assert_eq!(e["examples"], 10_000);
     let model = dir.path().join("model.safetensors");
-    let export = Command::new(BIN).arg("export").arg(&run).arg("--out").arg(&model).output().unwrap();
+    let export = Command::new(BIN).arg("export").arg(&run).arg("--out").arg(&model).output_within();
     assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
     let python = std::env::var("LAYERWISE_TORCH_VENV").map_or("python3".into(), |v| format!("{v}/bin/python3"));
     let check = Command::new(python)
@@ -120,7 +121,7 @@ fn demo_trains_on_real_fashion_mnist_and_writes_its_run_directory() {
     let pytorch_error = r["test_error"].as_f64().unwrap();
     assert!((pytorch_error - e["test_error"].as_f64().unwrap()).abs() < 1e-3, "{r} vs {e}");
 
-    let inspect = Command::new(BIN).arg("inspect").arg(&run).output().unwrap();
+    let inspect = Command::new(BIN).arg("inspect").arg(&run).output_within();
     let text = String::from_utf8_lossy(&inspect.stdout);
     assert!(
         inspect.status.success() && text.contains("step         150 (epoch 1)") && text.contains("layer-002"),
@@ -137,7 +138,7 @@ fn train_resume_continues_from_the_checkpoint() {
     assert!(train(&whole, &sets).status.success());
     let part = dir.path().join("part");
     assert!(train(&part, &[&sets[..3], &["train.epochs=1"]].concat()).status.success());
-    let out = train_command(&part, &sets, true).output().unwrap();
+    let out = train_command(&part, &sets, true).output_within();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from"));
     let lines = |d: &Path| -> Vec<serde_json::Value> {
@@ -189,13 +190,11 @@ fn sigint_stops_train_with_a_checkpoint() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let start = std::time::Instant::now();
-    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(true, |m| m.is_empty()) {
-        assert!(start.elapsed().as_secs() < 60, "no epoch finished");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until("the first epoch's metrics", || {
+        std::fs::read_to_string(run.join("metrics.jsonl")).ok().filter(|m| !m.is_empty())
+    });
     assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-    let out = child.wait_with_output().unwrap();
+    let out = output_within(child, "train after SIGINT");
     assert!(out.status.success(), "exit {:?}", out.status);
     assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
     let status: serde_json::Value =
@@ -206,10 +205,26 @@ fn sigint_stops_train_with_a_checkpoint() {
     assert!(run.join("checkpoints").join(format!("step-{step:010}")).join("manifest.json").is_file());
 }
 
-/// kill -9 while training (checkpoints are taken every 2 steps, so kills also land while one
-/// is being written), then --resume: the run ends exactly where an uninterrupted one does.
-/// Each kill waits for an event, a newer checkpoint folder than the last kill saw, not for
-/// a time, so a slow machine only makes it slower.
+/// The steps (`step-N`) of the checkpoints of `run` being written now: their cuts'
+/// `.partial` folders.
+fn partial_steps(run: &Path) -> Vec<String> {
+    std::fs::read_dir(run.join("checkpoints"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".partial"))
+                .map(|n| n.split('.').next().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// kill -9 at instants spread over the step, then --resume: the run ends exactly where an
+/// uninterrupted one does. Checkpoints are taken every 2 steps; the kills alternate between
+/// two events: a cut's `.partial` folder appearing (the stages are writing their layers,
+/// so the kill lands inside a write), and a newer complete checkpoint appearing (between
+/// writes, while the stages train). Each waits for its event, not for a time. How many
+/// kills found a write still under way is printed (a fast write can finish first).
 #[test]
 fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -224,27 +239,38 @@ fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
     let whole = dir.path().join("whole");
     assert!(train(&whole, &sets).status.success());
     let run = dir.path().join("killed");
-    let mut seen = String::new();
-    for _ in 0..3 {
+    let (mut seen, mut inside) = (String::new(), 0);
+    const KILLS: usize = 6;
+    for k in 0..KILLS {
         let mut child = train_command(&run, &sets, true)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        while newest_checkpoint_name(&run) <= seen {
-            assert!(child.try_wait().unwrap().is_none(), "the run ended before its next checkpoint");
-            std::thread::park_timeout(std::time::Duration::from_millis(5));
-        }
+        let during_a_write = k % 2 == 0;
+        wait_until(if during_a_write { "a checkpoint write" } else { "the next checkpoint" }, || {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before the kill");
+            if during_a_write {
+                // a cut newer than the last complete checkpoint (not one a kill left behind)
+                partial_steps(&run).iter().any(|p| *p > seen).then_some(())
+            } else {
+                (newest_checkpoint_name(&run) > seen).then_some(())
+            }
+        });
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
         seen = newest_checkpoint_name(&run);
+        // A cut newer than every complete checkpoint was killed while being written.
+        inside += usize::from(partial_steps(&run).iter().any(|p| *p > seen));
     }
-    // the kills landed mid-training: checkpoints exist, the last step is not there yet
-    assert!(!seen.is_empty() && *seen < *"step-0000000240", "{seen}");
-    let out = train_command(&run, &sets, true).output().unwrap();
+    eprintln!("{inside} of {KILLS} kills landed inside a checkpoint write");
+    // the kills landed mid-training: the last step is not there yet
+    assert!(*seen < *"step-0000000240", "{seen}");
+    let out = train_command(&run, &sets, true).output_within();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("resuming from"), "the last start resumed: {log}");
+    assert!(partial_steps(&run).is_empty(), "the resumed run removed what killed writes left");
     assert_same_newest_checkpoint(&whole, &run, "after kill -9 and resume");
 }
 
@@ -253,12 +279,15 @@ fn sigkill_at_any_instant_then_resume_ends_like_the_uninterrupted_run() {
 /// plan it used.
 #[test]
 fn bench_train_prints_one_json_object_of_consistent_figures() {
+    let kept = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
     let out = Command::new(BIN)
         .current_dir(repo_root())
         .args(["bench", "train", "configs/demo.json", "--steps", "2", "--repeats", "1", "--rounds", "2", "--json"])
-        .args(["--set", "model.num_hidden=32", "--set", "train.batch_size=16"])
-        .output()
-        .expect("run layerwise bench");
+        .args(["--set", "model.num_hidden=32", "--set", "train.batch_size=16", "--keep-runs"])
+        .arg(kept.path())
+        .output_within();
+    let wall = started.elapsed().as_secs_f64();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
@@ -290,6 +319,32 @@ fn bench_train_prints_one_json_object_of_consistent_figures() {
         let stages: Vec<Vec<u64>> = serde_json::from_value(r["stages"].clone()).unwrap();
         assert_eq!(stages.concat(), (0..layers as u64).collect::<Vec<_>>(), "{r}");
         assert_eq!(r["threads"].as_array().unwrap().len(), stages.len());
+    }
+    // Against a clock the bench does not read: every measured epoch trained 2 steps of 16
+    // images, so its figure says it took 32 / images_per_sec seconds; all of them together
+    // cannot have taken longer than the whole command did.
+    let claimed: f64 = runs
+        .iter()
+        .flat_map(|r| serde_json::from_value::<Vec<f64>>(r["epochs_images_per_sec"].clone()).unwrap())
+        .map(|ips| 32.0 / ips)
+        .sum();
+    assert!(claimed > 0.0 && claimed < wall, "the epochs claim {claimed:.3} s of training in a {wall:.3} s command");
+    // Against each run's own record: the figures the bench reports for run I in round R are
+    // the images/s its run wrote to metrics.jsonl for each measured epoch (the first epoch
+    // warms up), and the run trained the steps asked for.
+    for (i, r) in runs.iter().enumerate() {
+        let epochs: Vec<f64> = serde_json::from_value(r["epochs_images_per_sec"].clone()).unwrap();
+        for (round, figure) in epochs.iter().enumerate() {
+            let dir = kept.path().join(format!("round-{}-run-{i}", round + 1));
+            let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(lines.len(), 2, "a warm-up epoch and one measured: {}", dir.display());
+            assert_eq!(lines[1]["images_per_sec"].as_f64(), Some(*figure), "{}: {r}", dir.display());
+            assert_eq!(lines[1]["step"].as_u64(), Some(4), "{}", dir.display());
+        }
     }
     let per_layer = runs.iter().find(|r| r["placement"] == "per_layer").unwrap();
     assert_eq!(per_layer["stages"].as_array().unwrap().len(), layers);

@@ -33,6 +33,9 @@ pub struct TrainBench {
     pub rounds: usize,
     pub overrides: Vec<String>,
     pub json: bool,
+    /// Where each measured run's directory is kept (else a temporary folder): with `one`,
+    /// that run's own directory.
+    pub keep_runs: Option<PathBuf>,
     /// Internal: run only this one of the runs, in this process, and print its result.
     pub one: Option<usize>,
 }
@@ -147,7 +150,7 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
     let runs = runs(&base, &machine)?;
     if let Some(i) = args.one {
         let run = runs.get(i).ok_or_else(|| anyhow::anyhow!("--one {i}: no such run"))?.clone();
-        let measured = measure_one(&base, run, args.steps, args.repeats)?;
+        let measured = measure_one(&base, run, args.steps, args.repeats, args.keep_runs.as_deref())?;
         println!("{}", serde_json::to_string(&measured)?);
         return Ok(());
     }
@@ -171,7 +174,8 @@ pub fn train(args: TrainBench) -> anyhow::Result<()> {
                 runs.len(),
                 serde_json::to_string(placement)?
             );
-            rounds[i].push(measure_in_child(&args, i)?);
+            let keep = args.keep_runs.as_ref().map(|d| d.join(format!("round-{round}-run-{i}")));
+            rounds[i].push(measure_in_child(&args, i, keep.as_deref())?);
         }
     }
     let mut rows: Vec<Row> = Vec::new();
@@ -250,10 +254,13 @@ fn best_speedup(m: &Measured, costs: Option<&Costs>, machine: &Machine) -> f64 {
 /// Runs `runs()[i]` in a child process (this binary, `--one i`) and reads its result; the
 /// child's log is shown only when it fails. On a GPU machine, `nvidia-smi` is polled for the
 /// child's device memory meanwhile.
-fn measure_in_child(args: &TrainBench, i: usize) -> anyhow::Result<Measured> {
+fn measure_in_child(args: &TrainBench, i: usize, keep: Option<&std::path::Path>) -> anyhow::Result<Measured> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("bench").arg("train").arg(&args.config);
     cmd.args(["--steps", &args.steps.to_string(), "--repeats", &args.repeats.to_string(), "--one", &i.to_string()]);
+    if let Some(dir) = keep {
+        cmd.arg("--keep-runs").arg(dir);
+    }
     for o in &args.overrides {
         cmd.args(["--set", o]);
     }
@@ -309,7 +316,13 @@ fn poll_device_memory(pid: u32, done: &AtomicBool) -> Option<u64> {
 /// One run, in this process: `repeats` measured epochs of `steps` steps after a warm-up epoch.
 /// A run with stages on workers listens on 127.0.0.1 and starts them as child processes of
 /// this binary (`worker --once`, sharing a fresh secret).
-fn measure_one(base: &RunConfig, run: BenchRun, steps: usize, repeats: usize) -> anyhow::Result<Measured> {
+fn measure_one(
+    base: &RunConfig,
+    run: BenchRun,
+    steps: usize,
+    repeats: usize,
+    keep: Option<&std::path::Path>,
+) -> anyhow::Result<Measured> {
     let BenchRun { mode, placement } = run;
     let mut c = base.clone();
     c.pipeline.mode = mode;
@@ -320,7 +333,8 @@ fn measure_one(base: &RunConfig, run: BenchRun, steps: usize, repeats: usize) ->
     c.train.eval_batches = Some(1);
     c.checkpoint.every_epochs = 0;
     c.checkpoint.every_steps = 0;
-    let dir = tempfile::tempdir()?;
+    let temporary = tempfile::tempdir()?;
+    let dir = keep.unwrap_or(temporary.path());
     let workers = Plan::build(&c, Machine::detect())?.workers();
     let mut options = RunOptions::default();
     let mut children = Vec::new();
@@ -338,7 +352,7 @@ fn measure_one(base: &RunConfig, run: BenchRun, steps: usize, repeats: usize) ->
         }
         options.cluster = Some(cluster);
     }
-    let summary = layerwise_coordinator::run(&c, dir.path(), options)?;
+    let summary = layerwise_coordinator::run(&c, dir, options)?;
     for mut child in children {
         child.0.wait()?;
     }

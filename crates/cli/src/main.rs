@@ -171,6 +171,10 @@ enum Bench {
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Keep each measured run's directory (config, metrics.jsonl, status) here, as
+        /// `round-R-run-I`, instead of in a temporary folder.
+        #[arg(long, value_name = "DIR")]
+        keep_runs: Option<PathBuf>,
         /// Internal: run one of the compared runs in this process and print its figures.
         #[arg(long, hide = true)]
         one: Option<usize>,
@@ -336,8 +340,8 @@ fn main() -> ExitCode {
         Command::Export { path, out } => use_run::export(&path, &out),
         Command::Inspect { path } => use_run::inspect(&path),
         Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
-        Command::Bench(Bench::Train { config, steps, repeats, rounds, overrides, json, one }) => {
-            bench::train(bench::TrainBench { config, steps, repeats, rounds, overrides, json, one })
+        Command::Bench(Bench::Train { config, steps, repeats, rounds, overrides, json, keep_runs, one }) => {
+            bench::train(bench::TrainBench { config, steps, repeats, rounds, overrides, json, keep_runs, one })
         }
         Command::Serve {
             jobs,
