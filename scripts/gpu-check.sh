@@ -8,12 +8,15 @@
 # With the device tool: run(command="bash scripts/gpu-check.sh", carry=["dist/gpu"]).
 # The checks: `layerwise devices`; on cuda:0, a pipelined run (one stage per layer) against
 # the same run sequential, and a run resumed half-way against the uninterrupted one, both
-# compared by `layerwise eval` of their final checkpoints; `bench train --json` of mlp
+# compared by `layerwise eval` of their final checkpoints and by every layer file of them
+# (weights, optimizer state, generator; SHA-256 from the manifests), bit for bit;
+# `bench train --json` of mlp
 # predsim and vgg8b predsim on random CIFAR-shaped data with 1, 2 and 4 stages on the one
 # GPU, and of vgg8b predsim with bf16 products (model.bf16) on one stage; a model too big
 # for the GPU refused by validate; two processes (a torchrun-style launch of 2 ranks, both
 # on the one GPU) with the GPU link over TCP and over NCCL, each against the
-# single-process run (NCCL may refuse two ranks on one GPU: the script says so); `auto`
+# single-process run (NCCL may refuse two ranks on one GPU: that check is then listed as
+# not run, never as passed); `auto`
 # over a worker, which times the layers on its GPU for the coordinator; the mlp recipe in
 # eager PyTorch (scripts/torch_baseline.py) as the yardstick.
 # Figures go to stdout and to $OUT (or dist/gpu-out) as JSON. The exactness checks and the
@@ -67,6 +70,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 step() { echo; echo "=== $*"; }
 failures=()
 skipped=()
+notrun=()  # checks this machine cannot run: listed, never counted as passed
 
 step "layerwise devices"
 "$BIN" devices | tee "$OUT/devices.txt"
@@ -131,6 +135,32 @@ same_eval() {
     fi
 }
 
+# same_weights WHAT DIR_A DIR_B: the newest checkpoints of two runs hold the same layers,
+# bit for bit: every layer file (weights, optimizer state, generator) has the same SHA-256
+# in the two manifests. An evaluation alone reads two batches; this reads every tensor.
+same_weights() {
+    local report="$OUT/weights-$(basename "$3").txt"
+    if "$PY" - "$2" "$3" > "$report" <<'EOF'
+import glob, json, os, sys
+def layers(run):
+    newest = sorted(d for d in glob.glob(os.path.join(run, "checkpoints", "step-*")) if not d.endswith(".partial"))[-1]
+    files = json.load(open(os.path.join(newest, "manifest.json")))["files"]
+    return os.path.basename(newest), {f["name"]: f["sha256"] for f in files if f["name"].endswith(".safetensors")}
+(sa, a), (sb, b) = layers(sys.argv[1]), layers(sys.argv[2])
+print(f"{sa}: {len(a)} layer files; {sb}: {len(b)}")
+for name in sorted(set(a) | set(b)):
+    if a.get(name) != b.get(name):
+        print(f"differs: {name}")
+sys.exit(0 if a == b and sa == sb and a else 1)
+EOF
+    then
+        echo "same weights: $(head -n 1 "$report"), every file bit for bit"
+    else
+        echo "DIFFERENT WEIGHTS: $(tr '\n' ' ' < "$report")"
+        failures+=("$1 (weights) on $DEV")
+    fi
+}
+
 # A run that fails is a failure of its check; the checks after it still run.
 ran() {  # ran WHAT RUN_SMALL_ARGS...
     local what=$1; shift
@@ -146,6 +176,7 @@ if ran "sequential run" "$RUNS/seq" --set pipeline.mode='"sequential"' --set "pi
     eval_json "$RUNS/seq" > "$OUT/eval-sequential.json"
     eval_json "$RUNS/pipe" > "$OUT/eval-pipelined.json"
     same_eval "pipelined != sequential" sequential eval-sequential.json pipelined eval-pipelined.json
+    same_weights "pipelined != sequential" "$RUNS/seq" "$RUNS/pipe"
 fi
 
 step "resumed half-way against uninterrupted, on $DEV"
@@ -153,6 +184,7 @@ if ran "first half" "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --set tra
     ran "resumed half" "$RUNS/half" --set "pipeline.placement=$PER_LAYER" --resume; then
     eval_json "$RUNS/half" > "$OUT/eval-resumed.json"
     same_eval "resume != uninterrupted" uninterrupted eval-pipelined.json resumed eval-resumed.json
+    same_weights "resume != uninterrupted" "$RUNS/pipe" "$RUNS/half"
 fi
 
 step "bf16 products (model.bf16): pipelined against sequential, on $DEV"
@@ -161,6 +193,7 @@ if ran "bf16 sequential run" "$RUNS/seq16" --set model.bf16=true --set pipeline.
     eval_json "$RUNS/seq16" > "$OUT/eval-sequential-bf16.json"
     eval_json "$RUNS/pipe16" > "$OUT/eval-pipelined-bf16.json"
     same_eval "bf16 pipelined != sequential" sequential eval-sequential-bf16.json pipelined eval-pipelined-bf16.json
+    same_weights "bf16 pipelined != sequential" "$RUNS/seq16" "$RUNS/pipe16"
     echo "float32: $(cat "$OUT/eval-pipelined.json" 2>/dev/null)"
 fi
 
@@ -185,9 +218,11 @@ for link in "${links[@]}"; do
         eval_json "$RUNS/ranks-$link" > "$OUT/eval-two-processes-$link.json"
         same_eval "two processes ($link link) != one process" one-process eval-sequential.json \
             "two-processes-$link" "eval-two-processes-$link.json"
+        same_weights "two processes ($link link) != one process" "$RUNS/seq" "$RUNS/ranks-$link"
     elif [[ "$link" == nccl ]] && grep -qi "duplicate GPU\|same device\|invalid usage" "$OUT/train.log"; then
         echo "NCCL refuses two ranks on one GPU here: the NCCL link needs two GPUs; its error:"
         grep -i -m1 "duplicate GPU\|same device\|invalid usage" "$OUT/train.log" | tee "$OUT/nccl-one-gpu.txt"
+        notrun+=("two processes over nccl: NCCL refused two ranks on one GPU (the link needs two GPUs)")
     else
         echo "FAILED: two processes over $link; the log's last lines:"
         tail -n 5 "$OUT/train.log"
@@ -216,6 +251,7 @@ if auto_over_worker "$RUNS/auto-worker" && grep -q "auto: w1 on $DEV with" "$OUT
     eval_json "$RUNS/auto-worker" > "$OUT/eval-auto-over-worker.json"
     same_eval "auto over a worker != one process" one-process eval-sequential.json \
         auto-over-worker eval-auto-over-worker.json
+    same_weights "auto over a worker != one process" "$RUNS/seq" "$RUNS/auto-worker"
 else
     echo "FAILED: auto over a worker; the log's last lines:"
     tail -n 5 "$OUT/train.log"
@@ -289,12 +325,15 @@ echo
 if ((${#skipped[@]})); then
     printf 'gpu-check: skipped for time: %s\n' "${skipped[@]}"
 fi
+if ((${#notrun[@]})); then
+    printf 'gpu-check: not run here: %s\n' "${notrun[@]}"
+fi
 if ((${#failures[@]})); then
     printf 'gpu-check: FAILED: %s\n' "${failures[@]}"
     exit 1
 fi
-if ((${#skipped[@]})); then
-    echo "gpu-check: every check that ran passed; figures in $OUT"
+if ((${#skipped[@]} + ${#notrun[@]})); then
+    echo "gpu-check: every check that ran passed (${#skipped[@]} skipped for time, ${#notrun[@]} not run here); figures in $OUT"
 else
     echo "gpu-check: all checks passed; figures in $OUT"
 fi

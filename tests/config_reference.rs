@@ -22,7 +22,8 @@ fn reference() -> BTreeMap<String, Row> {
     for line in text.lines().filter(|l| l.starts_with("| `")) {
         let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
         assert_eq!(cells.len(), 4, "{line}");
-        let ticked = |cell: &str| cell.split('`').nth(1).unwrap_or_else(|| panic!("no `value` in {cell:?}")).to_string();
+        let ticked =
+            |cell: &str| cell.split('`').nth(1).unwrap_or_else(|| panic!("no `value` in {cell:?}")).to_string();
         let default = serde_json::from_str(&ticked(cells[1])).unwrap_or_else(|e| panic!("{line}: {e}"));
         let previous = rows.insert(ticked(cells[0]), Row { default, accepted: cells[2].to_string() });
         assert!(previous.is_none(), "{line}: listed twice");
@@ -82,11 +83,16 @@ fn every_integer_bound_in_the_reference_is_the_one_enforced() {
     let rows = reference();
     let bounded: Vec<(&String, (u64, u64))> =
         rows.iter().filter_map(|(k, r)| integer_bounds(&r.accepted).map(|b| (k, b))).collect();
-    assert!(bounded.len() >= 12, "the reference's integer bounds: {:?}", bounded.iter().map(|b| b.0).collect::<Vec<_>>());
+    assert!(
+        bounded.len() >= 12,
+        "the reference's integer bounds: {:?}",
+        bounded.iter().map(|b| b.0).collect::<Vec<_>>()
+    );
     for (key, (lo, hi)) in bounded {
         // Refused by this key's check (not, say, by the memory that a large value needs).
         let refused = |v: u64| plan_with(key, v).err().filter(|e| e.contains(key.as_str()) && e.contains("expected"));
-        let e = refused(hi + 1).unwrap_or_else(|| panic!("{key} = {} (above {lo}..={hi}) is not refused by name", hi + 1));
+        let e =
+            refused(hi + 1).unwrap_or_else(|| panic!("{key} = {} (above {lo}..={hi}) is not refused by name", hi + 1));
         assert!(e.contains(&hi.to_string()), "{key}: the error names the bound: {e}");
         assert_eq!(refused(hi), None, "{key} = {hi}, the reference's upper bound, is refused");
         if lo > 0 {
