@@ -124,7 +124,17 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
         }
         env
     };
-    let mut pipeline = start_here(&plan, env, remote.as_ref())?;
+    let links = remote.as_ref().map(|r| r.links.clone() as Arc<dyn RemoteLinks>);
+    let mut pipeline = match Pipeline::start(&plan, env, links) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(r) = remote {
+                r.abort(&e.to_string()); // the workers' stages stop too, and are waited for
+                r.finish();
+            }
+            return Err(e.into());
+        }
+    };
     drop(report_tx); // the stages hold the only senders: a closed inbox means they are gone
     let result = train(&plan, dir, data, &mut pipeline, &mut inbox, &mut progress, &mut options, &resumed);
     if let (Err(e), Some(r)) = (&result, &remote) {
@@ -215,17 +225,6 @@ fn start_on_workers(
     let Some(cluster) = options.cluster.as_ref().filter(|_| !workers.is_empty()) else { return Ok(None) };
     let resume = resumed.map(|v| v.dir.as_path());
     Ok(Some(cluster.start_job(plan, workers, checkpoints, resume, reports)?))
-}
-
-/// Starts this process's stages; if they cannot start, the workers' stages are stopped too.
-fn start_here(plan: &Arc<Plan>, env: impl FnMut(usize) -> StageEnv, remote: Option<&RemoteJob>) -> Result<Pipeline> {
-    let links = remote.map(|r| r.links.clone() as Arc<dyn RemoteLinks>);
-    Pipeline::start(plan, env, links).map_err(|e| {
-        if let Some(r) = remote {
-            r.abort(&e.to_string());
-        }
-        Error::from(e)
-    })
 }
 
 /// The epoch loop, fed by the loader thread from where the run stands.
