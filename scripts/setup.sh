@@ -3,7 +3,8 @@
 #   - PyTorch 2.11.0 (the libtorch that tch 0.24 is built for) in a venv kept in a
 #     per-machine cache outside the clone, so fresh clones (CI) reuse it;
 #   - Debian's Fashion-MNIST package (the demo's and the end-to-end tests' data);
-#   - Debian's DejaVu fonts (the labels of `layerwise plot`).
+#   - Debian's DejaVu fonts (the labels of `layerwise plot`);
+#   - numpy and scipy beside torch (the readers' test fixtures).
 # Source it (`. scripts/setup.sh`) to get the build environment exported; running it
 # as a program just installs. The installing runs in a subshell with strict options, so
 # that sourcing it leaves the caller's shell options alone.
@@ -43,6 +44,16 @@ LAYERWISE_TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$LAYERWISE_
         "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
         torch_ok || { say "torch $TORCH_VERSION did not import from $TORCH_VENV"; exit 1; }
         say "installed torch $TORCH_VERSION"
+    fi
+
+    # numpy and scipy write the readers' test fixtures independently of layerwise's own
+    # writers (scripts/reader_fixtures.py, tests/readers.rs); nothing else uses them.
+    if "$TORCH_VENV/bin/python3" -c "import numpy, scipy" 2>/dev/null; then
+        say "numpy and scipy (the readers' test fixtures) already in $TORCH_VENV"
+    else
+        say "installing numpy 2.3.5 and scipy 1.16.3 (about 60 MB, for the readers' test fixtures) into $TORCH_VENV"
+        "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check numpy==2.3.5 scipy==1.16.3
+        say "installed numpy and scipy"
     fi
 
     # CUDA headers that the torch wheel leaves out and c10d's headers need, for the NCCL
