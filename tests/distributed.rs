@@ -188,7 +188,7 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
     for w in workers {
         assert!(w.output().status.success());
     }
-    assert_same_newest_checkpoint(&whole, &run, "three processes against one");
+    assert_same_newest_checkpoint(whole, &run, "three processes against one");
 
     // Begun in one process (epoch 1 of 2), finished in three; and the reverse.
     let one_then_three = d.join("one-then-three");
@@ -197,14 +197,14 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
     let out = placed_run(c, &one_then_three, &[], true);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("resuming from"), "{}", text(&out));
-    assert_same_newest_checkpoint(&whole, &one_then_three, "begun in one process, resumed in three");
+    assert_same_newest_checkpoint(whole, &one_then_three, "begun in one process, resumed in three");
 
     let three_then_one = d.join("three-then-one");
     let out = placed_run(c, &three_then_one, &["train.epochs=1"], false);
     assert!(out.status.success(), "{}", text(&out));
     let out = train(c, &three_then_one, &[], true).output_within();
     assert!(out.status.success() && text(&out).contains("resuming from"), "{}", text(&out));
-    assert_same_newest_checkpoint(&whole, &three_then_one, "begun in three processes, resumed in one");
+    assert_same_newest_checkpoint(whole, &three_then_one, "begun in three processes, resumed in one");
 }
 
 /// Each stage's intra-op threads, from the coordinator's "on N stage(s): [0]@cpux2 ..." line.
@@ -248,7 +248,7 @@ fn an_auto_placement_spreads_over_the_workers_named_and_trains_as_one_process() 
     for w in workers {
         assert!(w.output().status.success());
     }
-    assert_same_newest_checkpoint(&whole, &run, "auto over two workers against one process");
+    assert_same_newest_checkpoint(whole, &run, "auto over two workers against one process");
 }
 
 /// kill -9 of a worker mid-run: the coordinator fails the run at once, naming the worker,
@@ -333,7 +333,7 @@ fn a_torchrun_style_launch_spreads_the_layers_over_the_ranks() {
     let log = text(&outs[0]);
     assert!(log.contains("worker rank1") && log.contains("worker rank2"), "{log}");
     assert!(log.contains("[0, 1]@cpu"), "rank 0 holds layers 0 and 1: {log}");
-    assert_same_newest_checkpoint(&whole, &run, "three ranks against one process");
+    assert_same_newest_checkpoint(whole, &run, "three ranks against one process");
 }
 
 /// `serve --listen`: a job placed on two workers loses one to kill -9; the job is marked
