@@ -74,6 +74,32 @@ fn setup() -> Setup {
     Setup { dir, _data: data, config }
 }
 
+/// When a log line was written: its leading UTC timestamp (`2026-12-06T05:13:57.429999Z`).
+fn logged_at(line: &str) -> std::time::SystemTime {
+    let (date, time) = line.split_once('T').unwrap_or_else(|| panic!("no timestamp: {line}"));
+    let n = |s: &str| s.parse::<i64>().unwrap_or_else(|_| panic!("no timestamp: {line}"));
+    let ymd: Vec<i64> = date.split('-').map(n).collect();
+    let (y, m, d) = (ymd[0] - i64::from(ymd[1] <= 2), ymd[1], ymd[2]);
+    // Days since 1970-01-01 of a proleptic Gregorian date (the civil-from-days inverse).
+    let era = y.div_euclid(400);
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = (y - era * 400) * 365 + (y - era * 400) / 4 - (y - era * 400) / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let clock = time.split('Z').next().unwrap();
+    let hms: Vec<&str> = clock.split(':').collect();
+    let secs = days * 86_400 + n(hms[0]) * 3_600 + n(hms[1]) * 60;
+    let fraction: f64 = hms[2].parse().unwrap_or_else(|_| panic!("no timestamp: {line}"));
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64) + std::time::Duration::from_secs_f64(fraction)
+}
+
+#[test]
+fn log_timestamps_are_read_as_the_instants_they_name() {
+    let at = |secs: f64| std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(secs);
+    assert_eq!(logged_at("2026-12-06T05:13:57.5Z  INFO a line"), at(1_796_534_037.5));
+    assert_eq!(logged_at("2024-02-29T23:59:59.25Z"), at(1_709_251_199.25));
+    assert_eq!(logged_at("1970-01-01T00:00:00.0Z"), at(0.0));
+}
+
 /// The shared config's one-process run, trained once for all the tests that compare
 /// a run over several processes with it (the same claim each time: the same weights).
 fn reference() -> &'static Path {
@@ -270,23 +296,26 @@ fn a_worker_killed_mid_run_fails_the_run_naming_it_and_resume_ends_identical() {
     let w1 = worker(&addr, "w1", SECRET);
     let mut w2 = worker(&addr, "w2", SECRET);
     wait_for_a_checkpoint(&run, &mut coordinator);
-    let killed = std::time::Instant::now();
+    let killed = std::time::SystemTime::now();
     w2.child().kill().unwrap(); // SIGKILL
     let _ = w2.child().wait();
     let out = coordinator.output();
-    let noticed = killed.elapsed();
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     // Noticed by the closed socket, not by the heartbeat's silence (which says "no heartbeat
-    // for 10 s" and cannot fire before 10 s have passed since the kill).
+    // for 10 s" and cannot fire before 10 s have passed since the kill): the coordinator
+    // logged the loss within that bound of the kill (its own timestamp, so the teardown
+    // that follows does not count).
     assert!(
         log.contains("stage 2 failed") && log.contains("worker w2") && log.contains("lost: connection closed"),
         "{log}"
     );
     assert!(!log.contains("no heartbeat"), "{log}");
+    let line = log.lines().find(|l| l.contains("lost: connection closed")).unwrap();
+    let noticed = logged_at(line).duration_since(killed).unwrap_or_default();
     assert!(
         noticed < PEER_TIMEOUT,
-        "the run ended {noticed:?} after the kill: the heartbeat's bound, not the socket's"
+        "the loss was logged {noticed:?} after the kill: the heartbeat's bound, not the socket's: {line}"
     );
     let w1 = w1.output();
     assert!(!w1.status.success(), "w1's job was aborted: {}", text(&w1));
