@@ -119,6 +119,14 @@ impl Inbox {
         let (mut stats, mut evals): (Vec<EpochStats>, Vec<Report>) = (Vec::new(), Vec::new());
         while stats.len() < stages.len() || evals.len() < eval_sets {
             match self.next(step)? {
+                // A stage number from another process is checked before it indexes anything.
+                Report::EpochStats(s) if s.stage >= stages.len() || stats.iter().any(|o| o.stage == s.stage) => {
+                    return Err(Error::Other(format!(
+                        "epoch {epoch}: a report for stage {} of a run of {} stages, or its second",
+                        s.stage,
+                        stages.len()
+                    )))
+                }
                 Report::EpochStats(s) => stats.push(s),
                 r => evals.push(r),
             }
@@ -229,5 +237,38 @@ pub fn log_epoch(m: &EpochMetrics) {
             l.loss_sim,
             l.error.map_or("-".into(), |e| format!("{e:.2}%"))
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layerwise_pipeline::message::StageTiming;
+    use layerwise_plan::placement::one_layer_each;
+    use layerwise_plan::Host;
+
+    fn stats(stage: usize) -> Report {
+        let timing = StageTiming::default();
+        Report::EpochStats(EpochStats { epoch: 1, stage, layers: vec![], output: None, timing, train_done: 0.0 })
+    }
+
+    /// Stage numbers come from other processes: one out of range, or one reported twice, is
+    /// an error naming it, never an index out of bounds in the coordinator.
+    #[test]
+    fn an_epoch_report_for_a_stage_that_is_not_there_is_an_error() {
+        let root = tempfile::tempdir().unwrap();
+        let stages = one_layer_each(&[(Host::Coordinator, DeviceId::Cpu), (Host::Coordinator, DeviceId::Cpu)]);
+        for reports in [vec![stats(0), stats(7)], vec![stats(1), stats(1)]] {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let mut inbox = Inbox::new(rx, Cuts::new(root.path().to_path_buf(), 1, 2));
+            reports.into_iter().for_each(|r| tx.send(r).unwrap());
+            let e = inbox.collect_epoch(1, 10, 1e-3, 0.0, &stages, 0).unwrap_err().to_string();
+            assert!(e.contains("a report for stage") && e.contains("of a run of 2 stages"), "{e}");
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut inbox = Inbox::new(rx, Cuts::new(root.path().to_path_buf(), 1, 2));
+        [stats(1), stats(0)].into_iter().for_each(|r| tx.send(r).unwrap());
+        let m = inbox.collect_epoch(1, 10, 1e-3, 0.0, &stages, 0).unwrap();
+        assert_eq!(m.stages.iter().map(|s| s.stage).collect::<Vec<_>>(), vec![0, 1]);
     }
 }
