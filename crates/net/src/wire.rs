@@ -203,6 +203,16 @@ pub fn accept(stream: &mut TcpStream, secret: &[u8]) -> WireResult<Role> {
 pub fn load_secret(file: Option<&std::path::Path>) -> crate::Result<Vec<u8>> {
     let secret = match file {
         Some(path) => {
+            let meta = std::fs::metadata(path)
+                .map_err(|e| crate::Error::Config(format!("{}: cannot read the secret: {e}", path.display())))?;
+            // As ssh refuses a private key others can read: the secret is the cluster's key.
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(crate::Error::Config(format!(
+                    "{}: the secret is readable by group or others (mode {mode:03o}): chmod 600 it",
+                    path.display()
+                )));
+            }
             let text = std::fs::read(path)
                 .map_err(|e| crate::Error::Config(format!("{}: cannot read the secret: {e}", path.display())))?;
             let end = text.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
@@ -316,14 +326,25 @@ mod tests {
     }
 
     #[test]
-    fn a_secret_under_16_bytes_is_refused_before_anything_listens() {
+    fn a_secret_under_16_bytes_or_readable_by_others_is_refused_before_anything_listens() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("secret");
-        std::fs::write(&file, b"fifteen bytes!!\n").unwrap(); // the newline is not counted
+        let write = |bytes: &[u8], mode: u32| {
+            std::fs::write(&file, bytes).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write(b"fifteen bytes!!\n", 0o600); // the newline is not counted
         let e = load_secret(Some(&file)).unwrap_err().to_string();
         assert!(e.contains("at least 16 bytes") && e.contains("15 bytes given"), "{e}");
-        std::fs::write(&file, b"sixteen bytes!!!\n").unwrap();
+        write(b"sixteen bytes!!!\n", 0o600);
         assert_eq!(load_secret(Some(&file)).unwrap(), b"sixteen bytes!!!");
+        // Readable by others or by the group: refused, whatever it holds.
+        for mode in [0o644, 0o640, 0o604] {
+            write(b"sixteen bytes!!!\n", mode);
+            let e = load_secret(Some(&file)).unwrap_err().to_string();
+            assert!(e.contains("readable by group or others") && e.contains(&format!("{mode:03o}")), "{e}");
+        }
         let e = load_secret(Some(&dir.path().join("missing"))).unwrap_err().to_string();
         assert!(e.contains("missing") && e.contains("cannot read the secret"), "{e}");
     }
