@@ -57,7 +57,7 @@ impl Cluster {
         for (w, rx, failed) in pending {
             let times = loop {
                 match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(times) => break times.map_err(&failed)?,
+                    Ok(times) => break times.map_err(|why| failed(crate::protocol::printable(&why)))?,
                     Err(RecvTimeoutError::Disconnected) => return Err(failed("it was lost".into())),
                     // Lost before the question was recorded: nobody drops the answer's end.
                     Err(RecvTimeoutError::Timeout) if !self.still_registered(w) => {

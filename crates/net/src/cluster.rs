@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use layerwise_pipeline::message::{Report, StageFailure};
+use layerwise_plan::checks::worker_name;
 use layerwise_plan::machine::MACHINE_ID_MAX;
 use layerwise_plan::DeviceId;
 
 use crate::job::{Rendezvous, Sockets};
-use crate::protocol::{heartbeat, Measurement, ToCoordinator, ToWorker, PEER_TIMEOUT};
+use crate::protocol::{heartbeat, tamed, Measurement, ToCoordinator, ToWorker, PEER_TIMEOUT};
 use crate::wire::{self, Role};
 use crate::{Error, Result};
 
@@ -228,6 +229,9 @@ fn register(stream: &TcpStream, role: Role, workers: &Registry) -> Option<Arc<Wo
 
 /// Why a worker's registration does not hold together, if it does not.
 fn refusal(conn: &WorkerConn) -> Option<String> {
+    if let Err(e) = worker_name(&conn.name) {
+        return Some(e); // quoted short: the name came from the wire
+    }
     let name = &conn.name;
     if conn.memory.len() != conn.devices.len() {
         return Some(format!(
@@ -276,7 +280,7 @@ fn serve_worker(conn: &WorkerConn, mut stream: TcpStream) -> String {
             Ok(ToCoordinator::Heartbeat) => {}
             Ok(ToCoordinator::Report { job, report }) => {
                 if let Some(h) = conn.lock_job().as_ref().filter(|h| h.id == job) {
-                    let _ = h.reports.send(report);
+                    let _ = h.reports.send(tamed(report));
                 }
             }
             Ok(ToCoordinator::Measured { request, times }) => {
@@ -305,6 +309,15 @@ fn serve_worker(conn: &WorkerConn, mut stream: TcpStream) -> String {
 pub(crate) mod testing {
     use super::*;
 
+    /// The reason the coordinator refuses a worker that registers as `role`.
+    pub fn refused_as(cluster: &Cluster, role: Role) -> String {
+        let mut stream = wire::connect(cluster.addr, &cluster.secret, role).unwrap();
+        match next_message(&mut stream).unwrap() {
+            ToWorker::Refused { reason } => reason,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
     /// Registers a worker named `name` on `machine` whose CPU has `memory` bytes, through
     /// `addr`; returns its control socket once the coordinator lists it.
     pub fn fake_worker(cluster: &Cluster, addr: SocketAddr, name: &str, machine: &str, memory: u64) -> TcpStream {
@@ -329,5 +342,42 @@ pub(crate) mod testing {
                 other => return Ok(other),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::refused_as;
+    use super::*;
+
+    fn role(name: &str) -> Role {
+        Role::Worker {
+            name: name.into(),
+            devices: vec![DeviceId::Cpu],
+            memory: vec![Some(1 << 30)],
+            cores: 1,
+            machine: "m".into(),
+            data_addr: "127.0.0.1:9".parse().unwrap(),
+        }
+    }
+
+    /// What a worker says of itself comes from the wire: a name a placement could not hold
+    /// (or one that would carry control characters into logs and status), a device list
+    /// without its memory sizes, an empty or huge machine id, are refused with the reason.
+    #[test]
+    fn a_registration_that_does_not_hold_together_is_refused_saying_why() {
+        let cluster =
+            Cluster::listen("127.0.0.1:0", b"a secret of sixteen".to_vec(), Duration::from_secs(600)).unwrap();
+        for name in ["../w", "w\u{1b}[2J", "", &"w".repeat(65)] {
+            let reason = refused_as(&cluster, role(name));
+            assert!(reason.contains("is not a worker name"), "{name:?}: {reason}");
+        }
+        let Role::Worker { name, devices, cores, machine, data_addr, .. } = role("w1") else { unreachable!() };
+        let two = Role::Worker { name, devices, memory: vec![None, None], cores, machine, data_addr };
+        assert!(refused_as(&cluster, two).contains("2 memory sizes for 1 devices"));
+        let Role::Worker { name, devices, memory, cores, data_addr, .. } = role("w1") else { unreachable!() };
+        let huge = Role::Worker { name, devices, memory, cores, machine: "m".repeat(MACHINE_ID_MAX + 1), data_addr };
+        assert!(refused_as(&cluster, huge).contains("a machine id of 257 bytes"));
+        assert!(cluster.registered().is_empty(), "{:?}", cluster.registered());
     }
 }

@@ -80,6 +80,38 @@ pub enum ToCoordinator {
     Heartbeat,
 }
 
+/// The most bytes of free text (a failure's reason) a report from another process keeps.
+pub const MAX_REASON: usize = 1024;
+
+/// Text from another process made safe to log, print and write to `status.json`: control
+/// characters shown escaped, at most [`MAX_REASON`] bytes kept.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_REASON));
+    for c in text.chars() {
+        let shown: String = if c.is_control() { c.escape_default().collect() } else { c.to_string() };
+        if out.len() + shown.len() > MAX_REASON {
+            out.push_str(&format!("... ({} bytes)", text.len()));
+            break;
+        }
+        out.push_str(&shown);
+    }
+    out
+}
+
+/// A report from a worker with its free text made [`printable`].
+pub fn tamed(report: Report) -> Report {
+    match report {
+        Report::Failed(mut f) => {
+            f.reason = printable(&f.reason);
+            Report::Failed(f)
+        }
+        Report::CheckpointPart { seq, stage, files: Err(e) } => {
+            Report::CheckpointPart { seq, stage, files: Err(printable(&e)) }
+        }
+        other => other,
+    }
+}
+
 /// A worker's answer to [`ToWorker::Measure`]: seconds per training step of each layer
 /// (the output layer last), or why it could not measure.
 pub type Measurement = std::result::Result<Vec<f64>, String>;

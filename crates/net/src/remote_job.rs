@@ -270,6 +270,34 @@ mod tests {
         assert_eq!(advertised(fixed, reach), fixed);
     }
 
+    /// A worker's failure reason is free text from another process: it reaches the
+    /// coordinator's reports (and so its log and status.json) bounded and without control
+    /// characters.
+    #[test]
+    fn a_workers_failure_reason_arrives_bounded_and_printable() {
+        use crate::protocol::{ToCoordinator, MAX_REASON};
+        use layerwise_pipeline::message::{Report, StageFailure};
+        let cluster = listen("127.0.0.1:0");
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = fake_worker(&cluster, cluster.addr, "w", "elsewhere", 1 << 40);
+        let plan = placed_on(&["w"]);
+        let (reports_tx, reports) = crossbeam_channel::unbounded();
+        let workers = cluster.wait_for(&["w".to_string()], None).unwrap();
+        let job = cluster.start_job(&plan, &workers, dir.path(), None, &reports_tx).unwrap();
+        assert!(matches!(next_message(&mut w).unwrap(), ToWorker::Assign(_)));
+        let reason = format!("\u{1b}[2J\u{1b}[31mowned\r\n{}", "x".repeat(100_000));
+        let sent = reason.len();
+        let failure = StageFailure { stage: 1, layer: None, step: None, reason };
+        let report = ToCoordinator::Report { job: job.id, report: Report::Failed(failure) };
+        crate::wire::write_frame(&mut w, &report).unwrap();
+        let Report::Failed(got) = reports.recv().unwrap() else { panic!("not a failure") };
+        assert!(got.reason.len() <= MAX_REASON + 32, "{} bytes", got.reason.len());
+        assert!(!got.reason.chars().any(char::is_control), "{:?}", &got.reason[..40]);
+        let said = format!("({sent} bytes)");
+        assert!(got.reason.starts_with("\\u{1b}[2J") && got.reason.ends_with(&said), "{}", &got.reason[..40]);
+        job.abort("test over");
+    }
+
     #[test]
     fn a_gpu_link_over_nccl_without_nccl_is_refused_before_anything_starts() {
         let (gpu, cpu, w1) = (DeviceId::Cuda(0), DeviceId::Cpu, Host::Worker("w1".into()));
