@@ -4,9 +4,10 @@
 //! has reported, the coordinator adds `coordinator.json` and the manifest (last), renames
 //! the folder into place and prunes old checkpoints. No tensor travels to the coordinator.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use layerwise_plan::Plan;
 use layerwise_rundir::checkpoint::{self, CoordinatorState, FileEntry, Manifest};
 
 use crate::{Error, Result};
@@ -15,14 +16,25 @@ struct Pending {
     coordinator: CoordinatorState,
     manifest: Manifest,
     files: Vec<FileEntry>,
-    parts: usize,
+    /// The stages whose part has arrived (each counts once).
+    reported: BTreeSet<usize>,
     failures: Vec<String>,
+}
+
+/// The files each stage of `plan` writes into a cut: its layers' part files, sorted.
+pub fn parts_of(plan: &Plan) -> Vec<Vec<String>> {
+    let part = |layer| checkpoint::part_file(&checkpoint::part_name(layer, plan.output_layer()));
+    plan.stages
+        .iter()
+        .map(|s| s.layers.iter().map(|&l| part(l)).collect::<BTreeSet<_>>().into_iter().collect())
+        .collect()
 }
 
 pub struct Cuts {
     root: PathBuf,
     keep: usize,
-    stages: usize,
+    /// The files each stage must report for a cut ([`parts_of`]).
+    parts: Vec<Vec<String>>,
     pending: BTreeMap<u64, Pending>,
     /// What each checkpoint folder verified to (None: damaged), so each is hashed once.
     verified: HashMap<PathBuf, Option<Manifest>>,
@@ -34,12 +46,12 @@ pub struct Cuts {
 
 impl Cuts {
     /// Cuts of a run under `root`; partial folders an earlier crash left there are removed.
-    pub fn new(root: PathBuf, keep: usize, stages: usize) -> Self {
+    pub fn new(root: PathBuf, keep: usize, parts: Vec<Vec<String>>) -> Self {
         checkpoint::remove_partials(&root);
         Self {
             root,
             keep,
-            stages,
+            parts,
             pending: BTreeMap::new(),
             verified: HashMap::new(),
             last_written: None,
@@ -54,7 +66,8 @@ impl Cuts {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        self.pending.insert(seq, Pending { coordinator, manifest, files: vec![], parts: 0, failures: vec![] });
+        let reported = BTreeSet::new();
+        self.pending.insert(seq, Pending { coordinator, manifest, files: vec![], reported, failures: vec![] });
         Ok(())
     }
 
@@ -63,7 +76,9 @@ impl Cuts {
     }
 
     /// A stage's part of cut `seq`. When it was the last part, the cut is completed (or,
-    /// if a stage could not write, abandoned) and the result returned.
+    /// if a stage could not write, abandoned) and the result returned. A part comes from
+    /// another process as often as not: it counts once per stage of the run, and its files
+    /// must be exactly that stage's part files (no other name reaches the manifest).
     pub fn part(
         &mut self,
         seq: u64,
@@ -71,12 +86,23 @@ impl Cuts {
         files: std::result::Result<Vec<FileEntry>, String>,
     ) -> Option<Result<PathBuf>> {
         let p = self.pending.get_mut(&seq)?;
-        p.parts += 1;
-        match files {
-            Ok(f) => p.files.extend(f),
-            Err(e) => p.failures.push(format!("stage {stage}: {e}")),
+        let expected = self.parts.get(stage);
+        match (expected, files) {
+            (None, _) => p.failures.push(format!("a part for stage {stage} of a run of {} stages", self.parts.len())),
+            (Some(_), _) if !p.reported.insert(stage) => p.failures.push(format!("stage {stage} reported twice")),
+            (Some(_), Err(e)) => p.failures.push(format!("stage {stage}: {e}")),
+            (Some(want), Ok(f)) => {
+                let mut names: Vec<&str> = f.iter().map(|e| e.name.as_str()).collect();
+                names.sort_unstable();
+                if names != want.iter().map(String::as_str).collect::<Vec<_>>() {
+                    let quoted: Vec<String> = names.iter().take(8).map(|n| layerwise_plan::quote(n)).collect();
+                    p.failures.push(format!("stage {stage} reported files {quoted:?}, expected {want:?}"));
+                } else {
+                    p.files.extend(f);
+                }
+            }
         }
-        if p.parts < self.stages {
+        if p.reported.len() < self.parts.len() {
             return None;
         }
         let p = self.pending.remove(&seq)?;
@@ -123,9 +149,12 @@ impl Cuts {
             .into_iter()
             .map(|(seq, p)| {
                 let _ = std::fs::remove_dir_all(checkpoint::partial_dir(&self.root, p.coordinator.step, seq));
+                let causes: String = p.failures.iter().map(|f| format!("; {f}")).collect();
                 Error::Other(format!(
-                    "checkpoint at step {} incomplete: {} of {} stages wrote their layers",
-                    p.coordinator.step, p.parts, self.stages
+                    "checkpoint at step {} incomplete: {} of {} stages wrote their layers{causes}",
+                    p.coordinator.step,
+                    p.reported.len(),
+                    self.parts.len()
                 ))
             })
             .collect();
@@ -141,6 +170,15 @@ mod tests {
     use super::*;
     use layerwise_data::DatasetKind;
     use layerwise_nn::ModelConfig;
+
+    /// A run of two stages: layer 0, then the output layer.
+    fn two_stages() -> Vec<Vec<String>> {
+        vec![vec!["layer-000.safetensors".into()], vec!["output.safetensors".into()]]
+    }
+
+    fn file(name: &str) -> FileEntry {
+        FileEntry { name: name.into(), size: 0, sha256: String::new() }
+    }
 
     fn begin(cuts: &mut Cuts, seq: u64, step: u64) {
         let coordinator = CoordinatorState { step, position: (1, step as usize), metrics: vec![] };
@@ -165,18 +203,52 @@ mod tests {
     #[test]
     fn a_failed_cut_keeps_its_cause_and_leaves_no_folder() {
         let root = tempfile::tempdir().unwrap();
-        let mut cuts = Cuts::new(root.path().to_path_buf(), 2, 2);
+        let mut cuts = Cuts::new(root.path().to_path_buf(), 2, two_stages());
         begin(&mut cuts, 1, 10);
-        assert!(cuts.part(1, 0, Ok(vec![])).is_none(), "one stage of two");
+        assert!(cuts.part(1, 0, Ok(vec![file("layer-000.safetensors")])).is_none(), "one stage of two");
         let e = cuts.part(1, 1, Err("No space left on device (os error 28)".into())).unwrap().unwrap_err();
         assert!(e.to_string().contains("stage 1: No space left on device"), "{e}");
         assert!(cuts.last_failure.as_deref().unwrap().contains("No space left on device"));
         assert!(checkpoint::list(root.path()).is_empty() && std::fs::read_dir(root.path()).unwrap().count() == 0);
         // A cut whose stages are gone is abandoned, and says how far it got.
-        let mut cuts = Cuts::new(root.path().to_path_buf(), 2, 2);
+        let mut cuts = Cuts::new(root.path().to_path_buf(), 2, two_stages());
         begin(&mut cuts, 2, 20);
-        cuts.part(2, 0, Ok(vec![]));
+        cuts.part(2, 0, Ok(vec![file("layer-000.safetensors")]));
         assert_eq!(cuts.abandon().len(), 1);
         assert!(cuts.last_failure.unwrap().contains("1 of 2 stages wrote their layers"));
+    }
+
+    /// Parts come from other processes: a stage's second part, a part for a stage that is
+    /// not there, and files that are not exactly the stage's part files all fail the cut
+    /// (no folder kept, the cause said) instead of completing it with layers missing or
+    /// putting another path into the manifest.
+    #[test]
+    fn a_cut_takes_each_stages_own_files_once() {
+        let root = tempfile::tempdir().unwrap();
+        // Each case: the parts sent, (stage, file names), and the cause the cut must give.
+        type Case<'a> = (Vec<(usize, Vec<&'a str>)>, &'a str);
+        let bad_parts: [Case; 4] = [
+            (vec![(0, vec!["layer-000.safetensors"]), (0, vec!["layer-000.safetensors"])], "stage 0 reported twice"),
+            (vec![(0, vec!["layer-000.safetensors"]), (5, vec!["output.safetensors"])], "stage 5 of a run of 2"),
+            (vec![(0, vec!["/dev/zero"]), (1, vec!["output.safetensors"])], "reported files [\"/dev/zero\"]"),
+            (
+                vec![(0, vec!["layer-000.safetensors", "../elsewhere"]), (1, vec!["output.safetensors"])],
+                "reported files [\"../elsewhere\"",
+            ),
+        ];
+        for (case, (parts, cause)) in bad_parts.into_iter().enumerate() {
+            let mut cuts = Cuts::new(root.path().to_path_buf(), 2, two_stages());
+            begin(&mut cuts, 1, 10);
+            for (stage, names) in parts {
+                let _ = cuts.part(1, stage, Ok(names.into_iter().map(file).collect()));
+            }
+            // However they came, the cut has not completed with what it was sent.
+            assert!(checkpoint::list(root.path()).is_empty(), "case {case}");
+            let e = match cuts.pending() {
+                0 => cuts.last_failure.clone().unwrap(),
+                _ => cuts.abandon().pop().unwrap().to_string(),
+            };
+            assert!(e.contains(cause), "case {case}: {e}");
+        }
     }
 }

@@ -260,13 +260,13 @@ mod tests {
         let stages = one_layer_each(&[(Host::Coordinator, DeviceId::Cpu), (Host::Coordinator, DeviceId::Cpu)]);
         for reports in [vec![stats(0), stats(7)], vec![stats(1), stats(1)]] {
             let (tx, rx) = crossbeam_channel::unbounded();
-            let mut inbox = Inbox::new(rx, Cuts::new(root.path().to_path_buf(), 1, 2));
+            let mut inbox = Inbox::new(rx, Cuts::new(root.path().to_path_buf(), 1, vec![vec![]; 2]));
             reports.into_iter().for_each(|r| tx.send(r).unwrap());
             let e = inbox.collect_epoch(1, 10, 1e-3, 0.0, &stages, 0).unwrap_err().to_string();
             assert!(e.contains("a report for stage") && e.contains("of a run of 2 stages"), "{e}");
         }
         let (tx, rx) = crossbeam_channel::unbounded();
-        let mut inbox = Inbox::new(rx, Cuts::new(root.path().to_path_buf(), 1, 2));
+        let mut inbox = Inbox::new(rx, Cuts::new(root.path().to_path_buf(), 1, vec![vec![]; 2]));
         [stats(1), stats(0)].into_iter().for_each(|r| tx.send(r).unwrap());
         let m = inbox.collect_epoch(1, 10, 1e-3, 0.0, &stages, 0).unwrap();
         assert_eq!(m.stages.iter().map(|s| s.stage).collect::<Vec<_>>(), vec![0, 1]);

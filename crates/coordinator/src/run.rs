@@ -24,7 +24,7 @@ use layerwise_plan::{Host, Machine, PipelineMode, Plan, RunConfig};
 use layerwise_rundir::checkpoint::{self, Verified};
 use layerwise_rundir::{RunDir, RunState};
 
-use crate::cut::Cuts;
+use crate::cut::{parts_of, Cuts};
 use crate::epochs::{EpochLoop, Progress};
 use crate::inbox::Inbox;
 use crate::options::{RunOptions, RunSummary};
@@ -110,7 +110,8 @@ fn run_inner(mut plan: Plan, dir: &RunDir, mut options: RunOptions) -> Result<Ru
     log_placement(&plan);
     let checkpoints = dir.path.join("checkpoints");
     let (report_tx, reports) = crossbeam_channel::unbounded();
-    let mut inbox = Inbox::new(reports, Cuts::new(checkpoints.clone(), plan.config.checkpoint.keep, plan.stages.len()));
+    let cuts = Cuts::new(checkpoints.clone(), plan.config.checkpoint.keep, parts_of(&plan));
+    let mut inbox = Inbox::new(reports, cuts);
     let remote = start_on_workers(&plan, &options, &workers, &checkpoints, resumed.as_ref(), &report_tx)?;
     let watch = Watch::new(plan.stages.len());
     let stall = Duration::from_secs_f64(plan.config.train.stall_warning_s);

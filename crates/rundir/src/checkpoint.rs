@@ -179,12 +179,25 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
 
+/// A plain file name: no folder part, not `.` or `..`, nothing a join could take elsewhere.
+fn is_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+}
+
 /// Reads a checkpoint's manifest (not its files).
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let manifest: Manifest = serde_json::from_str(&text)
         .map_err(|e| Error::Invalid(format!("{}: not a valid manifest: {e}", path.display())))?;
+    // Every name is joined to the folder and read: only plain names of its own files.
+    if let Some(f) = manifest.files.iter().find(|f| !is_file_name(&f.name)) {
+        return Err(Error::Invalid(format!(
+            "{}: lists {:?}, which is not a file name of this folder",
+            path.display(),
+            layerwise_plan::quote(&f.name)
+        )));
+    }
     if manifest.format_version != FORMAT_VERSION {
         return Err(Error::Invalid(format!(
             "{}: format version {}, this layerwise reads {FORMAT_VERSION}",
@@ -382,5 +395,21 @@ mod tests {
         let newer = fake(r, 60, Some(9.0));
         prune(r, 1, &just, |d| read_manifest(d).ok());
         assert_eq!(list(r), vec![newer, just, b]);
+    }
+
+    /// A manifest is read from disk: a name that is not a plain file name of its folder
+    /// (an absolute path, `..`, a folder) is refused before anything is opened or hashed.
+    #[test]
+    fn a_manifest_naming_a_file_outside_its_folder_is_refused_unread() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = fake(root.path(), 10, None);
+        let good = read_manifest(&dir).unwrap();
+        for name in ["/dev/zero", "../step-0000000009/layer-000.safetensors", "..", "sub/x", ""] {
+            let mut m = good.clone();
+            m.files = vec![FileEntry { name: name.into(), size: 0, sha256: String::new() }];
+            std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+            let e = verify(&dir).unwrap_err().to_string();
+            assert!(e.contains("not a file name of this folder"), "{name:?}: {e}");
+        }
     }
 }
