@@ -49,6 +49,29 @@ pub(crate) struct JobHold {
     pub reports: Sender<Report>,
     pub sockets: Sockets,
     pub first_stage: usize,
+    /// The stages of the job this worker runs: it reports for these alone.
+    pub stages: Vec<usize>,
+    /// Whether it runs the last stage, the one that reports evaluations.
+    pub runs_last: bool,
+}
+
+impl JobHold {
+    /// `report` as this worker sent it, if its stage is one the worker runs; else a failure
+    /// of the job naming the worker (a worker speaks for its own stages only).
+    fn own(&self, report: Report, worker: &str) -> Report {
+        let stage = match &report {
+            Report::Failed(f) => Some(f.stage),
+            Report::EpochStats(s) => Some(s.stage),
+            Report::CheckpointPart { stage, .. } => Some(*stage),
+            Report::Eval { .. } => None,
+        };
+        if stage.map_or(self.runs_last, |s| self.stages.contains(&s)) {
+            return report;
+        }
+        let what = stage.map_or("an evaluation (the last stage's)".into(), |s| format!("a report for stage {s}"));
+        let reason = format!("worker {worker} sent {what}, which it does not run");
+        Report::Failed(StageFailure { stage: self.first_stage, layer: None, step: None, reason })
+    }
 }
 
 impl WorkerConn {
@@ -280,7 +303,7 @@ fn serve_worker(conn: &WorkerConn, mut stream: TcpStream) -> String {
             Ok(ToCoordinator::Heartbeat) => {}
             Ok(ToCoordinator::Report { job, report }) => {
                 if let Some(h) = conn.lock_job().as_ref().filter(|h| h.id == job) {
-                    let _ = h.reports.send(tamed(report));
+                    let _ = h.reports.send(h.own(tamed(report), &conn.name));
                 }
             }
             Ok(ToCoordinator::Measured { request, times }) => {

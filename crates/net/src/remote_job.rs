@@ -130,8 +130,12 @@ impl RemoteJob {
                 self.workers[..k].iter().for_each(|w| w.release(self.id));
                 return Err(busy);
             }
-            let first_stage = plan.stages.iter().find(|s| s.host.is_worker(&w.name)).map_or(0, |s| s.index);
-            *held = Some(JobHold { id: self.id, reports: reports.clone(), sockets: sockets.clone(), first_stage });
+            let stages: Vec<usize> =
+                plan.stages.iter().filter(|s| s.host.is_worker(&w.name)).map(|s| s.index).collect();
+            let (first_stage, runs_last) =
+                (stages.first().copied().unwrap_or(0), stages.contains(&(plan.stages.len() - 1)));
+            let (reports, sockets) = (reports.clone(), sockets.clone());
+            *held = Some(JobHold { id: self.id, reports, sockets, first_stage, stages, runs_last });
         }
         Ok(())
     }
@@ -295,6 +299,36 @@ mod tests {
         assert!(!got.reason.chars().any(char::is_control), "{:?}", &got.reason[..40]);
         let said = format!("({sent} bytes)");
         assert!(got.reason.starts_with("\\u{1b}[2J") && got.reason.ends_with(&said), "{}", &got.reason[..40]);
+        job.abort("test over");
+    }
+
+    /// A worker speaks for its own stages only: its report for a stage another process
+    /// runs fails the job naming it, instead of being taken as that stage's.
+    #[test]
+    fn a_report_for_a_stage_the_worker_does_not_run_fails_the_job() {
+        use crate::protocol::ToCoordinator;
+        use layerwise_pipeline::message::{EpochStats, Report, StageTiming};
+        let cluster = listen("127.0.0.1:0");
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = fake_worker(&cluster, cluster.addr, "w", "elsewhere", 1 << 40);
+        let plan = placed_on(&["w"]); // stage 0 here, stage 1 (the last) on w
+        let (reports_tx, reports) = crossbeam_channel::unbounded();
+        let workers = cluster.wait_for(&["w".to_string()], None).unwrap();
+        let job = cluster.start_job(&plan, &workers, dir.path(), None, &reports_tx).unwrap();
+        assert!(matches!(next_message(&mut w).unwrap(), ToWorker::Assign(_)));
+        let stats = |stage| {
+            let timing = StageTiming::default();
+            Report::EpochStats(EpochStats { epoch: 1, stage, layers: vec![], output: None, timing, train_done: 0.0 })
+        };
+        for (report, taken) in [(stats(1), true), (stats(0), false)] {
+            crate::wire::write_frame(&mut w, &ToCoordinator::Report { job: job.id, report: report.clone() }).unwrap();
+            match reports.recv().unwrap() {
+                Report::Failed(f) if !taken => {
+                    assert!(f.reason.contains("worker w sent a report for stage 0, which it does not run"), "{f}")
+                }
+                got => assert_eq!((got, taken), (report, true)),
+            }
+        }
         job.abort("test over");
     }
 
