@@ -74,7 +74,9 @@ fn plan_with(key: &str, value: u64) -> Result<Plan, String> {
     }
     layerwise_plan::config::set_path(&mut doc, key, &value.to_string()).unwrap();
     let config = RunConfig::from_value(doc, "test").map_err(|e| e.to_string())?;
-    let shape = DataShape::of_config(&RunConfig::default().data).unwrap();
+    let (channels, size) = config.data.input_shape();
+    let input = layerwise_nn::arch::InputShape { channels, size };
+    let shape = DataShape { input, num_classes: config.data.num_classes().unwrap_or(10) };
     Plan::build_for(&config, Machine { cuda_devices: 0, cores: 2 }, shape).map_err(|e| e.to_string())
 }
 

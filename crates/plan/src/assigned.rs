@@ -119,4 +119,34 @@ mod tests {
         let e = check_assigned(&good, 4, &global, &cpu, &w1).unwrap_err().to_string();
         assert!(e.contains("runs as one"), "{e}");
     }
+
+    /// The data's shape comes over the network beside the stages: one that is not what the
+    /// config describes (channels x size x size could claim any size) is refused.
+    #[test]
+    fn a_data_shape_the_config_does_not_describe_is_refused() {
+        let c = RunConfig::default(); // Fashion-MNIST: 1 x 28 x 28, 10 classes
+        let cpu = Machine { cuda_devices: 0, cores: 2 };
+        let good = crate::DataShape::of_config(&c.data).unwrap();
+        let stages = resolve(&c, 2, &cpu, None).unwrap();
+        let coordinator = Host::Coordinator;
+        assert!(crate::Plan::assigned(&c, cpu, good, stages.clone(), &coordinator).is_ok());
+        let input = |channels, size| layerwise_nn::arch::InputShape { channels, size };
+        for shape in [
+            crate::DataShape { input: input(3, 28), ..good },
+            crate::DataShape { input: input(1, 1 << 40), ..good },
+            crate::DataShape { num_classes: 11, ..good },
+        ] {
+            let e = crate::Plan::assigned(&c, cpu, shape, stages.clone(), &coordinator).unwrap_err().to_string();
+            assert!(e.contains("expected 1x28x28 in 10 for FashionMnist"), "{shape:?}: {e}");
+        }
+        // An image folder's classes are its own: any count up to the limit.
+        let mut folder = c.clone();
+        folder.data.dataset = layerwise_data::DatasetKind::ImageFolder;
+        let (channels, size) = folder.data.input_shape();
+        let shape = |num_classes| crate::DataShape { input: input(channels, size), num_classes };
+        let stages = resolve(&folder, 2, &cpu, None).unwrap();
+        assert!(crate::Plan::assigned(&folder, cpu, shape(37), stages.clone(), &coordinator).is_ok());
+        let e = crate::Plan::assigned(&folder, cpu, shape(1 << 20), stages, &coordinator).unwrap_err().to_string();
+        assert!(e.contains("in 1048576 classes, expected 3x32x32 in 1 to 65536"), "{e}");
+    }
 }

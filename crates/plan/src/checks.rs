@@ -22,6 +22,8 @@ pub mod limits {
     pub const KEEP: usize = 10_000;
     pub const ARCH_NAME: usize = 64;
     pub const WORKERS: usize = 4096;
+    /// Classes of an image folder (its subfolders).
+    pub const CLASSES: usize = 1 << 16;
 }
 
 fn bad(key: &str, what: impl fmt::Display) -> Error {

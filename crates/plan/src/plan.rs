@@ -42,6 +42,31 @@ impl DataShape {
     }
 }
 
+impl DataShape {
+    /// Refuses a shape that is not the one `data` describes: its images as the config makes
+    /// them, its classes the data set's (an image folder's, 1 to `limits::CLASSES`). A
+    /// worker is sent the shape (it may not hold the data): it is input like any other.
+    pub fn check_for(&self, data: &layerwise_data::DataConfig) -> Result<()> {
+        let (channels, size) = data.input_shape();
+        let classes = match data.num_classes() {
+            Some(n) => self.num_classes == n,
+            None => (1..=crate::checks::limits::CLASSES as i64).contains(&self.num_classes),
+        };
+        if self.input == (InputShape { channels, size }) && classes {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "data: images of {}x{}x{} in {} classes, expected {channels}x{size}x{size} in {} for {:?}",
+            self.input.channels,
+            self.input.size,
+            self.input.size,
+            self.num_classes,
+            data.num_classes().map_or(format!("1 to {}", crate::checks::limits::CLASSES), |n| n.to_string()),
+            data.dataset
+        )))
+    }
+}
+
 /// A validated run: the config, its architecture, data transform and stages.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -81,6 +106,7 @@ impl Plan {
     /// from the coordinator's plan; it checks them with [`Plan::check_memory`] once set.
     pub fn build_unplaced(config: &RunConfig, machine: Machine, shape: DataShape) -> Result<Plan> {
         check_ranges(config)?;
+        shape.check_for(&config.data)?;
         let transform = Transform::from_config(&config.data, shape.input.channels, shape.input.size)?;
         let arch = Architecture::new(&config.model, shape.input, shape.num_classes)?;
         let stages = placement::resolve(config, arch.hidden.len() + 1, &machine, None)?;
