@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use layerwise_tests::{
-    assert_same_newest_checkpoint, newest_checkpoint_name, output_within, repo_root, wait_until, OutputWithin,
+    assert_same_newest_checkpoint, checkpoint_folders, newest_checkpoint_name, output_within, repo_root, wait_until,
+    OutputWithin,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
@@ -208,15 +209,8 @@ fn sigint_stops_train_with_a_checkpoint() {
 /// The steps (`step-N`) of the checkpoints of `run` being written now: their cuts'
 /// `.partial` folders.
 fn partial_steps(run: &Path) -> Vec<String> {
-    std::fs::read_dir(run.join("checkpoints"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".partial"))
-                .map(|n| n.split('.').next().unwrap_or_default().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+    let partial = checkpoint_folders(run).into_iter().filter(|n| n.ends_with(".partial"));
+    partial.map(|n| n.split('.').next().unwrap_or_default().to_string()).collect()
 }
 
 /// kill -9 at instants spread over the step, then --resume: the run ends exactly where an

@@ -258,23 +258,27 @@ pub fn assert_same_run(a: &layerwise_coordinator::RunSummary, b: &layerwise_coor
     }
 }
 
-/// The folder name of a run's newest complete checkpoint (`step-N`), or "" when none.
-pub fn newest_checkpoint_name(run: &Path) -> String {
+/// The names of a run's checkpoint folders, sorted: `step-N`, and `step-N.SEQ.partial`
+/// while a cut is being written (or after a kill during one). None without a folder.
+pub fn checkpoint_folders(run: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
-    names.retain(|n| n.starts_with("step-") && !n.ends_with(".partial"));
+    names.retain(|n| n.starts_with("step-"));
     names.sort();
-    names.pop().unwrap_or_default()
+    names
+}
+
+/// The folder name of a run's newest complete checkpoint (`step-N`), or "" when none.
+pub fn newest_checkpoint_name(run: &Path) -> String {
+    checkpoint_folders(run).into_iter().rfind(|n| !n.ends_with(".partial")).unwrap_or_default()
 }
 
 /// Every tensor of a run's newest complete checkpoint, named `file/tensor`, in order.
 pub fn newest_checkpoint_tensors(run: &Path) -> Vec<(String, Tensor)> {
-    let mut dirs: Vec<PathBuf> =
-        std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
-    dirs.retain(|d| !d.to_string_lossy().ends_with(".partial"));
-    dirs.sort();
-    let dir = dirs.last().unwrap_or_else(|| panic!("{}: no checkpoint", run.display()));
+    let newest = newest_checkpoint_name(run);
+    assert!(!newest.is_empty(), "{}: no checkpoint", run.display());
+    let dir = run.join("checkpoints").join(newest);
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     let mut out = Vec::new();
