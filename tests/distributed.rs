@@ -2,77 +2,12 @@
 //! workers started by hand, a torchrun-style launch, a worker killed mid-run. Each waits on
 //! events (the coordinator's address file, a checkpoint folder, a process's exit).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
-use layerwise_tests::{
-    assert_same_newest_checkpoint, data_dir, newest_checkpoint_name, output_within, small_run_config, wait_until,
-    OutputWithin,
-};
+use layerwise_tests::{assert_same_newest_checkpoint, newest_checkpoint_name, wait_until, OutputWithin};
 
-const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
-
-/// A child process that is killed if the test fails before it is waited for, so that a
-/// failing test leaves no coordinator or worker behind.
-struct Proc(Option<Child>);
-
-trait Spawn {
-    fn proc(&mut self) -> Proc;
-}
-
-impl Spawn for Command {
-    fn proc(&mut self) -> Proc {
-        Proc(Some(self.spawn().unwrap()))
-    }
-}
-
-impl Proc {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("not waited for yet")
-    }
-
-    /// Its output once it exits (a failure, and the process killed, past the wait limit).
-    fn output(mut self) -> Output {
-        output_within(self.0.take().expect("not waited for yet"), BIN)
-    }
-
-    /// Whether it is still running.
-    fn running(&mut self) -> bool {
-        self.child().try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-const SECRET: &str = "a-test-secret-of-enough-bytes";
-
-/// Silence after which a peer is lost (the net crate's PEER_TIMEOUT).
-const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// mlp predsim over three processes: layer 0 here, layers 1-2 on w1, the output on w2.
-const PLACED: &str = r#"pipeline.placement=[{"layers":[0],"device":"cpu"},{"layers":[1,2],"device":"w1/cpu"},{"layers":[3],"device":"w2/cpu"}]"#;
-
-struct Setup {
-    dir: tempfile::TempDir,
-    _data: tempfile::TempDir,
-    config: PathBuf,
-}
-
-/// The small predsim mlp of the other tests, as a config file.
-fn setup() -> Setup {
-    let data = data_dir();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("mlp.json");
-    let c = small_run_config(data.path(), "mlp");
-    std::fs::write(&config, serde_json::to_string_pretty(&c).unwrap()).unwrap();
-    Setup { dir, _data: data, config }
-}
+mod cluster_support;
+use cluster_support::*;
 
 /// When a log line was written: its leading UTC timestamp (`2026-12-06T05:13:57.429999Z`).
 fn logged_at(line: &str) -> std::time::SystemTime {
@@ -98,90 +33,6 @@ fn log_timestamps_are_read_as_the_instants_they_name() {
     assert_eq!(logged_at("2026-12-06T05:13:57.5Z  INFO a line"), at(1_796_534_037.5));
     assert_eq!(logged_at("2024-02-29T23:59:59.25Z"), at(1_709_251_199.25));
     assert_eq!(logged_at("1970-01-01T00:00:00.0Z"), at(0.0));
-}
-
-/// The shared config's one-process run, trained once for all the tests that compare
-/// a run over several processes with it (the same claim each time: the same weights).
-fn reference() -> &'static Path {
-    static REFERENCE: std::sync::OnceLock<(Setup, PathBuf)> = std::sync::OnceLock::new();
-    let (_, whole) = REFERENCE.get_or_init(|| {
-        let s = setup();
-        let whole = s.dir.path().join("whole");
-        let out = train(&s.config, &whole, &[], false).output_within();
-        assert!(out.status.success(), "{}", text(&out));
-        (s, whole)
-    });
-    whole
-}
-
-fn train(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("train").arg(config).arg("--run-dir").arg(run).env("LAYERWISE_SECRET", SECRET);
-    for s in sets {
-        cmd.arg("--set").arg(s);
-    }
-    if resume {
-        cmd.arg("--resume");
-    }
-    cmd
-}
-
-fn worker(addr: &str, name: &str, secret: &str) -> Proc {
-    Command::new(BIN)
-        .args(["worker", "--coordinator", addr, "--name", name, "--once"])
-        .env("LAYERWISE_SECRET", secret)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .proc()
-}
-
-/// Waits for `path` to exist while `child` runs.
-fn wait_for(path: &Path, child: &mut Proc) {
-    wait_until(format_args!("{}", path.display()), || {
-        assert!(child.running(), "{} exited before {} appeared", BIN, path.display());
-        path.exists().then_some(())
-    })
-}
-
-fn text(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// `train` as a coordinator on a free port (`sets` place stages on workers): the process,
-/// once it listens, and the address it listens on.
-fn coordinator(config: &Path, run: &Path, sets: &[&str], resume: bool) -> (Proc, String) {
-    let addr_file = run.join("coordinator.addr");
-    let _ = std::fs::remove_file(&addr_file); // an earlier coordinator's
-    let mut coordinator = train(config, run, sets, resume)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .proc();
-    wait_for(&addr_file, &mut coordinator);
-    let addr = std::fs::read_to_string(&addr_file).unwrap().trim().to_string();
-    (coordinator, addr)
-}
-
-/// Waits for the run's first checkpoint while its coordinator (train or serve) runs.
-fn wait_for_a_checkpoint(run: &Path, coordinator: &mut Proc) {
-    wait_until("the run's first checkpoint", || {
-        assert!(coordinator.running(), "the coordinator exited before the first checkpoint");
-        (!newest_checkpoint_name(run).is_empty()).then_some(())
-    })
-}
-
-/// A coordinator on a free port with workers w1 and w2; returns its output.
-fn placed_run(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Output {
-    let mut sets = sets.to_vec();
-    sets.push(PLACED);
-    let (coordinator, addr) = coordinator(config, run, &sets, resume);
-    let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
-    let out = coordinator.output();
-    for w in workers {
-        let w = w.output();
-        assert!(w.status.success(), "a worker of a finished run exits 0: {}", text(&w));
-    }
-    out
 }
 
 /// Three processes train to the single process's weights, bit for bit; a run begun in one
@@ -211,18 +62,21 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("not a layerwise peer") && log.contains("wrong shared secret"), "{log}");
     assert!(log.contains("worker w1") && log.contains("runs stage(s) [1]"), "{log}");
+    assert!(log.contains("link into stage 1 at") && log.contains(": authenticated"), "{log}");
     for w in workers {
         assert!(w.output().status.success());
     }
     assert_same_newest_checkpoint(whole, &run, "three processes against one");
 
-    // Begun in one process (epoch 1 of 2), finished in three; and the reverse.
+    // Begun in one process (epoch 1 of 2), finished in three with the job's links
+    // encrypted; and the reverse.
     let one_then_three = d.join("one-then-three");
     let first = train(c, &one_then_three, &["train.epochs=1"], false).output_within();
     assert!(first.status.success(), "{}", text(&first));
-    let out = placed_run(c, &one_then_three, &[], true);
+    let out = placed_run(c, &one_then_three, &["pipeline.encrypt=true"], true);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("resuming from"), "{}", text(&out));
+    assert!(text(&out).contains("link into stage 1 at") && text(&out).contains(": encrypted"), "{}", text(&out));
     assert_same_newest_checkpoint(whole, &one_then_three, "begun in one process, resumed in three");
 
     let three_then_one = d.join("three-then-one");

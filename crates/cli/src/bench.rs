@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use layerwise_coordinator::RunOptions;
+use layerwise_net::wire::Auth;
 use layerwise_net::Cluster;
 use layerwise_nn::config::Training;
 use layerwise_pipeline::calibrate;
@@ -340,7 +341,8 @@ fn measure_one(
     let mut children = Vec::new();
     if !workers.is_empty() {
         let secret = layerwise_net::wire::nonce();
-        let cluster = Cluster::listen("127.0.0.1:0", secret.clone().into_bytes(), Duration::from_secs(120))?;
+        let cluster =
+            Cluster::listen("127.0.0.1:0", Auth::new(secret.clone().into_bytes(), false), Duration::from_secs(120))?;
         for name in &workers {
             let child = Command::new(std::env::current_exe()?)
                 .args(["worker", "--coordinator", &cluster.addr.to_string(), "--name", name, "--once"])

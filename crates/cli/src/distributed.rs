@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use layerwise_net::launch::{spread, Launch};
-use layerwise_net::wire::load_secret;
+use layerwise_net::wire::{load_secret, Auth};
 use layerwise_net::worker::{self, WorkerOptions};
 use layerwise_net::Cluster;
 use layerwise_plan::{DeviceId, Machine, Plan, RunConfig};
@@ -22,6 +22,10 @@ pub struct CoordinatorArgs {
     /// A file holding the shared secret that authenticates workers (else LAYERWISE_SECRET).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Encrypt every connection with workers (on, off); frames are authenticated either
+    /// way, and a connection is encrypted when either end asks.
+    #[arg(long, value_parser = clap::builder::BoolishValueParser::new(), default_value = ENCRYPT_DEFAULT)]
+    encrypt: bool,
     /// Seconds to wait for the workers the placement names (or the launcher's ranks) to
     /// register before the run fails naming the missing ones.
     #[arg(long, default_value_t = 600.0)]
@@ -42,9 +46,21 @@ pub struct WorkerArgs {
     /// A file holding the shared secret (else LAYERWISE_SECRET).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Encrypt every connection (on, off), as `train --encrypt`.
+    #[arg(long, value_parser = clap::builder::BoolishValueParser::new(), default_value = ENCRYPT_DEFAULT)]
+    encrypt: bool,
     /// Exit after one job instead of waiting for the next.
     #[arg(long)]
     once: bool,
+}
+
+/// `--encrypt`'s default.
+pub const ENCRYPT_DEFAULT: &str = "off";
+
+/// The secret (from `secret_file`, else LAYERWISE_SECRET) and this process's wish for
+/// encryption.
+pub fn auth(secret_file: Option<&Path>, encrypt: bool) -> anyhow::Result<Auth> {
+    Ok(Auth::new(load_secret(secret_file)?, encrypt))
 }
 
 fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
@@ -76,7 +92,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         coordinator: args.coordinator,
         name,
         devices,
-        secret: load_secret(args.secret_file.as_deref())?,
+        auth: auth(args.secret_file.as_deref(), args.encrypt)?,
         once: args.once,
         stop: stop_on_signals()?,
     };
@@ -91,7 +107,7 @@ pub fn rank_worker(launch: &Launch, net: &CoordinatorArgs, stop: Arc<AtomicBool>
         coordinator: launch.coordinator(),
         name: Launch::name(launch.rank),
         devices: vec![device],
-        secret: load_secret(net.secret_file.as_deref())?,
+        auth: auth(net.secret_file.as_deref(), net.encrypt)?,
         once: true,
         stop,
     };
@@ -117,7 +133,7 @@ pub fn coordinate(
         None => return Ok((plan, None)),
     };
     let wait = crate::seconds("--worker-wait", net.worker_wait, 1.0)?;
-    let cluster = Cluster::listen(&listen, load_secret(net.secret_file.as_deref())?, wait)?;
+    let cluster = Cluster::listen(&listen, auth(net.secret_file.as_deref(), net.encrypt)?, wait)?;
     std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     write_address(&run_dir.join("coordinator.addr"), &cluster.addr.to_string())?;
     let plan = match launch {
@@ -140,11 +156,12 @@ pub fn coordinate(
 pub fn listen_for_serve(
     listen: Option<&str>,
     secret_file: Option<&Path>,
+    encrypt: bool,
     worker_wait: Duration,
     runs: &Path,
 ) -> anyhow::Result<Option<Arc<Cluster>>> {
     let Some(listen) = listen else { return Ok(None) };
-    let cluster = Cluster::listen(listen, load_secret(secret_file)?, worker_wait)?;
+    let cluster = Cluster::listen(listen, auth(secret_file, encrypt)?, worker_wait)?;
     std::fs::create_dir_all(runs).with_context(|| format!("cannot create {}", runs.display()))?;
     write_address(&runs.join(".coordinator.addr"), &cluster.addr.to_string())?;
     Ok(Some(cluster))

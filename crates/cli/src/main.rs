@@ -107,6 +107,9 @@ enum Command {
         /// A file holding the shared secret (else LAYERWISE_SECRET).
         #[arg(long)]
         secret_file: Option<PathBuf>,
+        /// Encrypt every connection with workers (on, off), as `train --encrypt`.
+        #[arg(long, value_parser = clap::builder::BoolishValueParser::new(), default_value = distributed::ENCRYPT_DEFAULT)]
+        encrypt: bool,
         /// Seconds a job waits for the workers it names to register before it fails.
         #[arg(long, default_value_t = 600.0)]
         worker_wait: f64,
@@ -330,6 +333,7 @@ fn quiet_panics() {
 fn main() -> ExitCode {
     malloc::tune();
     layerwise_nccl::configure_environment();
+    layerwise_net::secret::take_from_environment();
     let cli = Cli::parse();
     init_logs(cli.log_format);
     quiet_panics();
@@ -351,11 +355,13 @@ fn main() -> ExitCode {
             max_crash_restarts,
             listen,
             secret_file,
+            encrypt,
             worker_wait,
         } => seconds("--scan-every", scan_every, 0.05).and_then(|scan_every| {
             let stop_timeout = seconds("--stop-timeout", stop_timeout, 0.0)?;
             let worker_wait = seconds("--worker-wait", worker_wait, 1.0)?;
-            let cluster = distributed::listen_for_serve(listen.as_deref(), secret_file.as_deref(), worker_wait, &runs)?;
+            let cluster =
+                distributed::listen_for_serve(listen.as_deref(), secret_file.as_deref(), encrypt, worker_wait, &runs)?;
             let options =
                 layerwise_daemon::ServeOptions { jobs, runs, scan_every, stop_timeout, max_crash_restarts, cluster };
             layerwise_daemon::serve(options).map_err(Into::into)

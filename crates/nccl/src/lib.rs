@@ -1,19 +1,25 @@
-//! NCCL point-to-point between two processes, through libtorch's own c10d: a `TCPStore`
-//! carries the NCCL unique id, a two-rank `ProcessGroupNCCL` sends and receives. c10d
-//! orders the transfers against libtorch's CUDA streams and keeps sent memory alive in its
-//! caching allocator until NCCL is done with it.
+//! NCCL point-to-point between two processes, through libtorch's own c10d: a two-rank
+//! `ProcessGroupNCCL` sends and receives; c10d orders the transfers against libtorch's
+//! CUDA streams and keeps sent memory alive in its caching allocator until NCCL is done.
+//!
+//! The group meets through a [`Store`] that listens on no port: an in-memory c10d store
+//! whose sets (the NCCL unique id, on the sending rank) the caller takes with
+//! [`Store::take`] and carries over its own authenticated link, to [`Store::put`] on the
+//! other side. No unauthenticated listener of ours is left open; NCCL's own connections
+//! are not authenticated (as in every NCCL deployment: a trusted network).
 //!
 //! Built only against a libtorch with CUDA (see build.rs); elsewhere every call says why
-//! NCCL is missing. A TCPStore has no authentication: layerwise passes its port over a link
-//! that has proved the shared secret, and keys live under a fresh random prefix; NCCL's own
-//! connections are not authenticated either (as with torchrun: a trusted network).
+//! NCCL is missing.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::time::Duration;
 
 use tch::Tensor;
 
-const ERR_LEN: usize = 1024;
+mod store;
+pub use store::{Store, STORE_KEY_MAX, STORE_VALUE_MAX};
+
+pub(crate) const ERR_LEN: usize = 1024;
 
 /// Why NCCL cannot be used by this build, or `None` when it was built with NCCL.
 pub fn missing() -> Option<&'static str> {
@@ -21,32 +27,45 @@ pub fn missing() -> Option<&'static str> {
 }
 
 #[cfg(nccl)]
-mod ffi {
+pub(crate) mod ffi {
     use super::*;
     extern "C" {
         pub fn lw_cuda_total_memory(device: c_int) -> i64;
         pub fn lw_nccl_version(out: *mut c_char, len: usize, err: *mut c_char, errlen: usize) -> c_int;
-        pub fn lw_store_new(
-            host: *const c_char,
-            port: u16,
-            server: c_int,
-            timeout_ms: i64,
-            err: *mut c_char,
-            errlen: usize,
-        ) -> *mut c_void;
-        pub fn lw_store_port(store: *mut c_void) -> u16;
+        pub fn lw_store_new(timeout_ms: i64, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn lw_store_set(
             store: *mut c_void,
             key: *const c_char,
-            value: *const c_char,
+            value: *const u8,
+            len: usize,
+            err: *mut c_char,
+            errlen: usize,
+        ) -> c_int;
+        pub fn lw_store_put(
+            store: *mut c_void,
+            key: *const c_char,
+            value: *const u8,
+            len: usize,
             err: *mut c_char,
             errlen: usize,
         ) -> c_int;
         pub fn lw_store_get(
             store: *mut c_void,
             key: *const c_char,
-            out: *mut c_char,
+            out: *mut u8,
             len: usize,
+            got: *mut usize,
+            err: *mut c_char,
+            errlen: usize,
+        ) -> c_int;
+        pub fn lw_store_take(
+            store: *mut c_void,
+            wait_ms: i64,
+            key: *mut c_char,
+            keylen: usize,
+            value: *mut u8,
+            valuelen: usize,
+            got: *mut usize,
             err: *mut c_char,
             errlen: usize,
         ) -> c_int;
@@ -75,16 +94,16 @@ mod ffi {
 }
 
 /// A text buffer a C call writes into (a value, or an error's first line).
-struct TextBuf([u8; ERR_LEN]);
+pub(crate) struct TextBuf([u8; ERR_LEN]);
 
 impl TextBuf {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self([0; ERR_LEN])
     }
-    fn ptr(&mut self) -> *mut c_char {
+    pub(crate) fn ptr(&mut self) -> *mut c_char {
         self.0.as_mut_ptr().cast()
     }
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         CStr::from_bytes_until_nul(&self.0).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
     }
 }
@@ -92,7 +111,7 @@ impl TextBuf {
 /// Runs a shim call that returns 0, or nonzero with its error written into the buffer it
 /// is handed (`ERR_LEN` bytes).
 #[cfg(nccl)]
-fn checked(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
+pub(crate) fn checked(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
     let mut err = TextBuf::new();
     if call(err.ptr(), ERR_LEN) == 0 {
         Ok(())
@@ -101,16 +120,16 @@ fn checked(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String>
     }
 }
 
-fn c_string(s: &str, what: &str) -> Result<CString, String> {
+pub(crate) fn c_string(s: &str, what: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("{what} {s:?} contains a NUL byte"))
 }
 
-fn millis(d: Duration) -> i64 {
+pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(not(nccl))]
-fn not_built<T>() -> Result<T, String> {
+pub(crate) fn not_built<T>() -> Result<T, String> {
     Err(format!("this build has no NCCL: {}", missing().unwrap_or("unknown reason")))
 }
 
@@ -140,95 +159,6 @@ pub fn cuda_total_memory(index: usize) -> Option<u64> {
     }
     #[cfg(not(nccl))]
     None
-}
-
-/// A c10d TCPStore: a server on a free port, or a client of one.
-pub struct Store {
-    #[cfg_attr(not(nccl), allow(dead_code))]
-    ptr: *mut c_void,
-}
-
-// SAFETY: c10d's TCPStore is used from several threads by c10d itself; the handle is only
-// freed in Drop.
-unsafe impl Send for Store {}
-unsafe impl Sync for Store {}
-
-impl Store {
-    /// A server listening on a free port (on every interface); see [`Store::port`].
-    pub fn serve(timeout: Duration) -> Result<Store, String> {
-        Self::open("0.0.0.0", 0, true, timeout)
-    }
-
-    /// A client of the server at `host:port`, retrying until `timeout`.
-    pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<Store, String> {
-        Self::open(host, port, false, timeout)
-    }
-
-    #[cfg_attr(not(nccl), allow(unused_variables))]
-    fn open(host: &str, port: u16, server: bool, timeout: Duration) -> Result<Store, String> {
-        #[cfg(nccl)]
-        {
-            let host = c_string(host, "host")?;
-            let mut err = TextBuf::new();
-            // SAFETY: `host` is a NUL-terminated string alive for the call; err is ERR_LEN bytes.
-            let ptr =
-                unsafe { ffi::lw_store_new(host.as_ptr(), port, server as c_int, millis(timeout), err.ptr(), ERR_LEN) };
-            if ptr.is_null() {
-                Err(format!("TCPStore {}:{port}: {}", host.to_string_lossy(), err.text()))
-            } else {
-                Ok(Store { ptr })
-            }
-        }
-        #[cfg(not(nccl))]
-        not_built()
-    }
-
-    /// The port the server listens on (or the client connected to).
-    pub fn port(&self) -> u16 {
-        #[cfg(nccl)]
-        // SAFETY: `ptr` is a live store.
-        return unsafe { ffi::lw_store_port(self.ptr) };
-        #[cfg(not(nccl))]
-        0
-    }
-
-    #[cfg_attr(not(nccl), allow(unused_variables))]
-    pub fn set(&self, key: &str, value: &str) -> Result<(), String> {
-        #[cfg(nccl)]
-        {
-            let (k, v) = (c_string(key, "key")?, c_string(value, "value")?);
-            // SAFETY: live store, NUL-terminated strings, err of ERR_LEN bytes.
-            checked(|err, len| unsafe { ffi::lw_store_set(self.ptr, k.as_ptr(), v.as_ptr(), err, len) })
-        }
-        #[cfg(not(nccl))]
-        not_built()
-    }
-
-    /// The value under `key`, waiting for it up to the store's timeout (values of at most
-    /// 1023 bytes: the store carries ids and ports here).
-    #[cfg_attr(not(nccl), allow(unused_variables))]
-    pub fn get(&self, key: &str) -> Result<String, String> {
-        #[cfg(nccl)]
-        {
-            let k = c_string(key, "key")?;
-            let mut out = TextBuf::new();
-            // SAFETY: live store, NUL-terminated key, buffers of ERR_LEN bytes.
-            checked(|err, len| unsafe { ffi::lw_store_get(self.ptr, k.as_ptr(), out.ptr(), ERR_LEN, err, len) })?;
-            Ok(out.text())
-        }
-        #[cfg(not(nccl))]
-        not_built()
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        #[cfg(nccl)]
-        // SAFETY: `ptr` came from lw_store_new and is freed once, here.
-        unsafe {
-            ffi::lw_store_free(self.ptr)
-        }
-    }
 }
 
 /// A two-rank NCCL process group for one link: rank 0 sends, rank 1 receives.
@@ -374,19 +304,5 @@ mod tests {
     fn a_build_without_nccl_says_why() {
         let why = missing().expect("build.rs gives the reason");
         assert!(version().unwrap_err().contains(why));
-    }
-}
-
-#[cfg(all(test, nccl))]
-mod store_tests {
-    use super::*;
-
-    #[test]
-    fn a_client_reads_what_the_server_holds_on_its_free_port() {
-        let server = Store::serve(Duration::from_secs(30)).unwrap();
-        assert_ne!(server.port(), 0);
-        let client = Store::connect("127.0.0.1", server.port(), Duration::from_secs(30)).unwrap();
-        server.set("link/3", "port 4242").unwrap();
-        assert_eq!(client.get("link/3").unwrap(), "port 4242");
     }
 }

@@ -1,17 +1,20 @@
-// The C face of libtorch's c10d that layerwise uses: a TCPStore (to exchange the NCCL
-// unique id) and a two-rank ProcessGroupNCCL per link, for point-to-point send and recv.
-// c10d orders NCCL work against libtorch's CUDA streams and its caching allocator.
+// The C face of libtorch's c10d that layerwise uses: a store that listens on no port (the
+// NCCL unique id crosses layerwise's own authenticated link instead) and a two-rank
+// ProcessGroupNCCL per link, for point-to-point send and recv. c10d orders NCCL work
+// against libtorch's CUDA streams and its caching allocator.
 //
 // Every function catches C++ exceptions and returns them as text: nothing unwinds into Rust.
 
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
 
 #include <chrono>
 #include <cstring>
+#include <deque>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -40,8 +43,37 @@ int guarded(char* err, size_t len, F&& f) {
   return -1;
 }
 
+// An in-memory store whose every `set` (c10d's, from this process) is also queued for
+// layerwise to carry to the peer over the link; what the peer set arrives through `put`.
+class LinkStore : public c10d::HashStore {
+ public:
+  void set(const std::string& key, const std::vector<uint8_t>& data) override {
+    c10d::HashStore::set(key, data);
+    std::lock_guard<std::mutex> lock(out_m_);
+    outbox_.emplace_back(key, data);
+    out_cv_.notify_all();
+  }
+
+  // A value the peer set: stored here, not queued back.
+  void put(const std::string& key, const std::vector<uint8_t>& data) { c10d::HashStore::set(key, data); }
+
+  // The oldest set not yet taken, waiting up to `wait`; false when none came.
+  bool take(std::chrono::milliseconds wait, std::pair<std::string, std::vector<uint8_t>>& out) {
+    std::unique_lock<std::mutex> lock(out_m_);
+    if (!out_cv_.wait_for(lock, wait, [&] { return !outbox_.empty(); })) return false;
+    out = std::move(outbox_.front());
+    outbox_.pop_front();
+    return true;
+  }
+
+ private:
+  std::mutex out_m_;
+  std::condition_variable out_cv_;
+  std::deque<std::pair<std::string, std::vector<uint8_t>>> outbox_;
+};
+
 struct Store {
-  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<LinkStore> store;
 };
 
 struct Group {
@@ -64,34 +96,53 @@ int lw_nccl_version(char* out, size_t len, char* err, size_t errlen) {
   return guarded(err, errlen, [&] { put_error(c10d::getNcclVersion(), out, len); });
 }
 
-// A TCPStore: the server (on a free port when `port` is 0) or a client of one.
-void* lw_store_new(const char* host, uint16_t port, int server, int64_t timeout_ms, char* err, size_t errlen) {
+// A store of this process's side of one link; `get` waits up to `timeout_ms`.
+void* lw_store_new(int64_t timeout_ms, char* err, size_t errlen) {
   Store* s = nullptr;
   guarded(err, errlen, [&] {
-    c10d::TCPStoreOptions opts;
-    opts.port = port;
-    opts.isServer = server != 0;
-    opts.waitWorkers = false;
-    opts.timeout = std::chrono::milliseconds(timeout_ms);
-    s = new Store{c10::make_intrusive<c10d::TCPStore>(std::string(host), opts)};
+    s = new Store{c10::make_intrusive<LinkStore>()};
+    s->store->setTimeout(std::chrono::milliseconds(timeout_ms));
   });
   return s;
 }
 
-uint16_t lw_store_port(void* store) { return static_cast<Store*>(store)->store->getPort(); }
+// Sets `key` as c10d does (the set is queued for the peer).
+int lw_store_set(void* store, const char* key, const uint8_t* value, size_t len, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] { static_cast<Store*>(store)->store->set(key, std::vector<uint8_t>(value, value + len)); });
+}
 
-int lw_store_set(void* store, const char* key, const char* value, char* err, size_t errlen) {
+// Stores what the peer set (not queued back).
+int lw_store_put(void* store, const char* key, const uint8_t* value, size_t len, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] { static_cast<Store*>(store)->store->put(key, std::vector<uint8_t>(value, value + len)); });
+}
+
+// The value under `key` into `out` (at most `len` bytes; its length in `*got`), waiting up
+// to the store's timeout.
+int lw_store_get(void* store, const char* key, uint8_t* out, size_t len, size_t* got, char* err, size_t errlen) {
   return guarded(err, errlen, [&] {
-    std::string v(value);
-    static_cast<Store*>(store)->store->set(key, std::vector<uint8_t>(v.begin(), v.end()));
+    auto v = static_cast<Store*>(store)->store->get(key);
+    if (v.size() > len) throw std::runtime_error("a value of " + std::to_string(v.size()) + " bytes");
+    std::memcpy(out, v.data(), v.size());
+    *got = v.size();
   });
 }
 
-int lw_store_get(void* store, const char* key, char* out, size_t len, char* err, size_t errlen) {
-  return guarded(err, errlen, [&] {
-    auto v = static_cast<Store*>(store)->store->get(key);
-    put_error(std::string(v.begin(), v.end()), out, len);
+// The next set to carry to the peer, waiting up to `wait_ms`: 1 with it written into the
+// buffers (key NUL-terminated), 0 when none came, -1 on an error.
+int lw_store_take(void* store, int64_t wait_ms, char* key, size_t keylen, uint8_t* value, size_t valuelen,
+                  size_t* got, char* err, size_t errlen) {
+  int taken = 0;
+  int rc = guarded(err, errlen, [&] {
+    std::pair<std::string, std::vector<uint8_t>> kv;
+    if (!static_cast<Store*>(store)->store->take(std::chrono::milliseconds(wait_ms), kv)) return;
+    if (kv.first.size() >= keylen || kv.second.size() > valuelen)
+      throw std::runtime_error("c10d set a key or value larger than layerwise carries: " + kv.first.substr(0, 64));
+    std::memcpy(key, kv.first.c_str(), kv.first.size() + 1);
+    std::memcpy(value, kv.second.data(), kv.second.size());
+    *got = kv.second.size();
+    taken = 1;
   });
+  return rc == 0 ? taken : -1;
 }
 
 void lw_store_free(void* store) { delete static_cast<Store*>(store); }

@@ -84,13 +84,13 @@ mod tests {
     use crate::cluster::testing::{fake_worker, next_message};
     use crate::protocol::{Measurement, ToCoordinator};
     use crate::wire;
+    use crate::wire::Conn;
     use layerwise_plan::{DataShape, DeviceId, Machine, RunConfig};
-    use std::net::TcpStream;
 
     type Question = (usize, DataShape, DeviceId, usize);
 
     /// The next measurement asked of a fake worker: its request id and what it asks.
-    fn question(worker: &mut TcpStream) -> Option<(u64, Question)> {
+    fn question(worker: &mut Conn) -> Option<(u64, Question)> {
         match next_message(worker).ok()? {
             ToWorker::Measure { request, config, shape, device, threads } => {
                 Some((request, (config.model.num_layers, shape, device, threads)))
@@ -99,14 +99,13 @@ mod tests {
         }
     }
 
-    fn answer(worker: &mut TcpStream, request: u64, times: Measurement) {
-        wire::write_frame(worker, &ToCoordinator::Measured { request, times }).unwrap();
+    fn answer(worker: &mut Conn, request: u64, times: Measurement) {
+        worker.writer.frame(&ToCoordinator::Measured { request, times }).unwrap();
     }
 
     #[test]
     fn workers_are_asked_at_once_and_each_answer_is_matched_to_its_question() {
-        let cluster =
-            Cluster::listen("127.0.0.1:0", b"a secret of sixteen".to_vec(), Duration::from_secs(600)).unwrap();
+        let cluster = Cluster::listen("127.0.0.1:0", wire::testing::auth(), Duration::from_secs(600)).unwrap();
         let mut c = RunConfig::default();
         c.model.num_layers = 3; // four layers with the output layer
         let plan = Plan::build(&c, Machine { cuda_devices: 0, cores: 2 }).unwrap();

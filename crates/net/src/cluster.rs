@@ -4,7 +4,7 @@
 //! asking them to time layers is [`crate::ask`].
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -16,8 +16,9 @@ use layerwise_plan::machine::MACHINE_ID_MAX;
 use layerwise_plan::DeviceId;
 
 use crate::job::{Rendezvous, Sockets};
-use crate::protocol::{heartbeat, tamed, Measurement, ToCoordinator, ToWorker, PEER_TIMEOUT};
-use crate::wire::{self, Role};
+use crate::protocol::{heartbeat, printable, say, tamed, Control, Measurement, ToCoordinator, ToWorker, PEER_TIMEOUT};
+use crate::seal::SealReader;
+use crate::wire::{self, Auth, Conn, Role};
 use crate::{Error, Result};
 
 /// A registered worker.
@@ -34,7 +35,7 @@ pub struct WorkerConn {
     /// The address this worker reached the coordinator at: where it dials the links into
     /// the coordinator's stages (never the listener's 0.0.0.0).
     pub coordinator_addr: SocketAddr,
-    control: Arc<Mutex<TcpStream>>,
+    control: Control,
     /// The job it runs now; cleared when the worker says it finished, or is lost.
     job: Mutex<Option<JobHold>>,
     changed: Condvar,
@@ -76,8 +77,7 @@ impl JobHold {
 
 impl WorkerConn {
     pub(crate) fn send(&self, msg: &ToWorker) -> bool {
-        let mut s = self.control.lock().unwrap_or_else(|p| p.into_inner());
-        wire::write_frame(&mut *s, msg).is_ok()
+        say(&self.control, msg)
     }
 
     pub(crate) fn lock_job(&self) -> MutexGuard<'_, Option<JobHold>> {
@@ -120,7 +120,7 @@ pub struct Cluster {
     pub addr: SocketAddr,
     /// How long a job waits for the workers it names to register before it fails.
     wait_limit: Duration,
-    pub(crate) secret: Arc<Vec<u8>>,
+    pub(crate) auth: Auth,
     pub(crate) workers: Registry,
     pub(crate) incoming: Rendezvous,
 }
@@ -128,29 +128,19 @@ pub struct Cluster {
 impl Cluster {
     /// Listens on `addr` for workers and links; a job waits at most `wait_limit` for the
     /// workers it names.
-    pub fn listen(addr: &str, secret: Vec<u8>, wait_limit: Duration) -> Result<Arc<Cluster>> {
+    pub fn listen(addr: &str, auth: Auth, wait_limit: Duration) -> Result<Arc<Cluster>> {
         let listener =
             TcpListener::bind(addr).map_err(|e| Error::Config(format!("--listen {addr}: cannot listen there: {e}")))?;
         let addr = listener.local_addr().map_err(|e| Error::Other(e.to_string()))?;
         let cluster = Arc::new(Cluster {
             addr,
             wait_limit,
-            secret: Arc::new(secret),
+            auth: auth.clone(),
             workers: Arc::default(),
             incoming: Rendezvous::default(),
         });
-        let (secret, workers, incoming) = (cluster.secret.clone(), cluster.workers.clone(), cluster.incoming.clone());
-        std::thread::Builder::new()
-            .name("listener".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    let Ok(stream) = conn else { continue };
-                    let (secret, workers, incoming) = (secret.clone(), workers.clone(), incoming.clone());
-                    let _ = std::thread::Builder::new()
-                        .name("peer".into())
-                        .spawn(move || admit(stream, &secret, &workers, &incoming));
-                }
-            })
+        let (workers, incoming) = (cluster.workers.clone(), cluster.incoming.clone());
+        crate::gate::serve(listener, auth, "listener", move |role, conn| admit(role, conn, &workers, &incoming))
             .map_err(|e| Error::Other(format!("cannot start the listener: {e}")))?;
         tracing::info!("listening for workers on {addr}");
         Ok(cluster)
@@ -198,28 +188,34 @@ impl Cluster {
     }
 }
 
-/// Handles one connection to the listener: a data link is handed to its stage; a worker is
-/// registered and then served until it goes.
-fn admit(mut stream: TcpStream, secret: &[u8], workers: &Registry, incoming: &Rendezvous) {
-    let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
-    match wire::accept(&mut stream, secret) {
-        Ok(Role::Link { job, stage }) => incoming.arrive(job, stage, stream),
-        Ok(worker @ Role::Worker { .. }) => {
-            let Some(conn) = register(&stream, worker, workers) else { return };
+/// Handles one connection that proved the secret: a data link is handed to its stage; a
+/// worker is registered and then served until it goes.
+fn admit(role: Role, conn: Conn, workers: &Registry, incoming: &Rendezvous) {
+    match role {
+        Role::Link { job, stage } => incoming.arrive(job, stage, conn),
+        worker @ Role::Worker { .. } => {
+            let Conn { reader, writer, peer, encrypted } = conn;
+            let Some(conn) = register((peer, encrypted), writer, worker, workers) else { return };
             let stop = Arc::new(AtomicBool::new(false));
             heartbeat(conn.control.clone(), stop.clone(), || ToWorker::Heartbeat);
-            let lost = serve_worker(&conn, stream);
+            let lost = serve_worker(&conn, reader);
             stop.store(true, Ordering::SeqCst);
             forget(&conn, workers, &lost);
         }
-        Err(e) => tracing::warn!("refused a connection from {peer}: {e}"),
     }
 }
 
 /// Registers a worker that has proved the secret, or refuses it (telling it why).
-fn register(stream: &TcpStream, role: Role, workers: &Registry) -> Option<Arc<WorkerConn>> {
+fn register(
+    (peer, encrypted): (SocketAddr, bool),
+    writer: crate::seal::SealWriter,
+    role: Role,
+    workers: &Registry,
+) -> Option<Arc<WorkerConn>> {
     let Role::Worker { name, devices, memory, cores, machine, data_addr } = role else { return None };
-    let control = stream.try_clone().ok()?;
+    let coordinator_addr = writer.socket().local_addr().ok()?;
+    // A worker that stops reading for as long as a missed heartbeat is lost.
+    writer.socket().set_write_timeout(Some(PEER_TIMEOUT)).ok()?;
     let conn = Arc::new(WorkerConn {
         name,
         devices,
@@ -227,9 +223,9 @@ fn register(stream: &TcpStream, role: Role, workers: &Registry) -> Option<Arc<Wo
         cores,
         machine,
         data_addr,
-        peer: stream.peer_addr().unwrap_or(data_addr),
-        coordinator_addr: stream.local_addr().ok()?,
-        control: Arc::new(Mutex::new(control)),
+        peer,
+        coordinator_addr,
+        control: Arc::new(Mutex::new(writer)),
         job: Mutex::new(None),
         changed: Condvar::new(),
         measuring: Mutex::new(None),
@@ -246,7 +242,9 @@ fn register(stream: &TcpStream, role: Role, workers: &Registry) -> Option<Arc<Wo
     g.insert(conn.name.clone(), conn.clone());
     cv.notify_all();
     let devices: Vec<String> = conn.devices.iter().map(|d| d.to_string()).collect();
-    tracing::info!("worker {} registered from {}: {} ({} cores)", conn.name, conn.peer, devices.join(", "), conn.cores);
+    let sealed = if encrypted { "encrypted" } else { "authenticated" };
+    let (name, peer, cores) = (&conn.name, conn.peer, conn.cores);
+    tracing::info!("worker {name} registered from {peer} ({sealed}): {} ({cores} cores)", devices.join(", "));
     Some(conn)
 }
 
@@ -293,13 +291,12 @@ fn forget(conn: &WorkerConn, workers: &Registry, lost: &str) {
 }
 
 /// Reads a worker's frames until it is lost; returns why.
-fn serve_worker(conn: &WorkerConn, mut stream: TcpStream) -> String {
-    if let Err(e) = stream.set_read_timeout(Some(PEER_TIMEOUT)) {
+fn serve_worker(conn: &WorkerConn, mut r: SealReader) -> String {
+    if let Err(e) = r.socket().set_read_timeout(Some(PEER_TIMEOUT)) {
         return e.to_string();
     }
-    let mut r = std::io::BufReader::new(&mut stream);
     loop {
-        match wire::read_frame::<ToCoordinator>(&mut r) {
+        match r.frame::<ToCoordinator>() {
             Ok(ToCoordinator::Heartbeat) => {}
             Ok(ToCoordinator::Report { job, report }) => {
                 if let Some(h) = conn.lock_job().as_ref().filter(|h| h.id == job) {
@@ -314,6 +311,7 @@ fn serve_worker(conn: &WorkerConn, mut stream: TcpStream) -> String {
                 }
             }
             Ok(ToCoordinator::Finished { job }) => conn.release(job),
+            Ok(ToCoordinator::Leaving { reason }) => return format!("it hung up: {}", printable(&reason)),
             Err(wire::WireError::Io(e))
                 if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
             {
@@ -334,8 +332,8 @@ pub(crate) mod testing {
 
     /// The reason the coordinator refuses a worker that registers as `role`.
     pub fn refused_as(cluster: &Cluster, role: Role) -> String {
-        let mut stream = wire::connect(cluster.addr, &cluster.secret, role).unwrap();
-        match next_message(&mut stream).unwrap() {
+        let mut conn = wire::connect(cluster.addr, &cluster.auth, role).unwrap();
+        match next_message(&mut conn).unwrap() {
             ToWorker::Refused { reason } => reason,
             other => panic!("not refused: {other:?}"),
         }
@@ -343,7 +341,7 @@ pub(crate) mod testing {
 
     /// Registers a worker named `name` on `machine` whose CPU has `memory` bytes, through
     /// `addr`; returns its control socket once the coordinator lists it.
-    pub fn fake_worker(cluster: &Cluster, addr: SocketAddr, name: &str, machine: &str, memory: u64) -> TcpStream {
+    pub fn fake_worker(cluster: &Cluster, addr: SocketAddr, name: &str, machine: &str, memory: u64) -> Conn {
         let role = Role::Worker {
             name: name.into(),
             devices: vec![DeviceId::Cpu],
@@ -352,15 +350,15 @@ pub(crate) mod testing {
             machine: machine.into(),
             data_addr: "127.0.0.1:9".parse().unwrap(),
         };
-        let stream = wire::connect(addr, &cluster.secret, role).unwrap();
+        let conn = wire::connect(addr, &cluster.auth, role).unwrap();
         cluster.wait_for(&[name.to_string()], None).unwrap();
-        stream
+        conn
     }
 
     /// The next message to a fake worker that is not a heartbeat.
-    pub fn next_message(worker: &mut TcpStream) -> wire::WireResult<ToWorker> {
+    pub fn next_message(worker: &mut Conn) -> wire::WireResult<ToWorker> {
         loop {
-            match wire::read_frame::<ToWorker>(worker)? {
+            match worker.reader.frame::<ToWorker>()? {
                 ToWorker::Heartbeat => continue,
                 other => return Ok(other),
             }
@@ -389,8 +387,7 @@ mod tests {
     /// without its memory sizes, an empty or huge machine id, are refused with the reason.
     #[test]
     fn a_registration_that_does_not_hold_together_is_refused_saying_why() {
-        let cluster =
-            Cluster::listen("127.0.0.1:0", b"a secret of sixteen".to_vec(), Duration::from_secs(600)).unwrap();
+        let cluster = Cluster::listen("127.0.0.1:0", wire::testing::auth(), Duration::from_secs(600)).unwrap();
         for name in ["../w", "w\u{1b}[2J", "", &"w".repeat(65)] {
             let reason = refused_as(&cluster, role(name));
             assert!(reason.contains("is not a worker name"), "{name:?}: {reason}");

@@ -8,18 +8,12 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use layerwise_nccl::{Group, Store};
+use layerwise_nccl::Group;
 use layerwise_pipeline::link::{LinkReceiver, LinkSender, RemoteLinks};
 use layerwise_plan::{DeviceId, GpuLink, Host, Plan, StagePlan};
-use serde::{Deserialize, Serialize};
 
-use crate::tcp;
-use crate::wire::{self, Role};
-
-/// The longest an NCCL link may take to meet its peer, and one transfer may take, before
-/// c10d aborts it (a lost peer is normally noticed sooner, by
-/// [`crate::protocol::PEER_TIMEOUT`], and the job's groups aborted then).
-pub const NCCL_TIMEOUT: Duration = Duration::from_secs(120);
+use crate::wire::{self, Auth, Conn, Role};
+use crate::{nccl_link, tcp};
 
 /// The sockets and NCCL groups of one job in one process. Aborting shuts the sockets and
 /// aborts the groups, which wakes every thread blocked on them and ends NCCL work stuck on
@@ -70,22 +64,22 @@ impl Sockets {
     }
 }
 
-/// Incoming data links, waiting for the stage they feed: (job, stage) -> stream.
+/// Incoming data links, waiting for the stage they feed: (job, stage) -> connection.
 #[derive(Clone, Default)]
 pub struct Rendezvous(Arc<(Mutex<Waiting>, Condvar)>);
 
 /// Links arrived, by (job, stage they feed).
-type Waiting = HashMap<(u64, usize), TcpStream>;
+type Waiting = HashMap<(u64, usize), Conn>;
 
 impl Rendezvous {
-    pub fn arrive(&self, job: u64, stage: usize, s: TcpStream) {
+    pub fn arrive(&self, job: u64, stage: usize, s: Conn) {
         let (m, cv) = &*self.0;
         m.lock().unwrap_or_else(|p| p.into_inner()).insert((job, stage), s);
         cv.notify_all();
     }
 
     /// Waits for the link into `stage`, until it arrives or the job is aborted.
-    pub fn take(&self, job: u64, stage: usize, sockets: &Sockets) -> Option<TcpStream> {
+    pub fn take(&self, job: u64, stage: usize, sockets: &Sockets) -> Option<Conn> {
         let (m, cv) = &*self.0;
         let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -108,7 +102,8 @@ impl Rendezvous {
 /// How a process's stages reach neighbours in other processes, in one job.
 pub struct JobLinks {
     pub job: u64,
-    pub secret: Arc<Vec<u8>>,
+    /// The secret, asking for encryption when this process or the job does.
+    pub auth: Auth,
     /// Where each host takes the links into its stages.
     pub hosts: Vec<(Host, SocketAddr)>,
     pub stages: Vec<StagePlan>,
@@ -116,14 +111,26 @@ pub struct JobLinks {
     pub gpu_link: GpuLink,
     pub sockets: Sockets,
     pub incoming: Rendezvous,
+    /// How long a link may make no progress before it fails (`pipeline.link_stall_s`).
+    pub stall: Duration,
+    /// The most bytes one message into each stage may hold.
+    pub limits: Vec<u64>,
 }
 
-/// What the receiving end of an NCCL link tells the sender, over the link's authenticated
-/// TCP connection: where its TCPStore listens and the key prefix of this link's group.
-#[derive(Serialize, Deserialize)]
-struct NcclOffer {
-    port: u16,
-    prefix: String,
+/// The most bytes one message into each stage of `plan` can hold: its largest batch of
+/// inputs (the data for stage 0, the previous stage's output after) and labels, counted
+/// at 8 bytes an element; a header that claims more is refused before anything is
+/// allocated.
+pub fn message_limits(plan: &Plan) -> Vec<u64> {
+    let batch = plan.config.train.batch_size.max(plan.config.train.eval_batch()) as u64;
+    let input = plan.arch.input.channels * plan.arch.input.size * plan.arch.input.size;
+    let data = plan.shape.input.channels * plan.shape.input.size * plan.shape.input.size;
+    let per_example = |s: &StagePlan| match s.index {
+        0 => input.max(data),
+        i => plan.stages[i - 1].layers.last().and_then(|&l| plan.arch.hidden.get(l)).map_or(0, |l| l.output_numel()),
+    };
+    let bytes = |s: &StagePlan| batch.saturating_mul(u64::try_from(per_example(s)).unwrap_or(0).saturating_add(1) * 8);
+    plan.stages.iter().map(bytes).collect()
 }
 
 /// The GPUs at both ends of the link into `stage` when that link, should it cross
@@ -140,25 +147,21 @@ pub fn nccl_ends(gpu_link: GpuLink, stages: &[StagePlan], stage: usize) -> Optio
     }
 }
 
-/// The store key by which the sender of an NCCL link says it has joined the receiver's
-/// store (outside the prefix that c10d's keys take).
-fn joined_key(prefix: &str) -> String {
-    format!("{prefix}:joined")
-}
-
 impl JobLinks {
     /// The links of job `job` of `plan` in one process (the coordinator's or a worker's).
     pub fn new(
         job: u64,
         plan: &Plan,
-        secret: Arc<Vec<u8>>,
+        auth: &Auth,
         hosts: Vec<(Host, SocketAddr)>,
         sockets: Sockets,
         incoming: Rendezvous,
     ) -> Self {
         let pipeline = &plan.config.pipeline;
         let (stages, capacity, gpu_link) = (plan.stages.clone(), pipeline.channel_capacity, pipeline.gpu_link);
-        Self { job, secret, hosts, stages, capacity, gpu_link, sockets, incoming }
+        let auth = auth.encrypting_if(pipeline.encrypt);
+        let (stall, limits) = (Duration::from_secs_f64(pipeline.link_stall_s), message_limits(plan));
+        Self { job, auth, hosts, stages, capacity, gpu_link, sockets, incoming, stall, limits }
     }
 
     /// [`nccl_ends`] of the link into `stage`, in this job's plan.
@@ -174,24 +177,23 @@ impl RemoteLinks for JobLinks {
             .incoming
             .take(self.job, stage, &self.sockets)
             .ok_or_else(|| format!("the job stopped before the link into stage {stage} arrived"))?;
-        self.sockets.add(&s);
+        self.sockets.add(s.socket());
         let nccl = match self.nccl_ends(stage) {
             None => None,
             Some((_, gpu)) => {
-                let store = Store::serve(NCCL_TIMEOUT).map_err(|e| format!("link into stage {stage}: {e}"))?;
-                let offer = NcclOffer { port: store.port(), prefix: format!("layerwise/{}", wire::nonce()) };
-                wire::write_frame(&mut s, &offer).map_err(|e| format!("link into stage {stage}: {e}"))?;
-                // The store must outlive the sender's joining it, whatever happens here next.
-                store.get(&joined_key(&offer.prefix)).map_err(|e| format!("link into stage {stage}: {e}"))?;
-                let group = Group::new(Arc::new(store), &offer.prefix, tcp::NCCL_RECEIVER, 2, NCCL_TIMEOUT)
-                    .map(Arc::new)
+                let group = nccl_link::receiver(&mut s, gpu)
                     .map_err(|e| format!("link into stage {stage} (cuda:{gpu}): {e}"))?;
                 self.sockets.add_group(&group);
                 Some((group, tch::Device::Cuda(gpu)))
             }
         };
-        let rx = tcp::TcpReceiver::new(s, self.capacity, format!("stage-{stage}"), nccl)
-            .map_err(|e| format!("link into stage {stage}: {e}"))?;
+        let inbound = tcp::Inbound {
+            capacity: self.capacity,
+            limit: self.limits[stage],
+            stall: self.stall,
+            what: format!("stage {stage}"),
+        };
+        let rx = tcp::TcpReceiver::new(s, inbound, nccl).map_err(|e| format!("link into stage {stage}: {e}"))?;
         Ok(Box::new(rx))
     }
 
@@ -200,26 +202,23 @@ impl RemoteLinks for JobLinks {
         let host = &self.stages[stage].host;
         let addr = self.hosts.iter().find(|(h, _)| h == host).map(|(_, a)| *a);
         let addr = addr.ok_or_else(|| format!("no address for {host}, which holds stage {stage}"))?;
-        let mut s = wire::connect(addr, &self.secret, Role::Link { job: self.job, stage })
+        let mut s = wire::connect(addr, &self.auth, Role::Link { job: self.job, stage })
             .map_err(|e| format!("link into stage {stage} at {addr}: {e}"))?;
-        self.sockets.add(&s);
+        self.sockets.add(s.socket());
         let nccl = match self.nccl_ends(stage) {
             None => None,
             Some((gpu, _)) => {
-                let what = |e: String| format!("NCCL link into stage {stage} at {addr} (from cuda:{gpu}): {e}");
-                s.set_read_timeout(Some(wire::HANDSHAKE_TIMEOUT)).map_err(|e| what(e.to_string()))?;
-                let offer: NcclOffer = wire::read_frame(&mut s).map_err(|e| what(e.to_string()))?;
-                s.set_read_timeout(None).map_err(|e| what(e.to_string()))?;
-                let store = Store::connect(&addr.ip().to_string(), offer.port, NCCL_TIMEOUT).map_err(what)?;
-                store.set(&joined_key(&offer.prefix), "1").map_err(what)?;
-                let group = Group::new(Arc::new(store), &offer.prefix, tcp::NCCL_SENDER, 2, NCCL_TIMEOUT)
-                    .map(Arc::new)
-                    .map_err(what)?;
+                let group = nccl_link::sender(&mut s, gpu)
+                    .map_err(|e| format!("NCCL link into stage {stage} at {addr} (from cuda:{gpu}): {e}"))?;
                 self.sockets.add_group(&group);
                 Some(group)
             }
         };
-        Ok(Box::new(tcp::TcpSender::new(s, self.capacity, nccl)))
+        let sealed = if s.encrypted { "encrypted" } else { "authenticated" };
+        tracing::info!("link into stage {stage} at {addr}: {sealed}");
+        let tx = tcp::TcpSender::new(s, self.capacity, nccl, self.stall)
+            .map_err(|e| format!("link into stage {stage} at {addr}: {e}"))?;
+        Ok(Box::new(tx))
     }
 }
 
@@ -233,13 +232,15 @@ mod tests {
         let w = Host::Worker("w".into());
         JobLinks {
             job: 5,
-            secret: Arc::new(b"a secret of sixteen".to_vec()),
+            auth: wire::testing::auth(),
             hosts: vec![(w.clone(), addr)],
             stages: one_layer_each(&[(Host::Coordinator, devices[0]), (w, devices[1])]),
             capacity: 2,
             gpu_link,
             sockets: Sockets::default(),
             incoming: Rendezvous::default(),
+            stall: Duration::from_secs(600),
+            limits: vec![1 << 20; 2],
         }
     }
 
@@ -254,8 +255,7 @@ mod tests {
         assert_eq!(net(GpuLink::Tcp, [gpu0, gpu1], addr).nccl_ends(1), None);
     }
 
-    /// Both ends of an NCCL link meet over the authenticated TCP link (the receiver's
-    /// TCPStore port and key prefix cross it, the sender connects to that store) and only
+    /// Both ends of an NCCL link make their group over the authenticated link and only
     /// then need a GPU: on a machine without one, each end fails naming its stage, its
     /// device and the reason. (scripts/gpu-check.sh sends over the link on GPUs.)
     #[test]
@@ -266,11 +266,11 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let receiving = Arc::new(net(GpuLink::Nccl, [DeviceId::Cuda(0), DeviceId::Cuda(1)], addr));
-        let (secret, incoming) = (receiving.secret.clone(), receiving.incoming.clone());
+        let (auth, incoming) = (receiving.auth.clone(), receiving.incoming.clone());
         std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            assert_eq!(wire::accept(&mut s, &secret).unwrap(), Role::Link { job: 5, stage: 1 });
-            incoming.arrive(5, 1, s);
+            let (role, conn) = wire::accept(listener.accept().unwrap().0, &auth).unwrap();
+            assert_eq!(role, Role::Link { job: 5, stage: 1 });
+            incoming.arrive(5, 1, conn);
         });
         let r = receiving.clone();
         let input = std::thread::spawn(move || r.input(1).err().expect("no GPU to receive on"));

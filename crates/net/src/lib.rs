@@ -14,18 +14,26 @@
 //! blocked on a link; losing the coordinator makes a worker stop its stages and go back to
 //! waiting for one.
 //!
-//! The rooms: [`wire`] frames bytes and authenticates connections; [`protocol`] is what
+//! The rooms: [`wire`] opens and authenticates connections, [`seal`] seals every frame
+//! after that, [`gate`] bounds what an unauthenticated peer costs; [`protocol`] is what
 //! the coordinator and workers say to each other; [`tcp`] carries a stage's messages
 //! between processes (tensors over NCCL between GPUs); [`job`] is one job's links in one
 //! process; [`cluster`], [`remote_job`] and [`ask`] are the coordinator's side; [`worker`] the
 //! worker's; [`launch`] reads torchrun's and Slurm's environment.
 
 pub mod ask;
+pub mod assignment;
 pub mod cluster;
+pub mod codec;
+mod deadline;
+pub mod gate;
 pub mod job;
 pub mod launch;
+pub mod nccl_link;
 pub mod protocol;
 pub mod remote_job;
+pub mod seal;
+pub mod secret;
 pub mod tcp;
 pub mod wire;
 pub mod worker;

@@ -1,8 +1,8 @@
 //! What the coordinator and its workers say to each other over a worker's control
-//! connection (framed and authenticated by [`crate::wire`]), and the heartbeat that tells
+//! connection (authenticated by [`crate::wire`], sealed by [`crate::seal`]), and the heartbeat that tells
 //! each side the other is alive.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use layerwise_pipeline::message::Report;
 use layerwise_plan::{DataShape, DeviceId, Host, RunConfig, StagePlan};
 use serde::{Deserialize, Serialize};
 
-use crate::wire;
+use crate::seal::SealWriter;
 
 /// How often each side of a control connection says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -77,6 +77,10 @@ pub enum ToCoordinator {
         request: u64,
         times: Measurement,
     },
+    /// The worker hangs up, and why (a frame from the coordinator that failed its check).
+    Leaving {
+        reason: String,
+    },
     Heartbeat,
 }
 
@@ -119,19 +123,27 @@ pub type Measurement = std::result::Result<Vec<f64>, String>;
 /// A stage's report link in a worker: the control connection to the coordinator.
 pub struct RemoteReports {
     pub job: u64,
-    pub control: Arc<Mutex<TcpStream>>,
+    pub control: Control,
+}
+
+/// The writing half of a control connection, shared by the threads that speak on it
+/// (its records are numbered, so they go out one at a time).
+pub type Control = Arc<Mutex<SealWriter>>;
+
+/// Sends `msg` on `control`; false when the connection has failed.
+pub fn say<T: Serialize>(control: &Mutex<SealWriter>, msg: &T) -> bool {
+    control.lock().unwrap_or_else(|p| p.into_inner()).frame(msg).is_ok()
 }
 
 impl ReportSender for RemoteReports {
     fn send(&self, report: Report) -> Result<(), Closed> {
-        let mut s = self.control.lock().unwrap_or_else(|p| p.into_inner());
-        wire::write_frame(&mut *s, &ToCoordinator::Report { job: self.job, report }).map_err(|_| Closed)
+        say(&self.control, &ToCoordinator::Report { job: self.job, report }).then_some(()).ok_or(Closed)
     }
 }
 
 /// Sends `beat` on `control` every [`HEARTBEAT`] until the connection fails or `stop` is set.
 pub fn heartbeat<T: Serialize + Send + 'static>(
-    control: Arc<Mutex<TcpStream>>,
+    control: Control,
     stop: Arc<std::sync::atomic::AtomicBool>,
     beat: fn() -> T,
 ) {
@@ -140,8 +152,7 @@ pub fn heartbeat<T: Serialize + Send + 'static>(
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let mut s = control.lock().unwrap_or_else(|p| p.into_inner());
-        if wire::write_frame(&mut *s, &beat()).is_err() {
+        if !say(&control, &beat()) {
             return;
         }
     });

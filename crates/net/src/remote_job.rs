@@ -53,7 +53,7 @@ impl Cluster {
         let sockets = Sockets::default();
         let mut hosts = vec![(Host::Coordinator, self.addr)];
         hosts.extend(workers.iter().map(|w| (Host::Worker(w.name.clone()), w.data_addr)));
-        let links = JobLinks::new(id, plan, self.secret.clone(), hosts.clone(), sockets.clone(), self.incoming.clone());
+        let links = JobLinks::new(id, plan, &self.auth, hosts.clone(), sockets.clone(), self.incoming.clone());
         let job = RemoteJob { id, workers: workers.to_vec(), links: Arc::new(links) };
         job.hold(plan, reports, &sockets)?;
         let absolute = |p: &Path| std::path::absolute(p).map_err(|e| Error::Other(format!("{}: {e}", p.display())));
@@ -184,7 +184,7 @@ mod tests {
     use std::time::Duration;
 
     fn listen(addr: &str) -> Arc<Cluster> {
-        Cluster::listen(addr, b"a secret of sixteen".to_vec(), Duration::from_secs(600)).unwrap()
+        Cluster::listen(addr, crate::wire::testing::auth(), Duration::from_secs(600)).unwrap()
     }
 
     /// Layers 0 and 1 in this process, then two layers on each of `workers` (a hidden
@@ -293,7 +293,7 @@ mod tests {
         let sent = reason.len();
         let failure = StageFailure { stage: 1, layer: None, step: None, reason };
         let report = ToCoordinator::Report { job: job.id, report: Report::Failed(failure) };
-        crate::wire::write_frame(&mut w, &report).unwrap();
+        w.writer.frame(&report).unwrap();
         let Report::Failed(got) = reports.recv().unwrap() else { panic!("not a failure") };
         assert!(got.reason.len() <= MAX_REASON + 32, "{} bytes", got.reason.len());
         assert!(!got.reason.chars().any(char::is_control), "{:?}", &got.reason[..40]);
@@ -321,7 +321,7 @@ mod tests {
             Report::EpochStats(EpochStats { epoch: 1, stage, layers: vec![], output: None, timing, train_done: 0.0 })
         };
         for (report, taken) in [(stats(1), true), (stats(0), false)] {
-            crate::wire::write_frame(&mut w, &ToCoordinator::Report { job: job.id, report: report.clone() }).unwrap();
+            w.writer.frame(&ToCoordinator::Report { job: job.id, report: report.clone() }).unwrap();
             match reports.recv().unwrap() {
                 Report::Failed(f) if !taken => {
                     assert!(f.reason.contains("worker w sent a report for stage 0, which it does not run"), "{f}")

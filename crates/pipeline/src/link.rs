@@ -13,12 +13,21 @@ pub struct Closed;
 pub trait LinkSender: Send {
     /// Blocks while the link is full: the pipeline's backpressure.
     fn send(&self, msg: Message) -> Result<(), Closed>;
+    /// After a failed send: why, when the link broke (a peer that stalled, a record that
+    /// failed its check) rather than closed as a stopping stage closes it.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 pub trait LinkReceiver: Send {
     fn recv(&self) -> Result<Message, Closed>;
     /// Messages waiting now.
     fn depth(&self) -> usize;
+    /// After a failed receive: why, when the link broke rather than closed.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Links to stages in other processes, as the network layer makes them: the link into

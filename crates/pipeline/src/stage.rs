@@ -298,6 +298,16 @@ impl Stage {
         self.report(Report::EpochStats(EpochStats { epoch, stage: self.index, layers, output, timing, train_done }))
     }
 
+    /// Ends the loop on a link that failed: a link that broke (rather than closed as its
+    /// stage stopped) fails the job with its reason.
+    fn link_broke(&self, why: Option<String>) -> bool {
+        if let Some(why) = why {
+            tracing::error!(stage = self.index, "{why}");
+            let _ = self.env.reports.send(Report::Failed(self.fail(None, None, &why)));
+        }
+        false
+    }
+
     /// The worker loop: until shutdown, or until a neighbour is gone, or a failure (reported
     /// to the coordinator; dropping the links then stops the other stages). Returns whether
     /// it ended by a shutdown that passed through.
@@ -305,7 +315,7 @@ impl Stage {
         loop {
             let t0 = Instant::now();
             let depth = input.depth();
-            let Ok(msg) = input.recv() else { return false };
+            let Ok(msg) = input.recv() else { return self.link_broke(input.broken()) };
             let t1 = Instant::now();
             self.timing.wait_input += t1 - t0;
             self.timing.queue_depth += depth as f64;
@@ -323,7 +333,7 @@ impl Stage {
                 Ok(Some(next)) => {
                     if let Some(out) = &output {
                         if out.send(next).is_err() {
-                            return false;
+                            return self.link_broke(out.broken());
                         }
                         self.timing.blocked_output += t2.elapsed();
                     }

@@ -64,6 +64,7 @@ pub(crate) fn check_ranges(config: &RunConfig) -> Result<()> {
     optional("train.cpu_threads", t.cpu_threads, CPU_THREADS)?;
     in_range("train.stall_warning_s", t.stall_warning_s, 0.001, 1e9, "a positive number of seconds")?;
     count("pipeline.channel_capacity", config.pipeline.channel_capacity, QUEUE)?;
+    in_range("pipeline.link_stall_s", config.pipeline.link_stall_s, 1.0, 86_400.0, "1 to 86400 seconds")?;
     check_workers(&config.pipeline, config.model.training)?;
     count("data.prefetch", config.data.prefetch, QUEUE)?;
     count("checkpoint.keep", config.checkpoint.keep, KEEP)?;

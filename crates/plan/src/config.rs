@@ -159,6 +159,12 @@ pub struct PipelineConfig {
     /// Workers an `auto` placement spreads over: one stage per device of this process and
     /// of each worker named, in that order, the layers split by their measured cost.
     pub workers: Vec<String>,
+    /// Encrypt this job's links between processes (they are always authenticated), even
+    /// where the processes were started without `--encrypt on`.
+    pub encrypt: bool,
+    /// Seconds a link between processes may make no progress (nothing sent, or nothing
+    /// taken) before it fails the job, naming the peer.
+    pub link_stall_s: f64,
 }
 
 impl Default for PipelineConfig {
@@ -169,6 +175,8 @@ impl Default for PipelineConfig {
             channel_capacity: 2,
             gpu_link: GpuLink::Nccl,
             workers: Vec::new(),
+            encrypt: false,
+            link_stall_s: 600.0,
         }
     }
 }

@@ -1,0 +1,166 @@
+//! A worker's jobs: an assignment's stages started and run to their end, and the layer
+//! timings a coordinator asks for, each in a thread of its own beside the control loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use layerwise_pipeline::link::{RemoteLinks, ReportSender};
+use layerwise_pipeline::message::{Report, StageFailure};
+use layerwise_pipeline::stage::StageEnv;
+use layerwise_plan::checks::limits;
+use layerwise_plan::{DataShape, DeviceId, Host, Machine, Placement, Plan, RunConfig};
+use layerwise_rundir::checkpoint;
+
+use crate::job::{JobLinks, Rendezvous, Sockets};
+use crate::protocol::{say, Assignment, Control, RemoteReports, ToCoordinator};
+use crate::wire::Auth;
+use crate::{Error, Result};
+
+/// How one job on this worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    Done,
+    Failed,
+}
+
+pub(crate) struct Running {
+    pub id: u64,
+    pub sockets: Sockets,
+    /// Set just before the job's thread tells the coordinator it finished: from then on
+    /// the coordinator may send the next job, and the thread only has to return.
+    pub told: Arc<AtomicBool>,
+    pub thread: JoinHandle<Ended>,
+}
+
+impl Running {
+    fn over(&self) -> bool {
+        self.told.load(Ordering::SeqCst) || self.thread.is_finished()
+    }
+}
+
+/// Takes a job that is over (how it ended), leaving one that runs; drops the links it
+/// left unclaimed.
+pub(crate) fn reap(running: &mut Option<Running>, incoming: &Rendezvous) -> Option<Ended> {
+    let job = running.take_if(|j| j.over())?;
+    let ended = job.thread.join().unwrap_or(Ended::Failed);
+    incoming.forget(job.id);
+    Some(ended)
+}
+
+/// Times the layers asked for, in a thread of its own, and answers request `request` on
+/// `control` (refusing while job `busy` runs).
+pub(crate) fn answer_measure(
+    control: &Control,
+    request: u64,
+    busy: Option<u64>,
+    config: RunConfig,
+    shape: DataShape,
+    device: DeviceId,
+    threads: usize,
+) {
+    let answer = move |control: &Control, times| {
+        say(control, &ToCoordinator::Measured { request, times });
+    };
+    let to = control.clone();
+    let spawned = std::thread::Builder::new().name("measure".into()).spawn(move || {
+        let times = match busy {
+            Some(job) => Err(format!("busy with job {job:x}")),
+            None => time_layers(&config, shape, device, threads).map_err(|e| e.to_string()),
+        };
+        answer(&to, times)
+    });
+    if let Err(e) = spawned {
+        answer(control, Err(format!("cannot start a thread: {e}")));
+    }
+}
+
+/// Starts assignment `a` in a thread of its own.
+pub(crate) fn begin(a: Assignment, name: &str, links: (Auth, Rendezvous, Control)) -> Result<Running> {
+    let (sockets, told) = (Sockets::default(), Arc::new(AtomicBool::new(false)));
+    let (id, host) = (a.job, name.to_string());
+    let (auth, incoming, control) = links;
+    let (s, t) = (sockets.clone(), told.clone());
+    let thread = std::thread::Builder::new()
+        .name(format!("job-{id:x}"))
+        .spawn(move || run_assignment(a, &host, auth, incoming, s, control, &t))
+        .map_err(|e| Error::Other(format!("cannot start a job: {e}")))?;
+    Ok(Running { id, sockets, told, thread })
+}
+
+/// Runs this worker's stages of an assignment to their end; tells the coordinator.
+fn run_assignment(
+    a: Assignment,
+    host: &str,
+    auth: Auth,
+    incoming: Rendezvous,
+    sockets: Sockets,
+    control: Control,
+    told: &AtomicBool,
+) -> Ended {
+    let reports: Arc<dyn ReportSender> = Arc::new(RemoteReports { job: a.job, control: control.clone() });
+    let mine: Vec<usize> = a.stages.iter().filter(|s| s.host.is_worker(host)).map(|s| s.index).collect();
+    let _cudnn = layerwise_pipeline::cudnn::hold(a.config.train.deterministic);
+    let started = start(&a, host, auth, incoming, sockets.clone(), reports.clone());
+    let ended = match started {
+        Ok(threads) => {
+            tracing::info!("job {:x}: running stage(s) {mine:?}", a.job);
+            // A stage that ended otherwise than by a shutdown passing through saw its job fail.
+            let clean = threads.into_iter().map(|t| t.join().unwrap_or(false)).filter(|ok| !ok).count() == 0;
+            if !clean || sockets.aborted() {
+                Ended::Failed
+            } else {
+                Ended::Done
+            }
+        }
+        Err(e) => {
+            let reason = format!("on worker {host}: {e}");
+            tracing::error!("job {:x}: {reason}", a.job);
+            let stage = mine.first().copied().unwrap_or(0);
+            let _ = reports.send(Report::Failed(StageFailure { stage, layer: None, step: None, reason }));
+            Ended::Failed
+        }
+    };
+    let mut s = control.lock().unwrap_or_else(|p| p.into_inner());
+    told.store(true, Ordering::SeqCst);
+    let _ = s.frame(&ToCoordinator::Finished { job: a.job });
+    ended
+}
+
+/// `config`'s net for data of `shape` on this machine, its placement left to the
+/// coordinator.
+fn unplaced(config: &RunConfig, machine: Machine, shape: DataShape) -> Result<Plan> {
+    let mut config = config.clone();
+    config.pipeline.placement = Placement::Single;
+    config.pipeline.workers.clear();
+    Ok(Plan::build_unplaced(&config, machine, shape)?)
+}
+
+/// Each layer's step time on `device` here with `threads` intra-op threads, for the
+/// coordinator's `auto` placement.
+fn time_layers(config: &RunConfig, shape: DataShape, device: DeviceId, threads: usize) -> Result<Vec<f64>> {
+    let machine = Machine::detect();
+    machine.check(device).map_err(Error::Config)?;
+    let plan = unplaced(config, machine, shape)?;
+    Ok(layerwise_pipeline::calibrate::layer_times(&plan, device, threads.clamp(1, limits::CPU_THREADS))?)
+}
+
+/// Starts this worker's stages of `a`: its plan checked (the coordinator's stages are
+/// input like any other), the checkpoint to resume from verified, the job's links made.
+fn start(
+    a: &Assignment,
+    host: &str,
+    auth: Auth,
+    incoming: Rendezvous,
+    sockets: Sockets,
+    reports: Arc<dyn ReportSender>,
+) -> Result<Vec<JoinHandle<bool>>> {
+    let here = Host::Worker(host.to_string());
+    let plan = Plan::assigned(&a.config, Machine::detect(), a.shape, a.stages.clone(), &here)?;
+    let resume = a.resume.as_deref().map(checkpoint::open).transpose()?;
+    let links = JobLinks::new(a.job, &plan, &auth, a.hosts.clone(), sockets, incoming);
+    let links: Arc<dyn RemoteLinks> = Arc::new(links);
+    let plan = Arc::new(plan);
+    let mut env = |_| StageEnv::new(a.checkpoints.clone(), resume.clone(), reports.clone());
+    Ok(layerwise_pipeline::pipeline::spawn_stages(&plan, &here, None, &mut env, Some(links))?)
+}

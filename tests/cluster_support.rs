@@ -1,0 +1,157 @@
+//! What the tests of several processes share: the real binary as coordinator and
+//! workers on 127.0.0.1, each child killed if a test fails before waiting for it.
+
+#![allow(dead_code)] // each test file uses its own part
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use layerwise_tests::{data_dir, newest_checkpoint_name, output_within, small_run_config, wait_until, OutputWithin};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_layerwise");
+
+/// A child process that is killed if the test fails before it is waited for, so that a
+/// failing test leaves no coordinator or worker behind.
+pub struct Proc(Option<Child>);
+
+pub trait Spawn {
+    fn proc(&mut self) -> Proc;
+}
+
+impl Spawn for Command {
+    fn proc(&mut self) -> Proc {
+        Proc(Some(self.spawn().unwrap()))
+    }
+}
+
+impl Proc {
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("not waited for yet")
+    }
+
+    /// Its output once it exits (a failure, and the process killed, past the wait limit).
+    pub fn output(mut self) -> Output {
+        output_within(self.0.take().expect("not waited for yet"), BIN)
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child().try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+pub const SECRET: &str = "a-test-secret-of-enough-bytes";
+
+/// Silence after which a peer is lost (the net crate's PEER_TIMEOUT).
+pub const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// mlp predsim over three processes: layer 0 here, layers 1-2 on w1, the output on w2.
+pub const PLACED: &str = r#"pipeline.placement=[{"layers":[0],"device":"cpu"},{"layers":[1,2],"device":"w1/cpu"},{"layers":[3],"device":"w2/cpu"}]"#;
+
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    _data: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+/// The small predsim mlp of the other tests, as a config file.
+pub fn setup() -> Setup {
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mlp.json");
+    let c = small_run_config(data.path(), "mlp");
+    std::fs::write(&config, serde_json::to_string_pretty(&c).unwrap()).unwrap();
+    Setup { dir, _data: data, config }
+}
+
+/// The shared config's one-process run, trained once for all the tests that compare
+/// a run over several processes with it (the same claim each time: the same weights).
+pub fn reference() -> &'static Path {
+    static REFERENCE: std::sync::OnceLock<(Setup, PathBuf)> = std::sync::OnceLock::new();
+    let (_, whole) = REFERENCE.get_or_init(|| {
+        let s = setup();
+        let whole = s.dir.path().join("whole");
+        let out = train(&s.config, &whole, &[], false).output_within();
+        assert!(out.status.success(), "{}", text(&out));
+        (s, whole)
+    });
+    whole
+}
+
+pub fn train(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("train").arg(config).arg("--run-dir").arg(run).env("LAYERWISE_SECRET", SECRET);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    if resume {
+        cmd.arg("--resume");
+    }
+    cmd
+}
+
+pub fn worker(addr: &str, name: &str, secret: &str) -> Proc {
+    Command::new(BIN)
+        .args(["worker", "--coordinator", addr, "--name", name, "--once"])
+        .env("LAYERWISE_SECRET", secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .proc()
+}
+
+/// Waits for `path` to exist while `child` runs.
+pub fn wait_for(path: &Path, child: &mut Proc) {
+    wait_until(format_args!("{}", path.display()), || {
+        assert!(child.running(), "{} exited before {} appeared", BIN, path.display());
+        path.exists().then_some(())
+    })
+}
+
+pub fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `train` as a coordinator on a free port (`sets` place stages on workers): the process,
+/// once it listens, and the address it listens on.
+pub fn coordinator(config: &Path, run: &Path, sets: &[&str], resume: bool) -> (Proc, String) {
+    let addr_file = run.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file); // an earlier coordinator's
+    let mut coordinator = train(config, run, sets, resume)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .proc();
+    wait_for(&addr_file, &mut coordinator);
+    let addr = std::fs::read_to_string(&addr_file).unwrap().trim().to_string();
+    (coordinator, addr)
+}
+
+/// Waits for the run's first checkpoint while its coordinator (train or serve) runs.
+pub fn wait_for_a_checkpoint(run: &Path, coordinator: &mut Proc) {
+    wait_until("the run's first checkpoint", || {
+        assert!(coordinator.running(), "the coordinator exited before the first checkpoint");
+        (!newest_checkpoint_name(run).is_empty()).then_some(())
+    })
+}
+
+/// A coordinator on a free port with workers w1 and w2; returns its output.
+pub fn placed_run(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Output {
+    let mut sets = sets.to_vec();
+    sets.push(PLACED);
+    let (coordinator, addr) = coordinator(config, run, &sets, resume);
+    let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
+    let out = coordinator.output();
+    for w in workers {
+        let w = w.output();
+        assert!(w.status.success(), "a worker of a finished run exits 0: {}", text(&w));
+    }
+    out
+}
