@@ -99,8 +99,14 @@ pub fn train(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Command 
 }
 
 pub fn worker(addr: &str, name: &str, secret: &str) -> Proc {
+    worker_with(addr, name, secret, &[])
+}
+
+/// A worker `--once` with more `flags`.
+pub fn worker_with(addr: &str, name: &str, secret: &str, flags: &[&str]) -> Proc {
     Command::new(BIN)
         .args(["worker", "--coordinator", addr, "--name", name, "--once"])
+        .args(flags)
         .env("LAYERWISE_SECRET", secret)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -122,10 +128,16 @@ pub fn text(out: &Output) -> String {
 /// `train` as a coordinator on a free port (`sets` place stages on workers): the process,
 /// once it listens, and the address it listens on.
 pub fn coordinator(config: &Path, run: &Path, sets: &[&str], resume: bool) -> (Proc, String) {
+    coordinator_with(config, run, sets, resume, &[])
+}
+
+/// [`coordinator`] with more `flags`.
+pub fn coordinator_with(config: &Path, run: &Path, sets: &[&str], resume: bool, flags: &[&str]) -> (Proc, String) {
     let addr_file = run.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file); // an earlier coordinator's
     let mut coordinator = train(config, run, sets, resume)
         .args(["--listen", "127.0.0.1:0"])
+        .args(flags)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .proc();
@@ -144,10 +156,15 @@ pub fn wait_for_a_checkpoint(run: &Path, coordinator: &mut Proc) {
 
 /// A coordinator on a free port with workers w1 and w2; returns its output.
 pub fn placed_run(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Output {
+    placed_run_with(config, run, sets, resume, &[])
+}
+
+/// [`placed_run`], every process started with more `flags`.
+pub fn placed_run_with(config: &Path, run: &Path, sets: &[&str], resume: bool, flags: &[&str]) -> Output {
     let mut sets = sets.to_vec();
     sets.push(PLACED);
-    let (coordinator, addr) = coordinator(config, run, &sets, resume);
-    let workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
+    let (coordinator, addr) = coordinator_with(config, run, &sets, resume, flags);
+    let workers = [worker_with(&addr, "w1", SECRET, flags), worker_with(&addr, "w2", SECRET, flags)];
     let out = coordinator.output();
     for w in workers {
         let w = w.output();

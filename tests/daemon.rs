@@ -280,7 +280,7 @@ fn every_config_in_configs_validates() {
 }
 
 #[test]
-fn job_names_that_would_write_outside_their_run_folder_are_refused_and_the_service_goes_on() {
+fn job_files_with_names_outside_their_folder_links_or_too_large_are_refused_and_the_service_goes_on() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("data");
     write_idx_dataset(&data, 300, 100);
@@ -290,14 +290,24 @@ fn job_names_that_would_write_outside_their_run_folder_are_refused_and_the_servi
     for file in ["...json", "..json", "bad name.json"] {
         std::fs::write(service.jobs.join(file), job(&data, 1, 2, 16).to_string()).unwrap();
     }
+    // A link to a job elsewhere is not followed; a job file over 1 MiB is refused unread.
+    let elsewhere = root.path().join("elsewhere.json");
+    std::fs::write(&elsewhere, job(&data, 1, 2, 16).to_string()).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, service.jobs.join("linked.json")).unwrap();
+    let padded = format!("{}{}", job(&data, 1, 2, 16), " ".repeat(1 << 20));
+    std::fs::write(service.jobs.join("huge.json"), padded).unwrap();
     service.submit("good", &job(&data, 1, 2, 16));
     service.wait_for("good", state_is("done"));
-    // Every file was scanned before "good" was admitted: nothing outside runs/good.
-    let runs: Vec<String> = std::fs::read_dir(&service.runs)
+    let huge = service.wait_for("huge", state_is("failed"));
+    assert!(huge["reason"].as_str().unwrap().contains("a config is at most 1048576 bytes"), "{huge}");
+    // Every file was scanned before "good" was admitted: nothing outside runs/good, and
+    // the link had no run.
+    let mut runs: Vec<String> = std::fs::read_dir(&service.runs)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(runs, vec!["good".to_string()]);
+    runs.sort();
+    assert_eq!(runs, vec!["good".to_string(), "huge".to_string()]);
     for stray in ["status.json", "config.json", "metrics.jsonl", "checkpoints"] {
         assert!(!root.path().join(stray).exists() && !service.runs.join(stray).exists(), "{stray} written outside");
     }

@@ -62,26 +62,28 @@ fn three_processes_train_and_resume_bit_identical_to_one() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("not a layerwise peer") && log.contains("wrong shared secret"), "{log}");
     assert!(log.contains("worker w1") && log.contains("runs stage(s) [1]"), "{log}");
-    assert!(log.contains("link into stage 1 at") && log.contains(": authenticated"), "{log}");
+    assert!(log.contains("registered from") && log.contains("(encrypted)"), "on by default: {log}");
     for w in workers {
         assert!(w.output().status.success());
     }
     assert_same_newest_checkpoint(whole, &run, "three processes against one");
 
-    // Begun in one process (epoch 1 of 2), finished in three with the job's links
-    // encrypted; and the reverse.
+    // Begun in one process (epoch 1 of 2), finished in three whose processes do not
+    // encrypt (authenticated only); and the reverse, the job asking for encryption.
+    let unencrypted = ["--encrypt", "off"];
     let one_then_three = d.join("one-then-three");
     let first = train(c, &one_then_three, &["train.epochs=1"], false).output_within();
     assert!(first.status.success(), "{}", text(&first));
-    let out = placed_run(c, &one_then_three, &["pipeline.encrypt=true"], true);
+    let out = placed_run_with(c, &one_then_three, &[], true, &unencrypted);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("resuming from"), "{}", text(&out));
-    assert!(text(&out).contains("link into stage 1 at") && text(&out).contains(": encrypted"), "{}", text(&out));
+    assert!(text(&out).contains("link into stage 1 at") && text(&out).contains(": authenticated"), "{}", text(&out));
     assert_same_newest_checkpoint(whole, &one_then_three, "begun in one process, resumed in three");
 
     let three_then_one = d.join("three-then-one");
-    let out = placed_run(c, &three_then_one, &["train.epochs=1"], false);
+    let out = placed_run_with(c, &three_then_one, &["train.epochs=1", "pipeline.encrypt=true"], false, &unencrypted);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("link into stage 1 at") && text(&out).contains(": encrypted"), "{}", text(&out));
     let out = train(c, &three_then_one, &[], true).output_within();
     assert!(out.status.success() && text(&out).contains("resuming from"), "{}", text(&out));
     assert_same_newest_checkpoint(whole, &three_then_one, "begun in three processes, resumed in one");

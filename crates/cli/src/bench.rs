@@ -346,6 +346,8 @@ fn measure_one(
         for name in &workers {
             let child = Command::new(std::env::current_exe()?)
                 .args(["worker", "--coordinator", &cluster.addr.to_string(), "--name", name, "--once"])
+                // The job's pipeline.encrypt decides, so that a bench compares the two.
+                .args(["--encrypt", "off"])
                 .env("LAYERWISE_SECRET", &secret)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

@@ -24,7 +24,7 @@ pub struct CoordinatorArgs {
     secret_file: Option<PathBuf>,
     /// Encrypt every connection with workers (on, off); frames are authenticated either
     /// way, and a connection is encrypted when either end asks.
-    #[arg(long, value_parser = clap::builder::BoolishValueParser::new(), default_value = ENCRYPT_DEFAULT)]
+    #[arg(long, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), default_value = ENCRYPT_DEFAULT)]
     encrypt: bool,
     /// Seconds to wait for the workers the placement names (or the launcher's ranks) to
     /// register before the run fails naming the missing ones.
@@ -47,15 +47,16 @@ pub struct WorkerArgs {
     #[arg(long)]
     secret_file: Option<PathBuf>,
     /// Encrypt every connection (on, off), as `train --encrypt`.
-    #[arg(long, value_parser = clap::builder::BoolishValueParser::new(), default_value = ENCRYPT_DEFAULT)]
+    #[arg(long, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), default_value = ENCRYPT_DEFAULT)]
     encrypt: bool,
     /// Exit after one job instead of waiting for the next.
     #[arg(long)]
     once: bool,
 }
 
-/// `--encrypt`'s default.
-pub const ENCRYPT_DEFAULT: &str = "off";
+/// `--encrypt`'s default: on, as its cost was within the noise of a three-process mlp
+/// predsim epoch on a 2-core machine (docs/benchmarks.md).
+pub const ENCRYPT_DEFAULT: &str = "on";
 
 /// The secret (from `secret_file`, else LAYERWISE_SECRET) and this process's wish for
 /// encryption.
@@ -170,10 +171,7 @@ pub fn listen_for_serve(
 /// Writes the listening address whole or not at all (a temporary file renamed over it): a
 /// script or worker that sees the file never reads it half-written.
 fn write_address(path: &Path, addr: &str) -> anyhow::Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{}.tmp", name.trim_start_matches('.')));
-    std::fs::write(&tmp, format!("{addr}\n")).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    Ok(layerwise_rundir::status::write_atomic(path, format!("{addr}\n").as_bytes())?)
 }
 
 /// Whether links between GPUs in two processes can go over NCCL in this build and on this

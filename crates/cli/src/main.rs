@@ -108,7 +108,7 @@ enum Command {
         #[arg(long)]
         secret_file: Option<PathBuf>,
         /// Encrypt every connection with workers (on, off), as `train --encrypt`.
-        #[arg(long, value_parser = clap::builder::BoolishValueParser::new(), default_value = distributed::ENCRYPT_DEFAULT)]
+        #[arg(long, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), default_value = distributed::ENCRYPT_DEFAULT)]
         encrypt: bool,
         /// Seconds a job waits for the workers it names to register before it fails.
         #[arg(long, default_value_t = 600.0)]

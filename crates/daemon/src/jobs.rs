@@ -62,7 +62,7 @@ const REJECTED: &str = "rejected.json";
 const CRASHES: &str = "crashes";
 
 fn seen(path: &Path) -> Option<Seen> {
-    let m = std::fs::metadata(path).ok()?;
+    let m = std::fs::symlink_metadata(path).ok()?;
     Some((m.len(), m.modified().ok()?))
 }
 
@@ -128,17 +128,29 @@ impl JobTable {
         }
     }
 
-    /// Job names (file stems of `*.json`) in the jobs directory.
-    fn job_files(&self) -> BTreeSet<String> {
-        std::fs::read_dir(&self.jobs_dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|e| e == "json") && p.is_file())
-                    .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// Job names (file stems of `*.json`) in the jobs directory: regular files only. A link
+    /// is not followed (whoever may write the jobs folder must not make the service read
+    /// what a link points at); it is refused, once, with a word in the log.
+    fn job_files(&mut self) -> BTreeSet<String> {
+        let Ok(entries) = std::fs::read_dir(&self.jobs_dir) else { return BTreeSet::new() };
+        let mut names = BTreeSet::new();
+        for e in entries.filter_map(|e| e.ok()) {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let Some(name) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else { continue };
+            match e.file_type() {
+                Ok(t) if t.is_file() => {
+                    names.insert(name);
+                }
+                Ok(t) if t.is_symlink() && self.bad_names.insert(name.clone()) => {
+                    tracing::error!("refused {}: a link (job files are read only as regular files)", path.display());
+                }
+                _ => {}
+            }
+        }
+        names
     }
 
     fn cancel_requested(&self, name: &str) -> bool {
@@ -231,7 +243,8 @@ impl JobTable {
             _ => {}
         }
         let path = self.jobs_dir.join(format!("{name}.json"));
-        let plan = RunConfig::load(&path, &[]).and_then(|c| Plan::check(&c, true));
+        let plan =
+            open_job_file(&path).and_then(|f| RunConfig::load_from(f, &path, &[])).and_then(|c| Plan::check(&c, true));
         match plan {
             Err(e) => {
                 tracing::error!(job = name, "rejected: {e}");
@@ -387,6 +400,15 @@ pub fn status_rows(runs: &Path) -> std::io::Result<Vec<Row>> {
     })?;
     rows.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(rows)
+}
+
+/// A job file opened for reading without following a link (a link swapped in after the
+/// scan is refused here, not read).
+fn open_job_file(path: &Path) -> layerwise_plan::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| {
+        layerwise_plan::Error::Config(format!("{}: cannot read (links are not followed): {e}", path.display()))
+    })
 }
 
 /// Writes a job file atomically (a temporary name, synced, renamed) for `serve` to pick up.

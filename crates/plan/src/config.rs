@@ -293,6 +293,10 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys {
     }
 }
 
+/// The largest config file read (a config is a few KiB; a placement of 256 layers a few
+/// more).
+pub const CONFIG_MAX_BYTES: u64 = 1 << 20;
+
 impl RunConfig {
     /// Parses a document strictly; the error names the key path.
     pub fn from_value(doc: Value, source: &str) -> Result<Self> {
@@ -304,8 +308,28 @@ impl RunConfig {
 
     /// Reads a config file and applies `KEY=VALUE` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("{}: cannot read: {e}", path.display())))?;
+        let file =
+            std::fs::File::open(path).map_err(|e| Error::Config(format!("{}: cannot read: {e}", path.display())))?;
+        Self::load_from(file, path, overrides)
+    }
+
+    /// [`RunConfig::load`] from a file opened by the caller (the service opens job files
+    /// without following links). A file over [`CONFIG_MAX_BYTES`] is refused unread.
+    pub fn load_from(file: std::fs::File, path: &Path, overrides: &[String]) -> Result<Self> {
+        use std::io::Read;
+        let cannot = |e: std::io::Error| Error::Config(format!("{}: cannot read: {e}", path.display()));
+        let size = file.metadata().map_err(cannot)?.len();
+        if size > CONFIG_MAX_BYTES {
+            return Err(Error::Config(format!(
+                "{}: {size} bytes; a config is at most {CONFIG_MAX_BYTES} bytes",
+                path.display()
+            )));
+        }
+        let mut text = String::new();
+        file.take(CONFIG_MAX_BYTES + 1).read_to_string(&mut text).map_err(cannot)?;
+        if text.len() as u64 > CONFIG_MAX_BYTES {
+            return Err(Error::Config(format!("{}: grew past {CONFIG_MAX_BYTES} bytes while read", path.display())));
+        }
         let mut doc = parse_strict(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         for o in overrides {
             let (k, v) = o.split_once('=').ok_or_else(|| Error::Config(format!("--set {o}: expected KEY=VALUE")))?;
