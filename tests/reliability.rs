@@ -75,8 +75,15 @@ fn a_huge_value_is_quoted_by_a_prefix_and_a_repeated_key_is_refused() {
     let data = dir.path().join("data");
     write_idx_dataset(&data, 100, 50);
     let mut huge = base(&data);
+    huge["model"]["arch"] = "x".repeat(900_000).into();
+    refused(&train_text(dir.path(), &huge.to_string(), &[]), &["model.arch", "900000 bytes"], "900 kB arch");
+    // A file over 1 MiB is refused unread, naming its size.
     huge["model"]["arch"] = "x".repeat(20 << 20).into();
-    refused(&train_text(dir.path(), &huge.to_string(), &[]), &["model.arch", "20971520 bytes"], "20 MB arch");
+    refused(
+        &train_text(dir.path(), &huge.to_string(), &[]),
+        &["job.json", "a config is at most 1048576 bytes"],
+        "20 MB file",
+    );
     let twice = r#"{"train": {"epochs": 1, "epochs": 2}}"#;
     refused(&train_text(dir.path(), twice, &[]), &["train.epochs", "duplicate key"], "repeated key");
 }

@@ -49,6 +49,10 @@ pub struct WorkerArgs {
     /// Encrypt every connection (on, off), as `train --encrypt`.
     #[arg(long, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new(), default_value = ENCRYPT_DEFAULT)]
     encrypt: bool,
+    /// The folder (on a shared filesystem) that every run directory of this worker's jobs
+    /// lies in: an assignment naming a checkpoint folder outside it is refused.
+    #[arg(long)]
+    run_root: Option<PathBuf>,
     /// Exit after one job instead of waiting for the next.
     #[arg(long)]
     once: bool,
@@ -94,6 +98,7 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         name,
         devices,
         auth: auth(args.secret_file.as_deref(), args.encrypt)?,
+        root: args.run_root,
         once: args.once,
         stop: stop_on_signals()?,
     };
@@ -109,6 +114,7 @@ pub fn rank_worker(launch: &Launch, net: &CoordinatorArgs, stop: Arc<AtomicBool>
         name: Launch::name(launch.rank),
         devices: vec![device],
         auth: auth(net.secret_file.as_deref(), net.encrypt)?,
+        root: None,
         once: true,
         stop,
     };

@@ -14,6 +14,10 @@ use layerwise_rundir::metrics::{EpochMetrics, LayerMetrics, StageMetrics};
 use crate::cut::Cuts;
 use crate::{Error, Result};
 
+/// Epoch figures held at most: a run's stages send one a stage each epoch and one an
+/// evaluation batch, far fewer.
+pub const HELD_MAX: usize = 1 << 16;
+
 pub struct Inbox {
     rx: Receiver<Report>,
     pub cuts: Cuts,
@@ -47,6 +51,9 @@ impl Inbox {
                 Ok(())
             }
             Report::Failed(f) => Err(Error::Stage(f)),
+            _ if self.held.len() >= HELD_MAX => Err(Error::Other(format!(
+                "{HELD_MAX} reports arrived unasked for: more than a run sends (a stage or a worker floods them)"
+            ))),
             other => {
                 self.held.push_back(other);
                 Ok(())
@@ -250,6 +257,18 @@ mod tests {
     fn stats(stage: usize) -> Report {
         let timing = StageTiming::default();
         Report::EpochStats(EpochStats { epoch: 1, stage, layers: vec![], output: None, timing, train_done: 0.0 })
+    }
+
+    #[test]
+    fn reports_beyond_what_a_run_sends_fail_it_instead_of_piling_up() {
+        let root = tempfile::tempdir().unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut inbox = Inbox::new(rx, Cuts::new(root.path().to_path_buf(), 1, vec![vec![]; 2]));
+        (0..HELD_MAX).for_each(|_| tx.send(stats(0)).unwrap());
+        inbox.poll().unwrap();
+        tx.send(stats(0)).unwrap();
+        let e = inbox.poll().unwrap_err().to_string();
+        assert!(e.contains("65536 reports arrived unasked for"), "{e}");
     }
 
     /// Stage numbers come from other processes: one out of range, or one reported twice, is

@@ -1,6 +1,7 @@
 //! A worker's jobs: an assignment's stages started and run to their end, and the layer
 //! timings a coordinator asks for, each in a thread of its own beside the control loop.
 
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -16,6 +17,54 @@ use crate::job::{JobLinks, Rendezvous, Sockets};
 use crate::protocol::{say, Assignment, Control, RemoteReports, ToCoordinator};
 use crate::wire::Auth;
 use crate::{Error, Result};
+
+/// What every job on this worker shares: the secret, the data links that arrive, and the
+/// folder its runs must lie in.
+#[derive(Clone)]
+pub(crate) struct Here {
+    pub auth: Auth,
+    pub incoming: Rendezvous,
+    pub root: Option<PathBuf>,
+}
+
+/// `--run-root`, as the path its checks compare with (links resolved).
+pub(crate) fn canonical_root(root: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(root).map_err(|e| Error::Config(format!("--run-root {}: {e}", root.display())))
+}
+
+/// Refuses an assignment's paths unless they are what a coordinator sends: an absolute
+/// checkpoint folder with no `.` or `..` in it (inside `root` where the worker has one,
+/// links resolved), and a resume point that is one `step-N` folder of it. A coordinator
+/// that proves the secret still never makes a worker read or hash another file.
+pub(crate) fn confine(checkpoints: &Path, resume: Option<&Path>, root: Option<&Path>) -> Result<()> {
+    let refuse = |what: String| Err(Error::Config(format!("the assignment's {what}")));
+    let plain = checkpoints.is_absolute()
+        && checkpoints.components().skip(1).all(|c| matches!(c, Component::Normal(_)))
+        && checkpoints.file_name().is_some_and(|n| n == "checkpoints");
+    if !plain {
+        return refuse(format!("checkpoint folder {} is not an absolute RUN/checkpoints", checkpoints.display()));
+    }
+    if let Some(root) = root {
+        // The run directory as it resolves now (it may not exist yet on a first run).
+        let run = checkpoints.parent().unwrap_or(checkpoints);
+        let resolved = std::fs::canonicalize(run).unwrap_or_else(|_| run.to_path_buf());
+        if !resolved.starts_with(root) {
+            return refuse(format!("run directory {} is outside --run-root {}", resolved.display(), root.display()));
+        }
+    }
+    if let Some(resume) = resume {
+        let step = resume.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-"));
+        let is_step = step.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+        if resume.parent() != Some(checkpoints) || !is_step {
+            return refuse(format!(
+                "resume point {} is not a step-N folder of {}",
+                resume.display(),
+                checkpoints.display()
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// How one job on this worker ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,14 +125,14 @@ pub(crate) fn answer_measure(
 }
 
 /// Starts assignment `a` in a thread of its own.
-pub(crate) fn begin(a: Assignment, name: &str, links: (Auth, Rendezvous, Control)) -> Result<Running> {
+pub(crate) fn begin(a: Assignment, name: &str, links: (Here, Control)) -> Result<Running> {
     let (sockets, told) = (Sockets::default(), Arc::new(AtomicBool::new(false)));
     let (id, host) = (a.job, name.to_string());
-    let (auth, incoming, control) = links;
+    let (here, control) = links;
     let (s, t) = (sockets.clone(), told.clone());
     let thread = std::thread::Builder::new()
         .name(format!("job-{id:x}"))
-        .spawn(move || run_assignment(a, &host, auth, incoming, s, control, &t))
+        .spawn(move || run_assignment(a, &host, &here, s, control, &t))
         .map_err(|e| Error::Other(format!("cannot start a job: {e}")))?;
     Ok(Running { id, sockets, told, thread })
 }
@@ -92,8 +141,7 @@ pub(crate) fn begin(a: Assignment, name: &str, links: (Auth, Rendezvous, Control
 fn run_assignment(
     a: Assignment,
     host: &str,
-    auth: Auth,
-    incoming: Rendezvous,
+    here: &Here,
     sockets: Sockets,
     control: Control,
     told: &AtomicBool,
@@ -101,7 +149,7 @@ fn run_assignment(
     let reports: Arc<dyn ReportSender> = Arc::new(RemoteReports { job: a.job, control: control.clone() });
     let mine: Vec<usize> = a.stages.iter().filter(|s| s.host.is_worker(host)).map(|s| s.index).collect();
     let _cudnn = layerwise_pipeline::cudnn::hold(a.config.train.deterministic);
-    let started = start(&a, host, auth, incoming, sockets.clone(), reports.clone());
+    let started = start(&a, host, here, sockets.clone(), reports.clone());
     let ended = match started {
         Ok(threads) => {
             tracing::info!("job {:x}: running stage(s) {mine:?}", a.job);
@@ -150,17 +198,48 @@ fn time_layers(config: &RunConfig, shape: DataShape, device: DeviceId, threads: 
 fn start(
     a: &Assignment,
     host: &str,
-    auth: Auth,
-    incoming: Rendezvous,
+    local: &Here,
     sockets: Sockets,
     reports: Arc<dyn ReportSender>,
 ) -> Result<Vec<JoinHandle<bool>>> {
     let here = Host::Worker(host.to_string());
     let plan = Plan::assigned(&a.config, Machine::detect(), a.shape, a.stages.clone(), &here)?;
+    confine(&a.checkpoints, a.resume.as_deref(), local.root.as_deref())?;
     let resume = a.resume.as_deref().map(checkpoint::open).transpose()?;
-    let links = JobLinks::new(a.job, &plan, &auth, a.hosts.clone(), sockets, incoming);
+    let links = JobLinks::new(a.job, &plan, &local.auth, a.hosts.clone(), sockets, local.incoming.clone());
     let links: Arc<dyn RemoteLinks> = Arc::new(links);
     let plan = Arc::new(plan);
     let mut env = |_| StageEnv::new(a.checkpoints.clone(), resume.clone(), reports.clone());
     Ok(layerwise_pipeline::pipeline::spawn_stages(&plan, &here, None, &mut env, Some(links))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_assignment_names_only_its_run_checkpoints_and_one_step_of_them() {
+        let ckpt = Path::new("/runs/job/checkpoints");
+        assert!(confine(ckpt, None, None).is_ok());
+        assert!(confine(ckpt, Some(&ckpt.join("step-0000000040")), None).is_ok());
+        for resume in
+            ["/dev/zero", "/runs/job/checkpoints/../../other/checkpoints/step-1", "/runs/job/checkpoints/step-"]
+        {
+            let e = confine(ckpt, Some(Path::new(resume)), None).unwrap_err().to_string();
+            assert!(e.contains("is not a step-N folder of /runs/job/checkpoints"), "{resume}: {e}");
+        }
+        for bad in ["runs/job/checkpoints", "/runs/../etc/checkpoints", "/runs/job/elsewhere"] {
+            let e = confine(Path::new(bad), None, None).unwrap_err().to_string();
+            assert!(e.contains("is not an absolute RUN/checkpoints"), "{bad}: {e}");
+        }
+        let root = tempfile::tempdir().unwrap();
+        let root = canonical_root(root.path()).unwrap();
+        assert!(confine(&root.join("job/checkpoints"), None, Some(&root)).is_ok());
+        let e = confine(ckpt, None, Some(&root)).unwrap_err().to_string();
+        assert!(e.contains("is outside --run-root"), "{e}");
+        // A link inside the root that leads out of it is resolved before the check.
+        std::os::unix::fs::symlink("/tmp", root.join("out")).unwrap();
+        let e = confine(&root.join("out/checkpoints"), None, Some(&root)).unwrap_err().to_string();
+        assert!(e.contains("is outside --run-root"), "{e}");
+    }
 }

@@ -21,6 +21,10 @@ use crate::seal::SealReader;
 use crate::wire::{self, Auth, Conn, Role};
 use crate::{Error, Result};
 
+/// Reports from workers waiting to be read, at most, when a worker's next one arrives:
+/// past it, the worker is dropped (and its job fails) rather than memory growing.
+pub const REPORTS_WAITING: usize = 1 << 16;
+
 /// A registered worker.
 pub struct WorkerConn {
     pub name: String,
@@ -300,6 +304,9 @@ fn serve_worker(conn: &WorkerConn, mut r: SealReader) -> String {
             Ok(ToCoordinator::Heartbeat) => {}
             Ok(ToCoordinator::Report { job, report }) => {
                 if let Some(h) = conn.lock_job().as_ref().filter(|h| h.id == job) {
+                    if h.reports.len() >= REPORTS_WAITING {
+                        return format!("it sent reports faster than they are read ({REPORTS_WAITING} waiting)");
+                    }
                     let _ = h.reports.send(h.own(tamed(report), &conn.name));
                 }
             }

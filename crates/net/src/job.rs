@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use layerwise_nccl::Group;
 use layerwise_pipeline::link::{LinkReceiver, LinkSender, RemoteLinks};
@@ -68,14 +68,37 @@ impl Sockets {
 #[derive(Clone, Default)]
 pub struct Rendezvous(Arc<(Mutex<Waiting>, Condvar)>);
 
-/// Links arrived, by (job, stage they feed).
-type Waiting = HashMap<(u64, usize), Conn>;
+/// Links arrived, by (job, stage they feed), with when each arrived.
+type Waiting = HashMap<(u64, usize), (Conn, Instant)>;
+
+/// How long an arrived link waits for its stage before it is dropped (a job that never
+/// starts here leaves none behind for good).
+pub const LINK_UNCLAIMED: Duration = Duration::from_secs(600);
+/// Links waiting at once in one process, at most.
+pub const LINKS_WAITING: usize = 4096;
 
 impl Rendezvous {
+    /// A link that proved the secret, for the stage it names. A second link for a stage
+    /// that has one waiting is refused (the first is kept), as is one past
+    /// [`LINKS_WAITING`]; links unclaimed for [`LINK_UNCLAIMED`] are dropped.
     pub fn arrive(&self, job: u64, stage: usize, s: Conn) {
+        self.arrive_at(job, stage, s, Instant::now())
+    }
+
+    fn arrive_at(&self, job: u64, stage: usize, s: Conn, at: Instant) {
         let (m, cv) = &*self.0;
-        m.lock().unwrap_or_else(|p| p.into_inner()).insert((job, stage), s);
-        cv.notify_all();
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        g.retain(|_, (_, arrived)| arrived.elapsed() < LINK_UNCLAIMED);
+        let refused = if g.contains_key(&(job, stage)) {
+            "a link into that stage is waiting already"
+        } else if g.len() >= LINKS_WAITING {
+            "too many links are waiting"
+        } else {
+            g.insert((job, stage), (s, at));
+            cv.notify_all();
+            return;
+        };
+        tracing::warn!("refused a link into stage {stage} of job {job:x} from {}: {refused}", s.peer);
     }
 
     /// Waits for the link into `stage`, until it arrives or the job is aborted.
@@ -83,7 +106,7 @@ impl Rendezvous {
         let (m, cv) = &*self.0;
         let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(s) = g.remove(&(job, stage)) {
+            if let Some((s, _)) = g.remove(&(job, stage)) {
                 return Some(s);
             }
             if sockets.aborted() {
@@ -242,6 +265,26 @@ mod tests {
             stall: Duration::from_secs(600),
             limits: vec![1 << 20; 2],
         }
+    }
+
+    /// A second link for a stage does not replace the one waiting; a link left unclaimed
+    /// past LINK_UNCLAIMED is dropped when the next arrives.
+    #[test]
+    fn a_waiting_link_is_neither_replaced_nor_kept_for_good() {
+        let incoming = Rendezvous::default();
+        let (first, second) = (wire::testing::sealed_pair(false).1, wire::testing::sealed_pair(false).1);
+        let first_peer = first.peer;
+        incoming.arrive(1, 1, first);
+        incoming.arrive(1, 1, second);
+        let open = Sockets::default();
+        assert_eq!(incoming.take(1, 1, &open).map(|c| c.peer), Some(first_peer), "the first stays");
+        let long_ago = Instant::now().checked_sub(LINK_UNCLAIMED + Duration::from_secs(1)).unwrap();
+        incoming.arrive_at(2, 1, wire::testing::sealed_pair(false).1, long_ago);
+        incoming.arrive(3, 1, wire::testing::sealed_pair(false).1);
+        let gone = Sockets::default();
+        gone.abort();
+        assert!(incoming.take(2, 1, &gone).is_none(), "the stale link was dropped");
+        assert!(incoming.take(3, 1, &gone).is_some());
     }
 
     #[test]

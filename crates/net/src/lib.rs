@@ -38,6 +38,9 @@ pub mod tcp;
 pub mod wire;
 pub mod worker;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use cluster::{Cluster, WorkerConn};
 pub use job::JobLinks;
 pub use remote_job::RemoteJob;

@@ -56,7 +56,16 @@ impl Cluster {
         let links = JobLinks::new(id, plan, &self.auth, hosts.clone(), sockets.clone(), self.incoming.clone());
         let job = RemoteJob { id, workers: workers.to_vec(), links: Arc::new(links) };
         job.hold(plan, reports, &sockets)?;
-        let absolute = |p: &Path| std::path::absolute(p).map_err(|e| Error::Other(format!("{}: {e}", p.display())));
+        // Resolved (no `.`, `..` or links): a worker refuses any other kind of path.
+        let absolute = |p: &Path| {
+            let resolved = match (p.parent(), p.file_name()) {
+                (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => {
+                    std::fs::canonicalize(dir).map(|d| d.join(name))
+                }
+                _ => std::path::absolute(p),
+            };
+            resolved.map_err(|e| Error::Other(format!("{}: {e}", p.display())))
+        };
         let mut assignment = Assignment {
             job: id,
             config: plan.config.clone(),
@@ -329,6 +338,52 @@ mod tests {
                 got => assert_eq!((got, taken), (report, true)),
             }
         }
+        job.abort("test over");
+    }
+
+    /// A worker that sends reports faster than they are read is dropped, and its job fails
+    /// naming it, once REPORTS_WAITING are waiting: memory does not grow with a flood.
+    #[test]
+    fn a_worker_flooding_reports_is_dropped_and_its_job_fails() {
+        use crate::cluster::REPORTS_WAITING;
+        use crate::protocol::ToCoordinator;
+        use layerwise_pipeline::message::{EpochStats, Report, StageTiming};
+        let cluster = listen("127.0.0.1:0");
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = fake_worker(&cluster, cluster.addr, "w", "elsewhere", 1 << 40);
+        let plan = placed_on(&["w"]);
+        let (reports_tx, reports) = crossbeam_channel::unbounded();
+        let workers = cluster.wait_for(&["w".to_string()], None).unwrap();
+        let job = cluster.start_job(&plan, &workers, dir.path(), None, &reports_tx).unwrap();
+        assert!(matches!(next_message(&mut w).unwrap(), ToWorker::Assign(_)));
+        let timing = StageTiming::default();
+        let stats = Report::EpochStats(EpochStats {
+            epoch: 1,
+            stage: 1,
+            layers: vec![],
+            output: None,
+            timing,
+            train_done: 0.0,
+        });
+        let report = ToCoordinator::Report { job: job.id, report: stats };
+        for _ in 0..=REPORTS_WAITING {
+            if w.writer.frame(&report).is_err() {
+                break; // dropped, as it should be
+            }
+        }
+        // Nothing is read until the coordinator has dropped the worker.
+        while cluster.registered().contains(&"w".to_string()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut taken = 0;
+        let f = loop {
+            match reports.recv().unwrap() {
+                Report::Failed(f) => break f,
+                _ => taken += 1,
+            }
+        };
+        assert_eq!(taken, REPORTS_WAITING, "the flood was cut at the bound");
+        assert!(f.reason.contains("worker w") && f.reason.contains("faster than they are read"), "{f}");
         job.abort("test over");
     }
 

@@ -3,6 +3,7 @@
 //! is lost stops this worker's stages; the worker then registers again when it can.
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use layerwise_plan::checks::worker_name;
 use layerwise_plan::machine::{device_memory, machine_id};
 use layerwise_plan::{DeviceId, Machine};
 
-use crate::assignment::{answer_measure, begin, reap, Ended, Running};
+use crate::assignment::{answer_measure, begin, reap, Ended, Here, Running};
 use crate::job::Rendezvous;
 use crate::protocol::{heartbeat, say, Control, ToCoordinator, ToWorker, PEER_TIMEOUT};
 use crate::seal::SealReader;
@@ -27,6 +28,10 @@ pub struct WorkerOptions {
     pub devices: Vec<DeviceId>,
     /// The shared secret, and whether to encrypt.
     pub auth: Auth,
+    /// The folder every run directory of this worker's jobs must lie in (a shared
+    /// filesystem); without it, an assignment's resume point must still lie in the run's
+    /// own checkpoint folder.
+    pub root: Option<PathBuf>,
     /// Exit after one job (a rank launched by torchrun or Slurm).
     pub once: bool,
     /// Set from outside (a signal): stop waiting, abort a running job, return.
@@ -44,6 +49,8 @@ pub fn serve(options: WorkerOptions) -> Result<()> {
     let auth = options.auth;
     let incoming = Rendezvous::default();
     let data_addr = listen_for_links(coordinator, &auth, &incoming)?;
+    let root = options.root.as_deref().map(crate::assignment::canonical_root).transpose()?;
+    let here = Here { auth: auth.clone(), incoming: incoming.clone(), root };
     let role = Role::Worker {
         name: name.clone(),
         devices: options.devices.clone(),
@@ -82,7 +89,7 @@ pub fn serve(options: WorkerOptions) -> Result<()> {
         };
         waited_since = None;
         tracing::info!("worker {name}: registered with {coordinator}; links on {data_addr}");
-        let outcome = session(&name, conn, &auth, &incoming, &options.stop, options.once)?;
+        let outcome = session(&name, conn, &here, &options.stop, options.once)?;
         match outcome {
             Some(Ended::Done) if options.once => return Ok(()),
             Some(Ended::Failed) if options.once => {
@@ -153,15 +160,9 @@ fn lost(e: WireError) -> String {
 
 /// One connection to the coordinator: runs what it assigns until the connection is lost
 /// (None), or, with `once`, until a job has ended (how it ended).
-fn session(
-    name: &str,
-    conn: Conn,
-    auth: &Auth,
-    incoming: &Rendezvous,
-    stop: &Arc<AtomicBool>,
-    once: bool,
-) -> Result<Option<Ended>> {
+fn session(name: &str, conn: Conn, here: &Here, stop: &Arc<AtomicBool>, once: bool) -> Result<Option<Ended>> {
     let Conn { reader, writer, .. } = conn;
+    let incoming = &here.incoming;
     let socket = writer.socket().try_clone().map_err(|e| Error::Other(e.to_string()))?;
     let io = |e: std::io::Error| Error::Other(format!("the control connection: {e}"));
     socket.set_read_timeout(Some(PEER_TIMEOUT)).map_err(io)?;
@@ -190,7 +191,7 @@ fn session(
                         break Ok(Some(ended));
                     }
                 }
-                if let Err(e) = obey(msg, name, &mut running, (auth, incoming, &control)) {
+                if let Err(e) = obey(msg, name, &mut running, (here, &control)) {
                     break Err(e);
                 }
             }
@@ -222,12 +223,7 @@ fn session(
 
 /// Does what the coordinator says: abort a job, time layers, start a job (one at a time).
 /// A refusal of this worker ends the session with its reason.
-fn obey(
-    msg: ToWorker,
-    name: &str,
-    running: &mut Option<Running>,
-    (auth, incoming, control): (&Auth, &Rendezvous, &Control),
-) -> Result<()> {
+fn obey(msg: ToWorker, name: &str, running: &mut Option<Running>, (here, control): (&Here, &Control)) -> Result<()> {
     match msg {
         ToWorker::Heartbeat => {}
         ToWorker::Refused { reason } => {
@@ -248,7 +244,7 @@ fn obey(
             tracing::error!("worker {name}: job {:x} while one runs; ignored", a.job);
         }
         ToWorker::Assign(a) => {
-            let links = (auth.clone(), incoming.clone(), control.clone());
+            let links = (here.clone(), control.clone());
             *running = Some(begin(*a, name, links)?);
         }
     }
@@ -296,6 +292,7 @@ mod tests {
             name: "w1".into(),
             devices: vec![DeviceId::Cpu],
             auth: Auth::new(b"the real secret, 16+".to_vec(), false),
+            root: None,
             once: true,
             stop: Arc::default(),
         };
