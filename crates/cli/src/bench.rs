@@ -4,12 +4,14 @@
 //! ([`report`] prints the table); `bench data` ([`data`]) times the loader.
 
 mod data;
+mod link;
 mod machine;
 mod report;
 
 use machine::{device_names, matmul_rate, peak_rss_bytes};
 
 pub use data::data;
+pub use link::link;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

@@ -182,6 +182,15 @@ enum Bench {
         #[arg(long, hide = true)]
         one: Option<usize>,
     },
+    /// A link between processes: MB/s over loopback, authenticated and encrypted.
+    Link {
+        /// Messages to time.
+        #[arg(long, default_value_t = 400)]
+        messages: usize,
+        /// Bytes of each message's batch, in KiB (an mlp's 1024 features at batch 128: 512).
+        #[arg(long, default_value_t = 512)]
+        kib: usize,
+    },
     /// Loader throughput with augmentation: a config's data set, and CIFAR-shaped data.
     Data {
         /// Config whose data section to measure (default: Fashion-MNIST).
@@ -344,6 +353,7 @@ fn main() -> ExitCode {
         Command::Export { path, out } => use_run::export(&path, &out),
         Command::Inspect { path } => use_run::inspect(&path),
         Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
+        Command::Bench(Bench::Link { messages, kib }) => bench::link(messages, kib),
         Command::Bench(Bench::Train { config, steps, repeats, rounds, overrides, json, keep_runs, one }) => {
             bench::train(bench::TrainBench { config, steps, repeats, rounds, overrides, json, keep_runs, one })
         }
