@@ -26,7 +26,7 @@ pub use crate::secret::{load_secret, nonce, Auth};
 /// The first bytes each side writes: anything else on the port is not a layerwise peer.
 const MAGIC: &[u8; 8] = b"LWIRE01\n";
 /// The wire format's version; peers of another version are refused with both named.
-pub const WIRE_VERSION: u32 = 5;
+pub const WIRE_VERSION: u32 = 6;
 /// The most bytes of one frame before the peer is authenticated.
 pub const HANDSHAKE_FRAME_MAX: usize = 4096;
 /// How long a handshake may take, all of it (a deadline, not a timeout per read).

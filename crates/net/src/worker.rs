@@ -282,6 +282,38 @@ mod tests {
         assert!(incoming.take(1, 0, &gone).is_some(), "another job's link stays");
     }
 
+    /// A coordinator that pauses in the middle of a frame (longer than the control loop's
+    /// half-second tick) is not dropped, and the frame arrives whole: frames are read in
+    /// a thread of their own, with no timeout shorter than a lost peer's.
+    #[test]
+    fn a_coordinator_pausing_mid_frame_is_read_whole() {
+        use crate::seal::{split, Keys};
+        use std::io::{Read, Write};
+        let pair = || {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (a, l.accept().unwrap().0)
+        };
+        // The sealed bytes of one frame, as the coordinator would send them.
+        let (x, mut x_raw) = pair();
+        let (_, mut w) = split(x, &Keys { send: [1; 32], recv: [2; 32], encrypt: true }, "worker".into()).unwrap();
+        w.frame(&ToWorker::Abort { job: 7, reason: "x".repeat(4000) }).unwrap();
+        drop(w);
+        let mut bytes = Vec::new();
+        x_raw.read_to_end(&mut bytes).unwrap();
+        // Sent to the worker in two halves, with a pause between them.
+        let (mut y_raw, y) = pair();
+        let (r, _) = split(y, &Keys { send: [2; 32], recv: [1; 32], encrypt: true }, "coordinator".into()).unwrap();
+        let frames = read_frames(r).unwrap();
+        y_raw.write_all(&bytes[..bytes.len() / 2]).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        y_raw.write_all(&bytes[bytes.len() / 2..]).unwrap();
+        match frames.recv().unwrap() {
+            Ok(ToWorker::Abort { job: 7, reason }) => assert_eq!(reason.len(), 4000),
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// A coordinator that cannot prove the secret: the worker gives up at once (it does not
     /// retry it as it would an unreachable coordinator), naming it.
     #[test]
