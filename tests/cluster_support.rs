@@ -172,3 +172,21 @@ pub fn placed_run_with(config: &Path, run: &Path, sets: &[&str], resume: bool, f
     }
     out
 }
+
+/// When a log line was written: its leading UTC timestamp (`2026-12-06T05:13:57.429999Z`).
+pub fn logged_at(line: &str) -> std::time::SystemTime {
+    let (date, time) = line.split_once('T').unwrap_or_else(|| panic!("no timestamp: {line}"));
+    let n = |s: &str| s.parse::<i64>().unwrap_or_else(|_| panic!("no timestamp: {line}"));
+    let ymd: Vec<i64> = date.split('-').map(n).collect();
+    let (y, m, d) = (ymd[0] - i64::from(ymd[1] <= 2), ymd[1], ymd[2]);
+    // Days since 1970-01-01 of a proleptic Gregorian date (the civil-from-days inverse).
+    let era = y.div_euclid(400);
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = (y - era * 400) * 365 + (y - era * 400) / 4 - (y - era * 400) / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let clock = time.split('Z').next().unwrap();
+    let hms: Vec<&str> = clock.split(':').collect();
+    let secs = days * 86_400 + n(hms[0]) * 3_600 + n(hms[1]) * 60;
+    let fraction: f64 = hms[2].parse().unwrap_or_else(|_| panic!("no timestamp: {line}"));
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64) + std::time::Duration::from_secs_f64(fraction)
+}

@@ -66,6 +66,26 @@ pub(crate) fn confine(checkpoints: &Path, resume: Option<&Path>, root: Option<&P
     Ok(())
 }
 
+/// Refuses a job whose run directory this host does not see as the coordinator does (the
+/// probe file the coordinator wrote there is missing or holds something else): its
+/// checkpoint files would land where the coordinator never looks.
+fn shares_run_directory(a: &Assignment, host: &str) -> Result<()> {
+    let probe = crate::protocol::probe_file(&a.checkpoints, a.job);
+    let mut seen = String::new();
+    let read = std::fs::File::open(&probe)
+        .and_then(|f| std::io::Read::read_to_string(&mut std::io::Read::take(f, 256), &mut seen));
+    if read.is_ok() && seen == a.probe {
+        return Ok(());
+    }
+    let run = a.checkpoints.parent().unwrap_or(&a.checkpoints);
+    Err(Error::Config(format!(
+        "worker {host} does not see the run directory {} as the coordinator does ({} is {} here): every host needs the run directory on one shared filesystem, at the same path",
+        run.display(),
+        probe.display(),
+        if read.is_ok() { "another file" } else { "missing" }
+    )))
+}
+
 /// How one job on this worker ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ended {
@@ -205,6 +225,7 @@ fn start(
     let here = Host::Worker(host.to_string());
     let plan = Plan::assigned(&a.config, Machine::detect(), a.shape, a.stages.clone(), &here)?;
     confine(&a.checkpoints, a.resume.as_deref(), local.root.as_deref())?;
+    shares_run_directory(a, host)?;
     let resume = a.resume.as_deref().map(checkpoint::open).transpose()?;
     let links = JobLinks::new(a.job, &plan, &local.auth, a.hosts.clone(), sockets, local.incoming.clone());
     let links: Arc<dyn RemoteLinks> = Arc::new(links);

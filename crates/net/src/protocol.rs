@@ -20,6 +20,12 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// stays up) is noticed at once.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The file by which a worker checks that it sees job `job`'s run directory (the parent
+/// of `checkpoints`) as the coordinator does.
+pub fn probe_file(checkpoints: &std::path::Path, job: u64) -> PathBuf {
+    checkpoints.parent().unwrap_or(checkpoints).join(format!(".layerwise-probe-{job:016x}"))
+}
+
 /// What a worker is given to run: everything its stages need, nothing it must look up.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Assignment {
@@ -33,6 +39,10 @@ pub struct Assignment {
     pub checkpoints: PathBuf,
     /// The checkpoint to resume from.
     pub resume: Option<PathBuf>,
+    /// What the coordinator wrote into the run directory's probe file
+    /// ([`probe_file`]): a worker that reads anything else there does not share the run
+    /// directory, and refuses the job.
+    pub probe: String,
     /// Where each host's stages take their input links, as this worker reaches them.
     pub hosts: Vec<(Host, SocketAddr)>,
 }

@@ -54,7 +54,7 @@ impl Cluster {
         let mut hosts = vec![(Host::Coordinator, self.addr)];
         hosts.extend(workers.iter().map(|w| (Host::Worker(w.name.clone()), w.data_addr)));
         let links = JobLinks::new(id, plan, &self.auth, hosts.clone(), sockets.clone(), self.incoming.clone());
-        let job = RemoteJob { id, workers: workers.to_vec(), links: Arc::new(links) };
+        let job = RemoteJob { id, workers: workers.to_vec(), links: Arc::new(links), probe: Default::default() };
         job.hold(plan, reports, &sockets)?;
         // Resolved (no `.`, `..` or links): a worker refuses any other kind of path.
         let absolute = |p: &Path| {
@@ -66,13 +66,22 @@ impl Cluster {
             };
             resolved.map_err(|e| Error::Other(format!("{}: {e}", p.display())))
         };
+        let checkpoints = absolute(checkpoints)?;
+        let probe = crate::wire::nonce();
+        let probe_file = crate::protocol::probe_file(&checkpoints, id);
+        if let Err(e) = layerwise_rundir::status::write_atomic(&probe_file, probe.as_bytes()) {
+            job.abort("the run directory cannot be written");
+            return Err(Error::Other(format!("cannot write {}: {e}", probe_file.display())));
+        }
+        *job.probe.lock().unwrap_or_else(|p| p.into_inner()) = Some(probe_file);
         let mut assignment = Assignment {
             job: id,
             config: plan.config.clone(),
             shape: plan.shape,
             stages: plan.stages.clone(),
-            checkpoints: absolute(checkpoints)?,
+            checkpoints,
             resume: resume.map(absolute).transpose()?,
+            probe,
             hosts,
         };
         for (k, w) in workers.iter().enumerate() {
@@ -126,6 +135,16 @@ pub struct RemoteJob {
     pub id: u64,
     workers: Vec<Arc<WorkerConn>>,
     pub links: Arc<JobLinks>,
+    /// The run directory's probe file, removed when the job is over.
+    probe: std::sync::Mutex<Option<std::path::PathBuf>>,
+}
+
+impl Drop for RemoteJob {
+    fn drop(&mut self) {
+        if let Some(p) = self.probe.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 impl RemoteJob {
