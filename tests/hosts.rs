@@ -290,3 +290,77 @@ fn a_host_that_does_not_share_the_run_directory_is_refused_at_start() {
     assert!(layerwise_tests::checkpoint_folders(&run).is_empty(), "{:?}", layerwise_tests::checkpoint_folders(&run));
     assert!(!w1.output().status.success() && !w2.output().status.success(), "both workers' jobs ended");
 }
+
+/// torch's own torchrun, started once in each of two hosts with the c10d rendezvous on
+/// host 0, two processes a host: the four ranks train bit-identical to one process. (Each
+/// torchrun is told its address, `--local-addr`, and which one hosts the rendezvous: the
+/// hosts share one host name.)
+#[test]
+fn a_two_node_torchrun_trains_bit_identical_to_one_process() {
+    let Some(hosts) = Hosts::make(2) else { return };
+    let venv = std::env::var("LAYERWISE_TORCH_VENV").expect("LAYERWISE_TORCH_VENV (scripts/setup.sh exports it)");
+    let torchrun = Path::new(&venv).join("bin/torchrun");
+    assert!(torchrun.exists(), "{} is missing", torchrun.display());
+    let s = setup();
+    let whole = reference();
+    let run = s.dir.path().join("torchrun");
+    let nodes: Vec<Proc> = (0..2)
+        .map(|i| {
+            Command::new("ip")
+                .args(["netns", "exec", &hosts.ns(i)])
+                .arg(&torchrun)
+                .args(["--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-id=layerwise-test"])
+                .arg(format!("--rdzv-endpoint={}:29500", hosts.addr(0)))
+                .arg(format!("--rdzv-conf=is_host={}", u8::from(i == 0)))
+                .arg(format!("--local-addr={}", hosts.addr(i)))
+                .args(["--no-python", BIN, "train"])
+                .arg(&s.config)
+                .arg("--run-dir")
+                .arg(&run)
+                .env("LAYERWISE_SECRET", SECRET)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .proc()
+        })
+        .collect();
+    let outs: Vec<Output> = nodes.into_iter().map(Proc::output).collect();
+    for (i, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "node {i}: {}", text(o));
+    }
+    let log: String = outs.iter().map(text).collect();
+    for rank in ["rank1", "rank2", "rank3"] {
+        assert!(log.contains(&format!("worker {rank} registered from 10.77.0.")), "{rank}: {log}");
+    }
+    assert_same_newest_checkpoint(whole, &run, "a two-node torchrun against one process");
+}
+
+/// deploy/slurm.sbatch's way, its variables set by hand in each of two hosts (two tasks a
+/// host): the four tasks train bit-identical to one process.
+#[test]
+fn the_slurm_launch_over_two_hosts_trains_bit_identical_to_one_process() {
+    let Some(hosts) = Hosts::make(2) else { return };
+    let s = setup();
+    let whole = reference();
+    let run = s.dir.path().join("slurm");
+    let port = "29400";
+    let tasks: Vec<Proc> = (0..4)
+        .map(|task| {
+            let mut cmd = hosts.layerwise(task / 2);
+            cmd.arg("train").arg(&s.config).arg("--run-dir").arg(&run).arg("--resume");
+            cmd.env("SLURM_PROCID", task.to_string())
+                .env("SLURM_NTASKS", "4")
+                .env("SLURM_LOCALID", (task % 2).to_string())
+                .env("MASTER_ADDR", hosts.addr(0))
+                .env("LAYERWISE_PORT", port)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .proc()
+        })
+        .collect();
+    let outs: Vec<Output> = tasks.into_iter().map(Proc::output).collect();
+    for (task, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "task {task}: {}", text(o));
+    }
+    assert!(text(&outs[0]).contains("worker rank3 registered from 10.77.0.2:"), "{}", text(&outs[0]));
+    assert_same_newest_checkpoint(whole, &run, "a Slurm launch over two hosts against one process");
+}
