@@ -56,6 +56,16 @@ LAYERWISE_TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$LAYERWISE_
         say "installed numpy and scipy"
     fi
 
+    # TensorBoard's own reader checks the event files layerwise writes
+    # (scripts/tensorboard_check.py, tests/binary.rs); it is also what users open them with.
+    if "$TORCH_VENV/bin/python3" -c "import tensorboard" 2>/dev/null; then
+        say "tensorboard (the event files' check) already in $TORCH_VENV"
+    else
+        say "installing tensorboard 2.20.0 (about 15 MB with its dependencies, to check the event files) into $TORCH_VENV"
+        "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check tensorboard==2.20.0
+        say "installed tensorboard"
+    fi
+
     # CUDA headers that the torch wheel leaves out and c10d's headers need, for the NCCL
     # shim (crates/nccl): the versions of the wheel's CUDA runtime.
     CUDA_INCLUDE="$("$TORCH_VENV/bin/python3" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))' 2>/dev/null || true)"

@@ -130,7 +130,8 @@ fn demo_trains_on_real_fashion_mnist_and_writes_its_run_directory() {
     );
 }
 
-/// `--resume` continues a run from its checkpoint to the same end as one uninterrupted run.
+/// `--resume` continues a run from its checkpoint to the same end as one uninterrupted run;
+/// both runs' TensorBoard event files hold what their metrics.jsonl holds.
 #[test]
 fn train_resume_continues_from_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -153,6 +154,26 @@ fn train_resume_continues_from_the_checkpoint() {
     assert_eq!(b.len(), 2);
     for key in ["train_loss", "train_error", "test_error", "test_loss", "layers"] {
         assert_eq!(a[1][key], b[1][key], "{key}");
+    }
+    // TensorBoard's own reader finds every epoch's figures once, equal to metrics.jsonl,
+    // in one event file (the resume wrote it anew, then appended).
+    for run in [&whole, &part] {
+        let events: Vec<_> = std::fs::read_dir(run)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents."))
+            .collect();
+        assert_eq!(events.len(), 1, "{}", run.display());
+        let python = std::env::var("LAYERWISE_TORCH_VENV").map_or("python3".into(), |v| format!("{v}/bin/python3"));
+        let check = Command::new(python)
+            .args(["-W", "ignore"])
+            .arg(repo_root().join("scripts/tensorboard_check.py"))
+            .arg(run)
+            .output()
+            .expect("run python3 scripts/tensorboard_check.py (scripts/setup.sh installs tensorboard)");
+        let said = String::from_utf8_lossy(&check.stdout);
+        assert!(check.status.success(), "{said}{}", String::from_utf8_lossy(&check.stderr));
+        assert!(said.contains("\"epochs\": [1, 2]"), "{said}");
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod status;
+pub mod tfevents;
 
 pub use status::{RunDir, RunState, Status};
 

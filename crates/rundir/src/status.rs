@@ -95,13 +95,16 @@ impl RunDir {
     }
 
     /// Appends one epoch's metrics as a JSON line and syncs it.
+    /// TensorBoard's event file gets the same figures ([`crate::tfevents`]).
     pub fn append_metrics(&self, line: &EpochMetrics) -> Result<()> {
+        let parsed = line;
         let line = serde_json::to_string(line).expect("metrics serialise");
         let path = self.metrics_path();
         let mut f =
             std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
         writeln!(f, "{line}").map_err(|e| Error::io(&path, e))?;
-        f.sync_data().map_err(|e| Error::io(&path, e))
+        f.sync_data().map_err(|e| Error::io(&path, e))?;
+        crate::tfevents::append(&self.path, parsed)
     }
 
     /// Replaces the metrics file with `lines` (on resume: the checkpoint's, dropping lines
@@ -109,7 +112,8 @@ impl RunDir {
     pub fn rewrite_metrics(&self, lines: &[EpochMetrics]) -> Result<()> {
         let text: String =
             lines.iter().map(|l| format!("{}\n", serde_json::to_string(l).expect("metrics serialise"))).collect();
-        write_atomic(&self.metrics_path(), text.as_bytes())
+        write_atomic(&self.metrics_path(), text.as_bytes())?;
+        crate::tfevents::rewrite(&self.path, lines)
     }
 
     /// Every metrics line written so far (lines that do not parse are skipped).
