@@ -66,6 +66,15 @@ LAYERWISE_TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$LAYERWISE_
         say "installed tensorboard"
     fi
 
+    # The official Prometheus client's parser checks /metrics (scripts/metrics_check.py).
+    if "$TORCH_VENV/bin/python3" -c "import prometheus_client" 2>/dev/null; then
+        say "prometheus_client (the /metrics check) already in $TORCH_VENV"
+    else
+        say "installing prometheus_client 0.23.1 (under 1 MB, to check /metrics) into $TORCH_VENV"
+        "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check prometheus_client==0.23.1
+        say "installed prometheus_client"
+    fi
+
     # CUDA headers that the torch wheel leaves out and c10d's headers need, for the NCCL
     # shim (crates/nccl): the versions of the wheel's CUDA runtime.
     CUDA_INCLUDE="$("$TORCH_VENV/bin/python3" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))' 2>/dev/null || true)"

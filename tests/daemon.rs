@@ -393,3 +393,101 @@ fn a_panic_in_a_jobs_setup_fails_that_job_frees_its_device_and_the_service_goes_
     assert!(!log.contains("panicked at"), "the panic is one error line, not stderr noise:\n{log}");
     assert_eq!(log.matches("injected panic in the setup").count(), 1, "logged once:\n{log}");
 }
+
+/// One request over a raw connection: the status line's code (0 when the server closed
+/// the connection without one).
+fn http_status(addr: &str, request: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let _ = s.write_all(request.as_bytes());
+    let mut head = Vec::new();
+    let _ = s.read_to_end(&mut head);
+    let text = String::from_utf8_lossy(&head);
+    text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// `serve --http` beyond loopback: /metrics parses with the official Prometheus client's
+/// OpenMetrics parser, with the service's and the job's families, their types and labels;
+/// a request without the secret as a bearer token, an unknown path, a write, a huge head
+/// and a thousand idle connections get an HTTP error or a closed connection, and the
+/// service goes on training and answering.
+#[test]
+fn serve_exposes_prometheus_metrics_and_refuses_bad_requests() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    write_idx_dataset(&data, 300, 100);
+    let secret = "a-metrics-secret-of-enough-bytes";
+    let (jobs, runs) = (root.path().join("jobs"), root.path().join("runs"));
+    let child = Command::new(BIN)
+        .args(["serve", "--scan-every", "0.1", "--http", "0.0.0.0:0"])
+        .arg("--jobs")
+        .arg(&jobs)
+        .arg("--runs")
+        .arg(&runs)
+        .env("LAYERWISE_SECRET", secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let service = Service { child, jobs, runs };
+    let addr_file = service.runs.join(".http.addr");
+    let port = wait_until("serve's .http.addr", || std::fs::read_to_string(&addr_file).ok())
+        .trim()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let addr = format!("127.0.0.1:{port}");
+    // A thousand connections that say nothing, held while a job trains.
+    let idle: Vec<std::net::TcpStream> = (0..1000).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    service.submit("watched", &job(&data, 2, 3, 16));
+    service.wait_for("watched", state_is("done"));
+    drop(idle);
+    let get = |path: &str, auth: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    let bearer = format!("Authorization: Bearer {secret}\r\n");
+    assert_eq!(http_status(&addr, &get("/metrics", "")), 401, "no token");
+    assert_eq!(http_status(&addr, &get("/metrics", "Authorization: Bearer not-the-secret\r\n")), 401);
+    assert_eq!(http_status(&addr, &get("/nothing", &bearer)), 404);
+    let post = format!("POST /metrics HTTP/1.1\r\nHost: x\r\n{bearer}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    assert_eq!(http_status(&addr, &post), 405);
+    let huge = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(64 << 10));
+    assert!(matches!(http_status(&addr, &huge), 431 | 400 | 0), "a huge head is refused");
+
+    let python = std::env::var("LAYERWISE_TORCH_VENV").map_or("python3".into(), |v| format!("{v}/bin/python3"));
+    let check = Command::new(python)
+        .arg(repo_root().join("scripts/metrics_check.py"))
+        .arg(format!("http://{addr}/metrics"))
+        .arg(secret)
+        .output()
+        .expect("run scripts/metrics_check.py (scripts/setup.sh installs prometheus_client)");
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert!(got["content_type"].as_str().unwrap().starts_with("application/openmetrics-text"), "{got}");
+    let f = &got["families"];
+    for (family, labels) in [
+        ("layerwise_jobs", vec!["state"]),
+        ("layerwise_job_state", vec!["job", "state"]),
+        ("layerwise_job_epoch", vec!["job"]),
+        ("layerwise_job_images_per_second", vec!["job"]),
+        ("layerwise_job_error_ratio", vec!["job", "set"]),
+        ("layerwise_job_loss", vec!["job", "set"]),
+        ("layerwise_job_last_checkpoint_age_seconds", vec!["job"]),
+        ("layerwise_layer_loss", vec!["job", "layer", "loss"]),
+        ("layerwise_layer_error_ratio", vec!["job", "layer"]),
+        ("layerwise_stage_utilisation_ratio", vec!["device", "job", "stage"]),
+        ("layerwise_stage_wait_input_seconds", vec!["device", "job", "stage"]),
+    ] {
+        assert_eq!(f[family]["type"], "gauge", "{family}: {got}");
+        assert_eq!(f[family]["labels"], serde_json::json!(labels), "{family}");
+    }
+    let sample = |family: &str, labels: serde_json::Value| {
+        f[family]["samples"].as_array().unwrap().iter().find(|s| s[1] == labels).map(|s| s[2].as_f64().unwrap())
+    };
+    assert_eq!(sample("layerwise_jobs", serde_json::json!({"state": "done"})), Some(1.0));
+    assert_eq!(sample("layerwise_job_epoch", serde_json::json!({"job": "watched"})), Some(2.0));
+    assert_eq!(sample("layerwise_job_state", serde_json::json!({"job": "watched", "state": "done"})), Some(1.0));
+    let metrics = std::fs::read_to_string(service.runs.join("watched/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let test_error = sample("layerwise_job_error_ratio", serde_json::json!({"job": "watched", "set": "test"})).unwrap();
+    assert!((test_error - last["test_error"].as_f64().unwrap() / 100.0).abs() < 1e-12, "{test_error} {last}");
+}

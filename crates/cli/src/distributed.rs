@@ -30,6 +30,36 @@ pub struct CoordinatorArgs {
     /// register before the run fails naming the missing ones.
     #[arg(long, default_value_t = 600.0)]
     pub worker_wait: f64,
+    /// Serve Prometheus metrics of this run on HOST:PORT (/metrics; port 0 picks one, written
+    /// to RUN_DIR/http.addr). Beyond loopback, requests must carry the secret as a bearer token.
+    #[arg(long)]
+    pub http: Option<String>,
+}
+
+impl CoordinatorArgs {
+    pub fn secret_file(&self) -> Option<&Path> {
+        self.secret_file.as_deref()
+    }
+}
+
+/// Starts the metrics listener on `addr` for `view`, its address written to `addr_file`.
+pub fn start_http(
+    addr: &str,
+    view: layerwise_daemon::exposition::View,
+    addr_file: &Path,
+    secret_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let local: std::net::IpAddr = addr
+        .rsplit_once(':')
+        .and_then(|(h, _)| h.trim_matches(['[', ']']).parse().ok())
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    // The secret only where it is needed: a loopback listener runs without one.
+    let secret = if local.is_loopback() { None } else { Some(load_secret(secret_file)?) };
+    let bound = layerwise_daemon::http::start(addr, view, secret).map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(dir) = addr_file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    write_address(addr_file, &bound.to_string())
 }
 
 #[derive(clap::Args)]

@@ -113,6 +113,10 @@ enum Command {
         /// Seconds a job waits for the workers it names to register before it fails.
         #[arg(long, default_value_t = 600.0)]
         worker_wait: f64,
+        /// Serve Prometheus metrics of every job on HOST:PORT (/metrics; port 0 picks one,
+        /// written to RUNS/.http.addr). Beyond loopback, requests must carry the secret.
+        #[arg(long)]
+        http: Option<String>,
     },
     /// Hand a config to a running service: written into --jobs atomically, as NAME.json.
     Submit {
@@ -231,6 +235,10 @@ fn train(
     let run_dir = run_dir.unwrap_or_else(|| {
         PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
     });
+    if let Some(addr) = &net.http {
+        let view = layerwise_daemon::exposition::View::Run(run_dir.clone());
+        distributed::start_http(addr, view, &run_dir.join("http.addr"), net.secret_file())?;
+    }
     let (plan, cluster) = distributed::coordinate(&mut cfg, launch.as_ref(), &net, &run_dir, &stop)?;
     let on_step = std::io::stderr().is_terminal().then(|| progress_bar(cfg.train.batch_size, cfg.train.epochs));
     let options = RunOptions { resume, on_step, stop: Some(stop), cluster, ..Default::default() };
@@ -367,7 +375,12 @@ fn main() -> ExitCode {
             secret_file,
             encrypt,
             worker_wait,
+            http,
         } => seconds("--scan-every", scan_every, 0.05).and_then(|scan_every| {
+            if let Some(addr) = &http {
+                let view = layerwise_daemon::exposition::View::Runs(runs.clone());
+                distributed::start_http(addr, view, &runs.join(".http.addr"), secret_file.as_deref())?;
+            }
             let stop_timeout = seconds("--stop-timeout", stop_timeout, 0.0)?;
             let worker_wait = seconds("--worker-wait", worker_wait, 1.0)?;
             let cluster =

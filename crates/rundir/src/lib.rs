@@ -3,6 +3,7 @@
 //! checkpoints ([`checkpoint`]). `plot`, `status`, `inspect`, `eval`, resume and the
 //! daemon all read runs through here.
 
+mod atomic;
 pub mod checkpoint;
 pub mod metrics;
 pub mod status;

@@ -150,7 +150,7 @@ pub fn rewrite(dir: &Path, lines: &[EpochMetrics]) -> Result<()> {
     let path = dir.join(format!("{PREFIX}{stamp}.layerwise"));
     let mut bytes = header();
     lines.iter().for_each(|m| bytes.extend(epoch_record(m)));
-    crate::status::write_atomic(&path, &bytes)?;
+    crate::atomic::write_atomic(&path, &bytes)?;
     for p in old {
         let _ = std::fs::remove_file(p);
     }
