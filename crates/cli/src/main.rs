@@ -145,10 +145,15 @@ enum Command {
     },
     /// Draw a run's learning curves (PNG or SVG, by the file's extension).
     Plot {
-        run_dir: PathBuf,
-        /// Output file (default RUN_DIR/curves.png).
+        /// One run directory, or several to compare on one plot.
+        #[arg(required = true)]
+        run_dirs: Vec<PathBuf>,
+        /// Output file, .png or .svg (default: the first run's curves.png).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A log scale for the error axis.
+        #[arg(long)]
+        log: bool,
     },
     /// Print what this binary can see: libtorch, CUDA devices.
     Devices,
@@ -394,7 +399,9 @@ fn main() -> ExitCode {
             .map_err(|e| anyhow::anyhow!(e)),
         Command::Status { runs } => status(&runs),
         Command::Validate { configs, no_data, overrides } => validate(&configs, &overrides, !no_data),
-        Command::Plot { run_dir, out } => plot::plot(&run_dir, out).map(|p| println!("wrote {}", p.display())),
+        Command::Plot { run_dirs, out, log } => {
+            plot::plot(&run_dirs, out, log).map(|p| println!("wrote {}", p.display()))
+        }
         Command::Devices => {
             println!("cpu: {} cores, bfloat16 products: {}", layerwise_plan::Machine::detect().cores, cpu_bf16());
             println!("cuda available: {}", tch::Cuda::is_available());
