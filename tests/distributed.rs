@@ -339,3 +339,33 @@ fn a_worker_that_never_registers_fails_the_run_after_the_wait_naming_it() {
     let status = std::fs::read_to_string(run.join("status.json")).unwrap();
     assert!(status.contains("\"failed\"") && status.contains("ghost"), "{status}");
 }
+
+/// `train --http` as a coordinator of two workers: while it trains, /metrics counts the
+/// bytes each link carried and says how long ago each worker was last heard.
+#[test]
+fn metrics_count_link_bytes_and_worker_heartbeats_while_a_placed_run_trains() {
+    use std::io::{Read, Write};
+    let s = setup();
+    let run = s.dir.path().join("watched");
+    let sets = ["train.epochs=1000", "checkpoint.every_steps=2", "model.num_hidden=64", PLACED];
+    let (mut coordinator, addr) = coordinator_with(&s.config, &run, &sets, false, &["--http", "127.0.0.1:0"]);
+    let _workers = [worker(&addr, "w1", SECRET), worker(&addr, "w2", SECRET)];
+    wait_for_a_checkpoint(&run, &mut coordinator);
+    wait_for(&run.join("http.addr"), &mut coordinator);
+    let http = std::fs::read_to_string(run.join("http.addr")).unwrap().trim().to_string();
+    let mut c = std::net::TcpStream::connect(&http).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let value = |prefix: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}: {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // The coordinator holds stage 0: it sends into stage 1 (w1) and hears w1 and w2.
+    let sent = value(r#"layerwise_link_bytes_total{job="watched",stage="1",direction="sent"}"#);
+    assert!(sent > 0.0, "{text}");
+    for w in ["w1", "w2"] {
+        let age = value(&format!(r#"layerwise_worker_heartbeat_age_seconds{{worker="{w}"}}"#));
+        assert!((0.0..PEER_TIMEOUT.as_secs_f64()).contains(&age), "{w}: {age}");
+    }
+}

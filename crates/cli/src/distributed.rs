@@ -46,6 +46,7 @@ impl CoordinatorArgs {
 pub fn start_http(
     addr: &str,
     view: layerwise_daemon::exposition::View,
+    cluster: Option<Arc<Cluster>>,
     addr_file: &Path,
     secret_file: Option<&Path>,
 ) -> anyhow::Result<()> {
@@ -55,7 +56,7 @@ pub fn start_http(
         .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     // The secret only where it is needed: a loopback listener runs without one.
     let secret = if local.is_loopback() { None } else { Some(load_secret(secret_file)?) };
-    let bound = layerwise_daemon::http::start(addr, view, secret).map_err(|e| anyhow::anyhow!(e))?;
+    let bound = layerwise_daemon::http::start(addr, view, cluster, secret).map_err(|e| anyhow::anyhow!(e))?;
     if let Some(dir) = addr_file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

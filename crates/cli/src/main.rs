@@ -240,11 +240,11 @@ fn train(
     let run_dir = run_dir.unwrap_or_else(|| {
         PathBuf::from("runs").join(config.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()))
     });
+    let (plan, cluster) = distributed::coordinate(&mut cfg, launch.as_ref(), &net, &run_dir, &stop)?;
     if let Some(addr) = &net.http {
         let view = layerwise_daemon::exposition::View::Run(run_dir.clone());
-        distributed::start_http(addr, view, &run_dir.join("http.addr"), net.secret_file())?;
+        distributed::start_http(addr, view, cluster.clone(), &run_dir.join("http.addr"), net.secret_file())?;
     }
-    let (plan, cluster) = distributed::coordinate(&mut cfg, launch.as_ref(), &net, &run_dir, &stop)?;
     let on_step = std::io::stderr().is_terminal().then(|| progress_bar(cfg.train.batch_size, cfg.train.epochs));
     let options = RunOptions { resume, on_step, stop: Some(stop), cluster, ..Default::default() };
     let summary = layerwise_coordinator::run_plan(plan, &run_dir, options)
@@ -382,14 +382,14 @@ fn main() -> ExitCode {
             worker_wait,
             http,
         } => seconds("--scan-every", scan_every, 0.05).and_then(|scan_every| {
-            if let Some(addr) = &http {
-                let view = layerwise_daemon::exposition::View::Runs(runs.clone());
-                distributed::start_http(addr, view, &runs.join(".http.addr"), secret_file.as_deref())?;
-            }
             let stop_timeout = seconds("--stop-timeout", stop_timeout, 0.0)?;
             let worker_wait = seconds("--worker-wait", worker_wait, 1.0)?;
             let cluster =
                 distributed::listen_for_serve(listen.as_deref(), secret_file.as_deref(), encrypt, worker_wait, &runs)?;
+            if let Some(addr) = &http {
+                let view = layerwise_daemon::exposition::View::Runs(runs.clone());
+                distributed::start_http(addr, view, cluster.clone(), &runs.join(".http.addr"), secret_file.as_deref())?;
+            }
             let options =
                 layerwise_daemon::ServeOptions { jobs, runs, scan_every, stop_timeout, max_crash_restarts, cluster };
             layerwise_daemon::serve(options).map_err(Into::into)

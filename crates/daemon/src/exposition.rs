@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use layerwise_rundir::status::RunDir;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
@@ -29,13 +30,14 @@ type Gauges = Family<Labels, Gauge<f64, AtomicU64>>;
 struct Scrape {
     registry: Registry,
     families: Vec<(&'static str, Gauges)>,
+    byte_counters: Option<Family<Labels, Counter>>,
 }
 
 const STATES: [&str; 6] = ["queued", "running", "done", "failed", "cancelled", "stopped"];
 
 impl Scrape {
     fn new() -> Self {
-        Self { registry: Registry::with_prefix("layerwise"), families: Vec::new() }
+        Self { registry: Registry::with_prefix("layerwise"), families: Vec::new(), byte_counters: None }
     }
 
     /// The family `name` (created on first use, with `help` and `unit`).
@@ -50,6 +52,16 @@ impl Scrape {
         }
         self.families.push((name, family.clone()));
         family
+    }
+
+    /// The counter family `name` in bytes (its samples end in `_bytes_total`).
+    fn counters(&mut self, name: &'static str, help: &str) -> Family<Labels, Counter> {
+        if self.byte_counters.is_none() {
+            let family = Family::<Labels, Counter>::default();
+            self.registry.register_with_unit(name, help, Unit::Bytes, family.clone());
+            self.byte_counters = Some(family);
+        }
+        self.byte_counters.clone().expect("made above")
     }
 
     fn set(&mut self, name: &'static str, help: &str, unit: Option<Unit>, labels: &[(&str, String)], value: f64) {
@@ -160,9 +172,27 @@ fn last_epoch(s: &mut Scrape, job: &str, m: &layerwise_rundir::metrics::EpochMet
     }
 }
 
+/// What this process knows live: the bytes its links carried, and (as a coordinator that
+/// listens for workers) each worker's heartbeat age.
+fn live(s: &mut Scrape, cluster: Option<&layerwise_net::Cluster>) {
+    use layerwise_net::traffic::{snapshot, Direction};
+    let help = "Bytes a link between processes carried, seen from this process (records with their framing)";
+    for (run, stage, direction, bytes) in snapshot() {
+        let d = if direction == Direction::Sent { "sent" } else { "received" };
+        let labels: Labels =
+            vec![("job".into(), run), ("stage".into(), stage.to_string()), ("direction".into(), d.into())];
+        s.counters("link", help).get_or_create(&labels).inc_by(bytes);
+    }
+    for (worker, age) in cluster.map(|c| c.heard()).unwrap_or_default() {
+        let help = "Seconds since a registered worker's last frame (it sends a heartbeat every second)";
+        s.set("worker_heartbeat_age", help, Some(Unit::Seconds), &[("worker", worker)], age);
+    }
+}
+
 /// The text a scrape returns.
-pub fn render(view: &View) -> String {
+pub fn render(view: &View, cluster: Option<&layerwise_net::Cluster>) -> String {
     let mut s = Scrape::new();
+    live(&mut s, cluster);
     match view {
         View::Run(path) => {
             let job = path.file_name().map_or("run".into(), |n| n.to_string_lossy().into_owned());

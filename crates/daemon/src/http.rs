@@ -26,6 +26,8 @@ const CONNECTION_LIMIT: Duration = Duration::from_secs(30);
 
 struct Served {
     view: View,
+    /// The coordinator's listener for workers, where this process has one.
+    cluster: Option<Arc<layerwise_net::Cluster>>,
     /// The bearer token a request must carry (on a non-loopback address).
     token: Option<Vec<u8>>,
 }
@@ -60,7 +62,8 @@ fn answer(served: &Served, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             let view = served.view.clone();
-            reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", render(&view))
+            let text = render(&view, served.cluster.as_deref());
+            reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text)
         }
         "/" => reply(StatusCode::OK, "text/plain", "layerwise: /metrics (Prometheus text format)\n".into()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
@@ -69,7 +72,12 @@ fn answer(served: &Served, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Starts the listener on `addr` for `view`, in a thread of its own; returns the address
 /// it listens on. A non-loopback address needs `secret` (requests then carry it).
-pub fn start(addr: &str, view: View, secret: Option<Vec<u8>>) -> Result<SocketAddr, String> {
+pub fn start(
+    addr: &str,
+    view: View,
+    cluster: Option<Arc<layerwise_net::Cluster>>,
+    secret: Option<Vec<u8>>,
+) -> Result<SocketAddr, String> {
     let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("--http {addr}: cannot listen there: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let token = match (local.ip().is_loopback(), secret) {
@@ -82,7 +90,7 @@ pub fn start(addr: &str, view: View, secret: Option<Vec<u8>>) -> Result<SocketAd
         }
     };
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let served = Arc::new(Served { view, token });
+    let served = Arc::new(Served { view, cluster, token });
     std::thread::Builder::new()
         .name("http".into())
         .spawn(move || {

@@ -18,6 +18,11 @@ use crate::protocol::{say, Assignment, Control, RemoteReports, ToCoordinator};
 use crate::wire::Auth;
 use crate::{Error, Result};
 
+/// A run's name: its folder's, the parent of its checkpoint folder.
+pub(crate) fn run_name(checkpoints: &Path) -> String {
+    checkpoints.parent().and_then(|d| d.file_name()).map_or("run".into(), |n| n.to_string_lossy().into_owned())
+}
+
 /// What every job on this worker shares: the secret, the data links that arrive, and the
 /// folder its runs must lie in.
 #[derive(Clone)]
@@ -227,7 +232,8 @@ fn start(
     confine(&a.checkpoints, a.resume.as_deref(), local.root.as_deref())?;
     shares_run_directory(a, host)?;
     let resume = a.resume.as_deref().map(checkpoint::open).transpose()?;
-    let links = JobLinks::new(a.job, &plan, &local.auth, a.hosts.clone(), sockets, local.incoming.clone());
+    let run = run_name(&a.checkpoints);
+    let links = JobLinks::new((a.job, &run), &plan, &local.auth, a.hosts.clone(), sockets, local.incoming.clone());
     let links: Arc<dyn RemoteLinks> = Arc::new(links);
     let plan = Arc::new(plan);
     let mut env = |_| StageEnv::new(a.checkpoints.clone(), resume.clone(), reports.clone());

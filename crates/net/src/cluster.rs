@@ -45,6 +45,8 @@ pub struct WorkerConn {
     changed: Condvar,
     /// The measurement asked of it and where its answer goes; dropped when it is lost.
     pub(crate) measuring: Mutex<Option<(u64, Sender<Measurement>)>>,
+    /// When its last frame (a heartbeat, at least every second) arrived.
+    last_heard: Mutex<Instant>,
 }
 
 /// A job's hold on a worker: where the worker's reports of that job go, and what to shut
@@ -150,6 +152,13 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Each registered worker's name and the seconds since its last frame.
+    pub fn heard(&self) -> Vec<(String, f64)> {
+        let workers = self.workers.0.lock().unwrap_or_else(|p| p.into_inner());
+        let age = |w: &WorkerConn| w.last_heard.lock().unwrap_or_else(|p| p.into_inner()).elapsed().as_secs_f64();
+        workers.values().map(|w| (w.name.clone(), age(w))).collect()
+    }
+
     /// Names of the workers registered now.
     pub fn registered(&self) -> Vec<String> {
         self.workers.0.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
@@ -233,6 +242,7 @@ fn register(
         job: Mutex::new(None),
         changed: Condvar::new(),
         measuring: Mutex::new(None),
+        last_heard: Mutex::new(Instant::now()),
     });
     let (m, cv) = &**workers;
     let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -300,7 +310,9 @@ fn serve_worker(conn: &WorkerConn, mut r: SealReader) -> String {
         return e.to_string();
     }
     loop {
-        match r.frame::<ToCoordinator>() {
+        let frame = r.frame::<ToCoordinator>();
+        *conn.last_heard.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        match frame {
             Ok(ToCoordinator::Heartbeat) => {}
             Ok(ToCoordinator::Report { job, report }) => {
                 if let Some(h) = conn.lock_job().as_ref().filter(|h| h.id == job) {

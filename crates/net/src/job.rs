@@ -138,6 +138,8 @@ pub struct JobLinks {
     pub stall: Duration,
     /// The most bytes one message into each stage may hold.
     pub limits: Vec<u64>,
+    /// The run's name (its folder's), under which the links' bytes are counted.
+    pub run: String,
 }
 
 /// The most bytes one message into each stage of `plan` can hold: its largest batch of
@@ -173,7 +175,7 @@ pub fn nccl_ends(gpu_link: GpuLink, stages: &[StagePlan], stage: usize) -> Optio
 impl JobLinks {
     /// The links of job `job` of `plan` in one process (the coordinator's or a worker's).
     pub fn new(
-        job: u64,
+        (job, run): (u64, &str),
         plan: &Plan,
         auth: &Auth,
         hosts: Vec<(Host, SocketAddr)>,
@@ -184,7 +186,7 @@ impl JobLinks {
         let (stages, capacity, gpu_link) = (plan.stages.clone(), pipeline.channel_capacity, pipeline.gpu_link);
         let auth = auth.encrypting_if(pipeline.encrypt);
         let (stall, limits) = (Duration::from_secs_f64(pipeline.link_stall_s), message_limits(plan));
-        Self { job, auth, hosts, stages, capacity, gpu_link, sockets, incoming, stall, limits }
+        Self { job, auth, hosts, stages, capacity, gpu_link, sockets, incoming, stall, limits, run: run.to_string() }
     }
 
     /// [`nccl_ends`] of the link into `stage`, in this job's plan.
@@ -215,6 +217,7 @@ impl RemoteLinks for JobLinks {
             limit: self.limits[stage],
             stall: self.stall,
             what: format!("stage {stage}"),
+            received: crate::traffic::counter(&self.run, stage, crate::traffic::Direction::Received),
         };
         let rx = tcp::TcpReceiver::new(s, inbound, nccl).map_err(|e| format!("link into stage {stage}: {e}"))?;
         Ok(Box::new(rx))
@@ -240,7 +243,8 @@ impl RemoteLinks for JobLinks {
         let sealed = if s.encrypted { "encrypted" } else { "authenticated" };
         tracing::info!("link into stage {stage} at {addr}: {sealed}");
         let tx = tcp::TcpSender::new(s, self.capacity, nccl, self.stall)
-            .map_err(|e| format!("link into stage {stage} at {addr}: {e}"))?;
+            .map_err(|e| format!("link into stage {stage} at {addr}: {e}"))?
+            .counting(crate::traffic::counter(&self.run, stage, crate::traffic::Direction::Sent));
         Ok(Box::new(tx))
     }
 }
@@ -264,6 +268,7 @@ mod tests {
             incoming: Rendezvous::default(),
             stall: Duration::from_secs(600),
             limits: vec![1 << 20; 2],
+            run: "test".into(),
         }
     }
 

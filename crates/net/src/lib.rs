@@ -35,6 +35,7 @@ pub mod remote_job;
 pub mod seal;
 pub mod secret;
 pub mod tcp;
+pub mod traffic;
 pub mod wire;
 pub mod worker;
 

@@ -53,7 +53,8 @@ impl Cluster {
         let sockets = Sockets::default();
         let mut hosts = vec![(Host::Coordinator, self.addr)];
         hosts.extend(workers.iter().map(|w| (Host::Worker(w.name.clone()), w.data_addr)));
-        let links = JobLinks::new(id, plan, &self.auth, hosts.clone(), sockets.clone(), self.incoming.clone());
+        let run = crate::assignment::run_name(checkpoints);
+        let links = JobLinks::new((id, &run), plan, &self.auth, hosts.clone(), sockets.clone(), self.incoming.clone());
         let job = RemoteJob { id, workers: workers.to_vec(), links: Arc::new(links), probe: Default::default() };
         job.hold(plan, reports, &sockets)?;
         // Resolved (no `.`, `..` or links): a worker refuses any other kind of path.

@@ -79,6 +79,8 @@ pub struct Keys {
 /// The writing half of a sealed connection.
 pub struct SealWriter {
     out: BufWriter<TcpStream>,
+    /// Bytes written on the wire so far (records with their framing).
+    pub written: u64,
     dir: Direction,
     encrypt: bool,
     /// The body being encrypted (the caller's bytes stay as they are).
@@ -88,6 +90,8 @@ pub struct SealWriter {
 /// The reading half of a sealed connection; `peer` names it in errors.
 pub struct SealReader {
     input: BufReader<TcpStream>,
+    /// Bytes read off the wire so far (records with their framing).
+    pub read: u64,
     dir: Direction,
     encrypt: bool,
     peer: String,
@@ -97,12 +101,14 @@ pub struct SealReader {
 pub fn split(stream: TcpStream, keys: &Keys, peer: String) -> std::io::Result<(SealReader, SealWriter)> {
     let writer = SealWriter {
         out: BufWriter::with_capacity(1 << 16, stream.try_clone()?),
+        written: 0,
         dir: Direction::new(&keys.send),
         encrypt: keys.encrypt,
         scratch: Vec::new(),
     };
     let reader = SealReader {
         input: BufReader::with_capacity(1 << 16, stream),
+        read: 0,
         dir: Direction::new(&keys.recv),
         encrypt: keys.encrypt,
         peer,
@@ -130,6 +136,7 @@ impl SealWriter {
             self.dir.cipher.encrypt_in_place_detached(&nonce, body, &mut []).map_err(sealed)?
         };
         self.out.write_all(&tag)?;
+        self.written += (4 + body.len() + TAG_LEN) as u64;
         Ok(())
     }
 
@@ -175,6 +182,7 @@ impl SealReader {
         self.input.read_exact(body)?;
         let mut tag = [0u8; TAG_LEN];
         self.input.read_exact(&mut tag)?;
+        self.read += (4 + body.len() + TAG_LEN) as u64;
         let (seq, nonce) = (self.dir.seq, self.dir.next(body.len()));
         let tag = Tag::from_slice(&tag);
         let checked = if self.encrypt {

@@ -37,6 +37,8 @@ pub struct TcpSender {
     nccl: Option<Arc<Group>>,
     stall: Duration,
     broken: RefCell<Option<String>>,
+    /// Where the bytes sent are counted (`crate::traffic`).
+    sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TcpSender {
@@ -49,7 +51,14 @@ impl TcpSender {
         let Conn { reader, writer, .. } = conn;
         let (out, credits_in) = (RefCell::new(writer), RefCell::new(reader));
         let credits = Cell::new(capacity.max(1));
-        Ok(Self { out, credits_in, credits, nccl, stall, broken: RefCell::new(None) })
+        let sent = Arc::default();
+        Ok(Self { out, credits_in, credits, nccl, stall, broken: RefCell::new(None), sent })
+    }
+
+    /// Counts the bytes this link sends into `counter`.
+    pub fn counting(mut self, counter: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.sent = counter;
+        self
     }
 }
 
@@ -64,8 +73,12 @@ impl LinkSender for TcpSender {
             }
         }
         self.credits.set(self.credits.get() - 1);
-        write_message(&mut self.out.borrow_mut(), &msg, self.nccl.as_deref())
-            .map_err(|e| self.broke(&credits_in, e, "read a message"))
+        let mut out = self.out.borrow_mut();
+        let before = out.written;
+        write_message(&mut out, &msg, self.nccl.as_deref())
+            .map_err(|e| self.broke(&credits_in, e, "read a message"))?;
+        self.sent.fetch_add(out.written - before, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn broken(&self) -> Option<String> {
@@ -115,6 +128,8 @@ pub struct Inbound {
     pub stall: Duration,
     /// The stage it feeds, for the reader thread's name and the log.
     pub what: String,
+    /// Where the bytes received are counted (`crate::traffic`).
+    pub received: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TcpReceiver {
@@ -125,13 +140,16 @@ impl TcpReceiver {
         conn.socket().set_write_timeout(Some(inbound.stall))?;
         let Conn { reader: mut r, writer, .. } = conn;
         let (tx, messages) = bounded(inbound.capacity.max(1));
-        let Inbound { limit, stall, what, .. } = inbound;
+        let Inbound { limit, stall, what, received, .. } = inbound;
         let broken = Arc::new(std::sync::Mutex::new(None));
         let why = broken.clone();
         let reader = std::thread::Builder::new().name(format!("link-in-{what}")).spawn(move || {
             let nccl = nccl.as_ref().map(|(g, d)| (&**g, *d));
             loop {
-                match read_message(&mut r, limit, nccl) {
+                let before = r.read;
+                let read = read_message(&mut r, limit, nccl);
+                received.fetch_add(r.read - before, std::sync::atomic::Ordering::Relaxed);
+                match read {
                     Ok(m) => {
                         let last = m.control == Control::Shutdown;
                         if tx.send(m).is_err() || last {
@@ -180,7 +198,7 @@ mod tests {
     const STALL: Duration = Duration::from_secs(600);
 
     fn inbound(capacity: usize, stall: Duration) -> Inbound {
-        Inbound { capacity, limit: 1 << 20, stall, what: "stage-1".into() }
+        Inbound { capacity, limit: 1 << 20, stall, what: "stage-1".into(), received: Arc::default() }
     }
 
     fn linked(capacity: usize, encrypt: bool) -> (TcpSender, TcpReceiver) {

@@ -22,7 +22,8 @@ fn measure(encrypt: bool, messages: usize, bytes: usize) -> anyhow::Result<f64> 
     let out = wire::connect(addr, &auth, Role::Link { job: 1, stage: 1 })?;
     let (_, inp) = accepted.join().map_err(|_| anyhow::anyhow!("the accepting thread panicked"))??;
     let stall = Duration::from_secs(600);
-    let inbound = Inbound { capacity: 2, limit: 2 * bytes as u64, stall, what: "bench".into() };
+    let received = Default::default();
+    let inbound = Inbound { capacity: 2, limit: 2 * bytes as u64, stall, what: "bench".into(), received };
     let rx = TcpReceiver::new(inp, inbound, None)?;
     let features = (bytes / 4 / 128).max(1) as i64;
     let input = Tensor::randn([128, features], (Kind::Float, Device::Cpu));
