@@ -4,7 +4,9 @@
 #     per-machine cache outside the clone, so fresh clones (CI) reuse it;
 #   - Debian's Fashion-MNIST package (the demo's and the end-to-end tests' data);
 #   - Debian's DejaVu fonts (the labels of `layerwise plot`);
-#   - numpy and scipy beside torch (the readers' test fixtures).
+#   - numpy and scipy beside torch (the readers' test fixtures); tensorboard,
+#     prometheus_client and playwright beside them, with Debian's chromium (the checks of
+#     the event files, /metrics and the dashboard).
 # Source it (`. scripts/setup.sh`) to get the build environment exported; running it
 # as a program just installs. The installing runs in a subshell with strict options, so
 # that sourcing it leaves the caller's shell options alone.
@@ -73,6 +75,23 @@ LAYERWISE_TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$LAYERWISE_
         say "installing prometheus_client 0.23.1 (under 1 MB, to check /metrics) into $TORCH_VENV"
         "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check prometheus_client==0.23.1
         say "installed prometheus_client"
+    fi
+
+    # A real browser for the dashboard's test (scripts/dashboard_check.py): Debian's
+    # chromium, driven by Playwright from PyPI (it downloads no browser of its own here).
+    if command -v chromium >/dev/null 2>&1; then
+        say "chromium (the dashboard's test) already installed"
+    else
+        say "installing Debian package chromium (the dashboard's browser test)"
+        apt_install chromium
+        say "installed chromium"
+    fi
+    if "$TORCH_VENV/bin/python3" -c "import playwright" 2>/dev/null; then
+        say "playwright (drives chromium in the dashboard's test) already in $TORCH_VENV"
+    else
+        say "installing playwright 1.49.1 (about 40 MB) into $TORCH_VENV"
+        "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check playwright==1.49.1
+        say "installed playwright"
     fi
 
     # CUDA headers that the torch wheel leaves out and c10d's headers need, for the NCCL

@@ -448,6 +448,13 @@ fn serve_exposes_prometheus_metrics_and_refuses_bad_requests() {
     assert_eq!(http_status(&addr, &get("/metrics", "")), 401, "no token");
     assert_eq!(http_status(&addr, &get("/metrics", "Authorization: Bearer not-the-secret\r\n")), 401);
     assert_eq!(http_status(&addr, &get("/nothing", &bearer)), 404);
+    // The dashboard's API: behind the token too; a job is named, never a path.
+    assert_eq!(http_status(&addr, &get("/api/jobs", "")), 401);
+    assert_eq!(http_status(&addr, &get("/api/jobs", &bearer)), 200);
+    assert_eq!(http_status(&addr, &get("/api/curves/watched.svg", &bearer)), 200);
+    for path in ["/api/curves/../watched.svg", "/api/curves/..%2Fwatched.svg", "/api/curves/nobody.svg"] {
+        assert_eq!(http_status(&addr, &get(path, &bearer)), 404, "{path}");
+    }
     let post = format!("POST /metrics HTTP/1.1\r\nHost: x\r\n{bearer}Content-Length: 0\r\nConnection: close\r\n\r\n");
     assert_eq!(http_status(&addr, &post), 405);
     let huge = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(64 << 10));
@@ -490,4 +497,31 @@ fn serve_exposes_prometheus_metrics_and_refuses_bad_requests() {
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     let test_error = sample("layerwise_job_error_ratio", serde_json::json!({"job": "watched", "set": "test"})).unwrap();
     assert!((test_error - last["test_error"].as_f64().unwrap() / 100.0).abs() < 1e-12, "{test_error} {last}");
+}
+
+/// The dashboard in a real headless browser (Debian's chromium driven by Playwright,
+/// `scripts/dashboard_check.py`) while a job trains: its row appears, its curve gains an
+/// epoch while the page watches, the page fits a phone's width, and the console shows no
+/// error.
+#[test]
+fn the_dashboard_shows_a_training_job_and_its_curve_grows_in_a_real_browser() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    write_idx_dataset(&data, 300, 100);
+    let service = Service::start_with(root.path(), &["--http", "127.0.0.1:0"]);
+    let addr_file = service.runs.join(".http.addr");
+    service.submit("watched", &job(&data, 100_000, 3, 16));
+    let addr = wait_until("serve's .http.addr", || std::fs::read_to_string(&addr_file).ok());
+    let python = std::env::var("LAYERWISE_TORCH_VENV").map_or("python3".into(), |v| format!("{v}/bin/python3"));
+    let check = Command::new(python)
+        .arg(repo_root().join("scripts/dashboard_check.py"))
+        .arg(format!("http://{}/", addr.trim()))
+        .arg("watched")
+        .output_within();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{said}{}", String::from_utf8_lossy(&check.stderr));
+    let got: serde_json::Value = serde_json::from_str(said.trim()).unwrap();
+    assert!(got["later"].as_u64() > got["first"].as_u64(), "{got}");
+    assert_eq!(got["state"], "running", "{got}");
+    std::fs::write(service.jobs.join("watched.cancel"), "").unwrap();
 }

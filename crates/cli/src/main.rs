@@ -4,7 +4,6 @@
 mod bench;
 mod distributed;
 mod malloc;
-mod plot;
 mod use_run;
 
 use std::io::IsTerminal;
@@ -400,7 +399,7 @@ fn main() -> ExitCode {
         Command::Status { runs } => status(&runs),
         Command::Validate { configs, no_data, overrides } => validate(&configs, &overrides, !no_data),
         Command::Plot { run_dirs, out, log } => {
-            plot::plot(&run_dirs, out, log).map(|p| println!("wrote {}", p.display()))
+            layerwise_daemon::charts::plot(&run_dirs, out, log).map(|p| println!("wrote {}", p.display()))
         }
         Command::Devices => {
             println!("cpu: {} cores, bfloat16 products: {}", layerwise_plan::Machine::detect().cores, cpu_bf16());

@@ -1,4 +1,5 @@
-//! The read-only HTTP listener of `serve` and `train` (`--http ADDR`): `/metrics` in
+//! The read-only HTTP listener of `serve` and `train` (`--http ADDR`): the dashboard at `/`
+//! ([`crate::dashboard`]), and `/metrics` in
 //! Prometheus' text format ([`crate::exposition`]). hyper serves HTTP/1.1 on a runtime of
 //! its own, so that neither scraping nor a hostile client touches training. On loopback
 //! it answers anyone on the host; on any other address only a request that carries the
@@ -59,13 +60,24 @@ fn answer(served: &Served, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "read-only: GET only\n".into());
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if let Some(file) = path.strip_prefix("/api/curves/") {
+        let log = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "log=1"));
+        return match crate::dashboard::curves(&served.view, file, log) {
+            Some(Ok(svg)) => reply(StatusCode::OK, "image/svg+xml", svg),
+            Some(Err(e)) => reply(StatusCode::NOT_FOUND, "text/plain", format!("{e}\n")),
+            None => reply(StatusCode::NOT_FOUND, "text/plain", "no such job\n".into()),
+        };
+    }
+    match path {
+        "/api/jobs" => reply(StatusCode::OK, "application/json", crate::dashboard::jobs(&served.view)),
+        "/favicon.ico" => reply(StatusCode::NO_CONTENT, "image/x-icon", String::new()),
         "/metrics" => {
             let view = served.view.clone();
             let text = render(&view, served.cluster.as_deref());
             reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text)
         }
-        "/" => reply(StatusCode::OK, "text/plain", "layerwise: /metrics (Prometheus text format)\n".into()),
+        "/" => reply(StatusCode::OK, "text/html; charset=utf-8", crate::dashboard::PAGE.into()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
 }

@@ -11,6 +11,8 @@
 //!   its job after a checkpoint; a failed job is recorded and the next one starts;
 //! - stop (SIGTERM, SIGINT): every running job checkpoints and stops; exit 0.
 
+pub mod charts;
+pub mod dashboard;
 pub mod exposition;
 pub mod http;
 pub mod jobs;

@@ -1,5 +1,6 @@
-//! `layerwise plot`: learning curves of one run or several, as PNG or SVG, drawn with
-//! plotters. Three panels over whole-number epochs: error (train, test, validation, and
+//! Learning curves of one run or several, as PNG or SVG, drawn with plotters: `layerwise
+//! plot`, and the dashboard's charts (drawn here, on the server, so that the page needs
+//! no charting code of its own). Three panels over whole-number epochs: error (train, test, validation, and
 //! each layer's local error for a single run; `--log` for a log scale), loss, and images/s;
 //! the legend sits in a column of its own beside them, never over the curves.
 
@@ -10,6 +11,7 @@ use layerwise_rundir::metrics::EpochMetrics;
 use layerwise_rundir::RunDir;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use std::sync::OnceLock;
 
 /// Fonts tried for the labels (Debian's fonts-dejavu-core, installed by scripts/setup.sh).
 const FONTS: &[&str] = &[
@@ -20,7 +22,13 @@ const FONTS: &[&str] = &[
 const SIZE: (u32, u32) = (1200, 960);
 const LEGEND_WIDTH: u32 = 300;
 
+/// Registers the labels' font, once per process.
 fn load_font() -> anyhow::Result<()> {
+    static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
+    LOADED.get_or_init(|| register_font().map_err(|e| e.to_string())).clone().map_err(|e| anyhow::anyhow!(e))
+}
+
+fn register_font() -> anyhow::Result<()> {
     let path = FONTS.iter().find(|p| Path::new(p).is_file()).with_context(|| {
         format!("no font for the labels: expected one of {} (Debian package fonts-dejavu-core)", FONTS.join(", "))
     })?;
@@ -188,6 +196,16 @@ fn read(run_dir: &Path, several: bool) -> anyhow::Result<Run> {
     }
     let base = run_dir.file_name().map_or("run".into(), |n| n.to_string_lossy().into_owned());
     Ok(Run { name: if several { format!("{base}: ") } else { String::new() }, metrics })
+}
+
+/// One run's curves as an SVG document (the dashboard's chart).
+pub fn svg(run_dir: &Path, log: bool) -> anyhow::Result<String> {
+    let runs = [read(run_dir, false)?];
+    load_font()?;
+    let name = run_dir.file_name().map_or("run".into(), |n| n.to_string_lossy().into_owned());
+    let mut text = String::new();
+    draw(SVGBackend::with_string(&mut text, SIZE).into_drawing_area(), &name, &runs, log)?;
+    Ok(text)
 }
 
 /// Plots `run_dirs` into `out` (default: the first run's `curves.png`); returns the file.
