@@ -479,6 +479,7 @@ fn serve_exposes_prometheus_metrics_and_refuses_bad_requests() {
         ("layerwise_job_error_ratio", vec!["job", "set"]),
         ("layerwise_job_loss", vec!["job", "set"]),
         ("layerwise_job_last_checkpoint_age_seconds", vec!["job"]),
+        ("layerwise_job_last_checkpoint_duration_seconds", vec!["job"]),
         ("layerwise_layer_loss", vec!["job", "layer", "loss"]),
         ("layerwise_layer_error_ratio", vec!["job", "layer"]),
         ("layerwise_stage_utilisation_ratio", vec!["device", "job", "stage"]),
@@ -491,6 +492,8 @@ fn serve_exposes_prometheus_metrics_and_refuses_bad_requests() {
         f[family]["samples"].as_array().unwrap().iter().find(|s| s[1] == labels).map(|s| s[2].as_f64().unwrap())
     };
     assert_eq!(sample("layerwise_jobs", serde_json::json!({"state": "done"})), Some(1.0));
+    assert_eq!(f["layerwise_job_crash_restarts"]["type"], "counter", "{got}");
+    assert_eq!(sample("layerwise_job_crash_restarts", serde_json::json!({"job": "watched"})), Some(0.0));
     assert_eq!(sample("layerwise_job_epoch", serde_json::json!({"job": "watched"})), Some(2.0));
     assert_eq!(sample("layerwise_job_state", serde_json::json!({"job": "watched", "state": "done"})), Some(1.0));
     let metrics = std::fs::read_to_string(service.runs.join("watched/metrics.jsonl")).unwrap();

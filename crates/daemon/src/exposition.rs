@@ -31,13 +31,19 @@ struct Scrape {
     registry: Registry,
     families: Vec<(&'static str, Gauges)>,
     byte_counters: Option<Family<Labels, Counter>>,
+    crash_counters: Option<Family<Labels, Counter>>,
 }
 
 const STATES: [&str; 6] = ["queued", "running", "done", "failed", "cancelled", "stopped"];
 
 impl Scrape {
     fn new() -> Self {
-        Self { registry: Registry::with_prefix("layerwise"), families: Vec::new(), byte_counters: None }
+        Self {
+            registry: Registry::with_prefix("layerwise"),
+            families: Vec::new(),
+            byte_counters: None,
+            crash_counters: None,
+        }
     }
 
     /// The family `name` (created on first use, with `help` and `unit`).
@@ -54,6 +60,16 @@ impl Scrape {
         family
     }
 
+    /// The family of crash restarts (its samples end in `_total`).
+    fn crash_counters(&mut self, help: &str) -> Family<Labels, Counter> {
+        if self.crash_counters.is_none() {
+            let family = Family::<Labels, Counter>::default();
+            self.registry.register("job_crash_restarts", help, family.clone());
+            self.crash_counters = Some(family);
+        }
+        self.crash_counters.clone().expect("made above")
+    }
+
     /// The counter family `name` in bytes (its samples end in `_bytes_total`).
     fn counters(&mut self, name: &'static str, help: &str) -> Family<Labels, Counter> {
         if self.byte_counters.is_none() {
@@ -68,6 +84,17 @@ impl Scrape {
         let labels: Labels = labels.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         self.family(name, help, unit).get_or_create(&labels).set(value);
     }
+}
+
+/// A checkpoint's duration: from its cut's start (the manifest's `created`) to its
+/// manifest's writing (the file's time).
+fn checkpoint_seconds(dir: &Path) -> Option<f64> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read(&path).ok()?;
+    let began = serde_json::from_slice::<serde_json::Value>(&text).ok()?.get("created")?.as_f64()?;
+    let written = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+    let written = written.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    Some((written - began).max(0.0))
 }
 
 fn age_seconds(path: &Path) -> Option<f64> {
@@ -91,6 +118,13 @@ fn run(s: &mut Scrape, job: &str, dir: &RunDir) -> Option<String> {
         s.set("job_status_age", help, Some(Unit::Seconds), &[job_l()], age);
     }
     let newest = layerwise_rundir::checkpoint::list(&dir.path.join("checkpoints")).into_iter().next();
+    if let Some(took) = newest.as_deref().and_then(checkpoint_seconds) {
+        let help = "Seconds the newest checkpoint took, from its cut's start to its manifest";
+        s.set("job_last_checkpoint_duration", help, Some(Unit::Seconds), &[job_l()], took);
+    }
+    let crashes = std::fs::read_to_string(dir.path.join("crashes")).ok().and_then(|t| t.trim().parse::<u64>().ok());
+    let help = "Times the service died while this job ran and resumed it";
+    s.crash_counters(help).get_or_create(&vec![("job".to_string(), job.to_string())]).inc_by(crashes.unwrap_or(0));
     if let Some(age) = newest.and_then(|c| age_seconds(&c.join("manifest.json"))) {
         s.set(
             "job_last_checkpoint_age",
