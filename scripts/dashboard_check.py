@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Opens layerwise's dashboard in a real headless browser (Debian's chromium, driven by
 Playwright) while a job trains: waits for the job's row, then for its curve to gain an
-epoch; collects console errors. Prints one JSON object; exits 1 on a console error.
+epoch and its log lines to show an epoch's summary; collects console errors. Prints one JSON object; exits 1 on a console error.
 
     python3 scripts/dashboard_check.py URL JOB [SCREENSHOT.png]
 """
@@ -32,6 +32,9 @@ def main():
             f'Number(document.querySelector("#chart").dataset.epochs) > {first}', timeout=300_000
         )
         later = int(page.get_attribute("#chart", "data-epochs"))
+        # The job's last log lines, kept by the service: its epochs' summaries among them.
+        page.wait_for_function('document.getElementById("lines").textContent.includes("epoch")', timeout=300_000)
+        log = page.inner_text("#lines")
         state = page.inner_text(f'tr[data-job="{job}"] .state')
         if shot:
             page.screenshot(path=shot, full_page=True)
@@ -39,7 +42,7 @@ def main():
         page.set_viewport_size({"width": 390, "height": 844})
         overflow = page.evaluate("document.documentElement.scrollWidth > window.innerWidth + 1")
         browser.close()
-    print(json.dumps({"first": first, "later": later, "state": state, "overflow": overflow, "errors": errors}))
+    print(json.dumps({"first": first, "later": later, "state": state, "log": log.splitlines()[-3:], "overflow": overflow, "errors": errors}))
     sys.exit(1 if errors or overflow else 0)
 
 

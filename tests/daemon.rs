@@ -526,5 +526,6 @@ fn the_dashboard_shows_a_training_job_and_its_curve_grows_in_a_real_browser() {
     let got: serde_json::Value = serde_json::from_str(said.trim()).unwrap();
     assert!(got["later"].as_u64() > got["first"].as_u64(), "{got}");
     assert_eq!(got["state"], "running", "{got}");
+    assert!(got["log"].as_array().is_some_and(|l| !l.is_empty()), "{got}");
     std::fs::write(service.jobs.join("watched.cancel"), "").unwrap();
 }

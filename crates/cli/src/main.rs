@@ -210,11 +210,14 @@ enum Bench {
 }
 
 fn init_logs(format: LogFormat) {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Each job's last lines are kept for the dashboard besides.
+    let registry = tracing_subscriber::registry().with(filter).with(layerwise_daemon::joblog::JobLog);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt.with_ansi(std::io::stderr().is_terminal())).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
     }
 }
 
@@ -246,6 +249,8 @@ fn train(
     }
     let on_step = std::io::stderr().is_terminal().then(|| progress_bar(cfg.train.batch_size, cfg.train.epochs));
     let options = RunOptions { resume, on_step, stop: Some(stop), cluster, ..Default::default() };
+    let name = run_dir.file_name().map_or("run".into(), |n| n.to_string_lossy().into_owned());
+    let _job = tracing::info_span!("job", name = %name).entered();
     let summary = layerwise_coordinator::run_plan(plan, &run_dir, options)
         .with_context(|| format!("run {} failed", run_dir.display()))?;
     if summary.stopped {

@@ -1,7 +1,8 @@
 //! The dashboard at `/`: one page (`dashboard.html`, served by the binary: no build step,
 //! no CDN) that polls `/api/jobs` every two seconds and shows each job's state, progress,
 //! placement with each stage's utilisation, newest checkpoints and, for the job chosen,
-//! its learning curves as SVG drawn here by [`crate::charts`] (`/api/curves/JOB.svg`).
+//! its last log lines ([`crate::joblog`]) and its learning curves as SVG drawn here by
+//! [`crate::charts`] (`/api/curves/JOB.svg`).
 
 use std::path::PathBuf;
 
@@ -54,6 +55,7 @@ fn job(name: &str, dir: &RunDir) -> Option<Value> {
         "test_error": last.map(|m| finite(m.test_error)),
         "stages": stages,
         "checkpoints": checkpoints,
+        "log": crate::joblog::lines(name),
     }))
 }
 

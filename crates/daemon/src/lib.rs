@@ -15,6 +15,7 @@ pub mod charts;
 pub mod dashboard;
 pub mod exposition;
 pub mod http;
+pub mod joblog;
 pub mod jobs;
 
 use std::path::PathBuf;
