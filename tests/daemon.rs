@@ -457,6 +457,9 @@ fn serve_exposes_prometheus_metrics_and_refuses_bad_requests() {
     }
     let post = format!("POST /metrics HTTP/1.1\r\nHost: x\r\n{bearer}Content-Length: 0\r\nConnection: close\r\n\r\n");
     assert_eq!(http_status(&addr, &post), 405);
+    // A client that sends half a request head and then nothing is cut off (the head must
+    // come within 10 s), never answered.
+    assert_ne!(http_status(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n"), 200, "a slow client");
     let huge = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(64 << 10));
     assert!(matches!(http_status(&addr, &huge), 431 | 400 | 0), "a huge head is refused");
 
@@ -482,8 +485,8 @@ fn serve_exposes_prometheus_metrics_and_refuses_bad_requests() {
         ("layerwise_job_last_checkpoint_duration_seconds", vec!["job"]),
         ("layerwise_layer_loss", vec!["job", "layer", "loss"]),
         ("layerwise_layer_error_ratio", vec!["job", "layer"]),
-        ("layerwise_stage_utilisation_ratio", vec!["device", "job", "stage"]),
-        ("layerwise_stage_wait_input_seconds", vec!["device", "job", "stage"]),
+        ("layerwise_stage_utilisation_ratio", vec!["device", "host", "job", "stage"]),
+        ("layerwise_stage_wait_input_seconds", vec!["device", "host", "job", "stage"]),
     ] {
         assert_eq!(f[family]["type"], "gauge", "{family}: {got}");
         assert_eq!(f[family]["labels"], serde_json::json!(labels), "{family}");

@@ -157,7 +157,12 @@ impl Inbox {
         for s in &stats {
             layers.extend(s.layers.iter().map(|l| layer_metrics(l, s.stage)));
             let p = &stages[s.stage];
-            stage_metrics.push(stage_metrics_of(s.stage, p.device(), p.layers.clone(), &s.timing, wall));
+            let mut m = stage_metrics_of(s.stage, p.device(), p.layers.clone(), &s.timing, wall);
+            m.host = match &p.host {
+                layerwise_plan::Host::Coordinator => "coordinator".into(),
+                layerwise_plan::Host::Worker(name) => name.clone(),
+            };
+            stage_metrics.push(m);
             if let Some((loss, err)) = s.output {
                 train_loss = loss;
                 train_error = err;
@@ -204,6 +209,7 @@ fn stage_metrics_of(stage: usize, device: DeviceId, layers: Vec<usize>, t: &Stag
     let busy = t.busy.as_secs_f64();
     StageMetrics {
         stage,
+        host: String::new(),
         device,
         layers,
         busy_s: busy,

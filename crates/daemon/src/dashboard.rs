@@ -34,7 +34,7 @@ fn job(name: &str, dir: &RunDir) -> Option<Value> {
     let stages: Vec<Value> = last.map_or(vec![], |m| {
         m.stages
             .iter()
-            .map(|s| json!({"stage": s.stage, "device": s.device.to_string(), "layers": s.layers, "utilisation": s.utilisation}))
+            .map(|s| json!({"stage": s.stage, "host": s.host, "device": s.device.to_string(), "layers": s.layers, "utilisation": s.utilisation}))
             .collect()
     });
     let checkpoints: Vec<String> = layerwise_rundir::checkpoint::list(&dir.path.join("checkpoints"))

@@ -174,7 +174,8 @@ fn last_epoch(s: &mut Scrape, job: &str, m: &layerwise_rundir::metrics::EpochMet
         }
     }
     for st in &m.stages {
-        let labels = [job_l(), ("stage", st.stage.to_string()), ("device", st.device.to_string())];
+        let labels =
+            [job_l(), ("stage", st.stage.to_string()), ("device", st.device.to_string()), ("host", st.host.clone())];
         s.set(
             "stage_utilisation",
             "A stage's busy time over the last epoch's (0 to 1)",

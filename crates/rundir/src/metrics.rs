@@ -25,6 +25,10 @@ pub struct LayerMetrics {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageMetrics {
     pub stage: usize,
+    /// The process that ran it: "coordinator", or the worker's name (empty in lines
+    /// written before it was recorded).
+    #[serde(default)]
+    pub host: String,
     pub device: DeviceId,
     pub layers: Vec<usize>,
     #[serde(deserialize_with = "number_or_nan")]
