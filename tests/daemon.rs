@@ -450,6 +450,7 @@ fn serve_exposes_prometheus_metrics_and_refuses_bad_requests() {
     assert_eq!(http_status(&addr, &get("/nothing", &bearer)), 404);
     // The dashboard's API: behind the token too; a job is named, never a path.
     assert_eq!(http_status(&addr, &get("/api/jobs", "")), 401);
+    assert_eq!(http_status(&addr, &get("/", "")), 200, "the page holds no data: it asks for the token");
     assert_eq!(http_status(&addr, &get("/api/jobs", &bearer)), 200);
     assert_eq!(http_status(&addr, &get("/api/curves/watched.svg", &bearer)), 200);
     for path in ["/api/curves/../watched.svg", "/api/curves/..%2Fwatched.svg", "/api/curves/nobody.svg"] {

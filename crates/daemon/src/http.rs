@@ -1,9 +1,9 @@
 //! The read-only HTTP listener of `serve` and `train` (`--http ADDR`): the dashboard at `/`
-//! ([`crate::dashboard`]), and `/metrics` in
-//! Prometheus' text format ([`crate::exposition`]). hyper serves HTTP/1.1 on a runtime of
-//! its own, so that neither scraping nor a hostile client touches training. On loopback
+//! ([`crate::dashboard`]) and `/metrics` in the OpenMetrics text format
+//! ([`crate::exposition`]). hyper serves HTTP/1.1 on a runtime of its own, so that neither scraping nor a hostile client touches training. On loopback
 //! it answers anyone on the host; on any other address only a request that carries the
-//! cluster's shared secret as a bearer token (compared in constant time). At most
+//! cluster's shared secret as a bearer token (compared in constant time), but for the
+//! dashboard's page itself, which holds no data. At most
 //! [`MAX_CONNECTIONS`] connections at once (more are closed at once), 16 KiB of request
 //! head, 10 s to send it, 30 s a connection.
 
@@ -46,7 +46,9 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 }
 
 fn answer(served: &Served, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Some(token) = &served.token {
+    // The page itself holds no data (it asks for the token, then fetches with it).
+    let public = matches!(req.uri().path(), "/" | "/favicon.ico");
+    if let Some(token) = served.token.as_ref().filter(|_| !public) {
         let given = req.headers().get(hyper::header::AUTHORIZATION).map(|v| v.as_bytes());
         let ok = given.and_then(|g| g.strip_prefix(b"Bearer ")).is_some_and(|g| same(g, token));
         if !ok {
