@@ -443,6 +443,12 @@ fn serve_exposes_prometheus_metrics_and_refuses_bad_requests() {
     service.submit("watched", &job(&data, 2, 3, 16));
     service.wait_for("watched", state_is("done"));
     drop(idle);
+    // Once the listener has seen them close, it answers again (until then a new connection
+    // finds every slot taken and is closed at once).
+    let page = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    wait_until("the listener to answer after the idle connections close", || {
+        (http_status(&addr, page) == 200).then_some(())
+    });
     let get = |path: &str, auth: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
     let bearer = format!("Authorization: Bearer {secret}\r\n");
     assert_eq!(http_status(&addr, &get("/metrics", "")), 401, "no token");
