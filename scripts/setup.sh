@@ -48,34 +48,29 @@ LAYERWISE_TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$LAYERWISE_
         say "installed torch $TORCH_VERSION"
     fi
 
+    # Python packages beside torch, each checked by importing it: pip_package MODULES WHY
+    # SIZE PINS... installs the pinned PINS where `import MODULES` fails.
+    pip_package() {
+        local modules=$1 why=$2 size=$3; shift 3
+        if "$TORCH_VENV/bin/python3" -c "import $modules" 2>/dev/null; then
+            say "$modules ($why) already in $TORCH_VENV"
+        else
+            say "installing $* ($size, $why) into $TORCH_VENV"
+            "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check "$@"
+            say "installed $modules"
+        fi
+    }
+
     # numpy and scipy write the readers' test fixtures independently of layerwise's own
     # writers (scripts/reader_fixtures.py, tests/readers.rs); nothing else uses them.
-    if "$TORCH_VENV/bin/python3" -c "import numpy, scipy" 2>/dev/null; then
-        say "numpy and scipy (the readers' test fixtures) already in $TORCH_VENV"
-    else
-        say "installing numpy 2.3.5 and scipy 1.16.3 (about 60 MB, for the readers' test fixtures) into $TORCH_VENV"
-        "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check numpy==2.3.5 scipy==1.16.3
-        say "installed numpy and scipy"
-    fi
+    pip_package "numpy, scipy" "the readers' test fixtures" "about 60 MB" numpy==2.3.5 scipy==1.16.3
 
     # TensorBoard's own reader checks the event files layerwise writes
     # (scripts/tensorboard_check.py, tests/binary.rs); it is also what users open them with.
-    if "$TORCH_VENV/bin/python3" -c "import tensorboard" 2>/dev/null; then
-        say "tensorboard (the event files' check) already in $TORCH_VENV"
-    else
-        say "installing tensorboard 2.20.0 (about 15 MB with its dependencies, to check the event files) into $TORCH_VENV"
-        "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check tensorboard==2.20.0
-        say "installed tensorboard"
-    fi
+    pip_package tensorboard "the event files' check" "about 15 MB with its dependencies" tensorboard==2.20.0
 
     # The official Prometheus client's parser checks /metrics (scripts/metrics_check.py).
-    if "$TORCH_VENV/bin/python3" -c "import prometheus_client" 2>/dev/null; then
-        say "prometheus_client (the /metrics check) already in $TORCH_VENV"
-    else
-        say "installing prometheus_client 0.23.1 (under 1 MB, to check /metrics) into $TORCH_VENV"
-        "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check prometheus_client==0.23.1
-        say "installed prometheus_client"
-    fi
+    pip_package prometheus_client "the /metrics check" "under 1 MB" prometheus_client==0.23.1
 
     # A real browser for the dashboard's test (scripts/dashboard_check.py): Debian's
     # chromium, driven by Playwright from PyPI (it downloads no browser of its own here).
@@ -86,13 +81,7 @@ LAYERWISE_TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$LAYERWISE_
         apt_install chromium
         say "installed chromium"
     fi
-    if "$TORCH_VENV/bin/python3" -c "import playwright" 2>/dev/null; then
-        say "playwright (drives chromium in the dashboard's test) already in $TORCH_VENV"
-    else
-        say "installing playwright 1.49.1 (about 40 MB) into $TORCH_VENV"
-        "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check playwright==1.49.1
-        say "installed playwright"
-    fi
+    pip_package playwright "drives chromium in the dashboard's test" "about 40 MB" playwright==1.49.1
 
     # CUDA headers that the torch wheel leaves out and c10d's headers need, for the NCCL
     # shim (crates/nccl): the versions of the wheel's CUDA runtime.

@@ -54,6 +54,10 @@ pub const SECRET: &str = "a-test-secret-of-enough-bytes";
 pub const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// mlp predsim over three processes: layer 0 here, layers 1-2 on w1, the output on w2.
+/// A run long enough to be interrupted mid-way (4 epochs of 40 steps, a checkpoint every 2).
+pub const INTERRUPTIBLE: [&str; 4] =
+    ["train.epochs=4", "train.steps_per_epoch=40", "model.num_hidden=256", "checkpoint.every_steps=2"];
+
 pub const PLACED: &str = r#"pipeline.placement=[{"layers":[0],"device":"cpu"},{"layers":[1,2],"device":"w1/cpu"},{"layers":[3],"device":"w2/cpu"}]"#;
 
 pub struct Setup {

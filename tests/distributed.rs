@@ -122,7 +122,7 @@ fn an_auto_placement_spreads_over_the_workers_named_and_trains_as_one_process() 
 fn a_worker_killed_mid_run_fails_the_run_naming_it_and_resume_ends_identical() {
     let s = setup();
     let (c, d) = (&s.config, s.dir.path());
-    let sets = ["train.epochs=4", "train.steps_per_epoch=40", "model.num_hidden=256", "checkpoint.every_steps=2"];
+    let sets = INTERRUPTIBLE;
     let whole = d.join("whole");
     let out = train(c, &whole, &sets, false).output_within();
     assert!(out.status.success(), "{}", text(&out));

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use layerwise_tests::{assert_same_newest_checkpoint, wait_until, OutputWithin};
+use layerwise_tests::{assert_same_newest_checkpoint, OutputWithin};
 
 mod cluster_support;
 use cluster_support::*;
@@ -194,7 +194,7 @@ fn a_cut_link_fails_the_run_within_the_heartbeat_bound_and_resume_is_bit_identic
     let Some(hosts) = Hosts::make(3) else { return };
     let s = setup();
     let (c, d) = (&s.config, s.dir.path());
-    let sets = ["train.epochs=4", "train.steps_per_epoch=40", "model.num_hidden=256", "checkpoint.every_steps=2"];
+    let sets = INTERRUPTIBLE;
     let whole = d.join("whole");
     let out = train(c, &whole, &sets, false).output_within();
     assert!(out.status.success(), "{}", text(&out));
@@ -204,14 +204,7 @@ fn a_cut_link_fails_the_run_within_the_heartbeat_bound_and_resume_is_bit_identic
     placed.push(PLACED);
     let (mut coordinator, addr) = coordinator_in(&hosts, c, &run, &placed, false);
     let (w1, w2) = (worker_in(&hosts, 1, &addr, "w1"), worker_in(&hosts, 2, &addr, "w2"));
-    wait_until("the run's first checkpoint", || {
-        assert!(coordinator.running(), "the coordinator exited before the first checkpoint");
-        std::fs::read_dir(run.join("checkpoints"))
-            .ok()?
-            .flatten()
-            .any(|e| !e.file_name().to_string_lossy().ends_with(".partial"))
-            .then_some(())
-    });
+    wait_for_a_checkpoint(&run, &mut coordinator);
     let cut = std::time::SystemTime::now();
     hosts.link(1, false);
     let out = coordinator.output();

@@ -125,16 +125,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_environment_secret_is_kept_and_no_child_inherits_it() {
-        std::env::set_var("LAYERWISE_SECRET", "a secret from the environment");
-        take_from_environment();
-        assert!(std::env::var_os("LAYERWISE_SECRET").is_none());
-        assert_eq!(load_secret(None).unwrap(), b"a secret from the environment");
-        let child = std::process::Command::new("sh").args(["-c", "echo -n \"$LAYERWISE_SECRET\""]).output().unwrap();
-        assert!(child.stdout.is_empty(), "{:?}", String::from_utf8_lossy(&child.stdout));
-    }
-
-    #[test]
     fn a_secret_under_16_bytes_or_readable_by_others_is_refused_before_anything_listens() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
