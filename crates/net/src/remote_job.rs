@@ -303,13 +303,17 @@ mod tests {
         assert_eq!(advertised(fixed, reach), fixed);
     }
 
-    /// A worker's failure reason is free text from another process: it reaches the
-    /// coordinator's reports (and so its log and status.json) bounded and without control
-    /// characters.
-    #[test]
-    fn a_workers_failure_reason_arrives_bounded_and_printable() {
-        use crate::protocol::{ToCoordinator, MAX_REASON};
-        use layerwise_pipeline::message::{Report, StageFailure};
+    /// A job started on one fake worker "w" (stage 0 here, stage 1 there), its assignment
+    /// read: the cluster, the run folder, the worker's connection, the job, its reports.
+    struct Started {
+        cluster: Arc<Cluster>,
+        dir: tempfile::TempDir,
+        w: crate::wire::Conn,
+        job: RemoteJob,
+        reports: crossbeam_channel::Receiver<layerwise_pipeline::message::Report>,
+    }
+
+    fn started() -> Started {
         let cluster = listen("127.0.0.1:0");
         let dir = tempfile::tempdir().unwrap();
         let mut w = fake_worker(&cluster, cluster.addr, "w", "elsewhere", 1 << 40);
@@ -318,6 +322,18 @@ mod tests {
         let workers = cluster.wait_for(&["w".to_string()], None).unwrap();
         let job = cluster.start_job(&plan, &workers, dir.path(), None, &reports_tx).unwrap();
         assert!(matches!(next_message(&mut w).unwrap(), ToWorker::Assign(_)));
+        let _ = reports_tx; // the job's hold keeps its own clone
+        Started { cluster, dir, w, job, reports }
+    }
+
+    /// A worker's failure reason is free text from another process: it reaches the
+    /// coordinator's reports (and so its log and status.json) bounded and without control
+    /// characters.
+    #[test]
+    fn a_workers_failure_reason_arrives_bounded_and_printable() {
+        use crate::protocol::{ToCoordinator, MAX_REASON};
+        use layerwise_pipeline::message::{Report, StageFailure};
+        let Started { cluster: _cluster, dir: _dir, mut w, job, reports } = started();
         let reason = format!("\u{1b}[2J\u{1b}[31mowned\r\n{}", "x".repeat(100_000));
         let sent = reason.len();
         let failure = StageFailure { stage: 1, layer: None, step: None, reason };
@@ -368,14 +384,7 @@ mod tests {
         use crate::cluster::REPORTS_WAITING;
         use crate::protocol::ToCoordinator;
         use layerwise_pipeline::message::{EpochStats, Report, StageTiming};
-        let cluster = listen("127.0.0.1:0");
-        let dir = tempfile::tempdir().unwrap();
-        let mut w = fake_worker(&cluster, cluster.addr, "w", "elsewhere", 1 << 40);
-        let plan = placed_on(&["w"]);
-        let (reports_tx, reports) = crossbeam_channel::unbounded();
-        let workers = cluster.wait_for(&["w".to_string()], None).unwrap();
-        let job = cluster.start_job(&plan, &workers, dir.path(), None, &reports_tx).unwrap();
-        assert!(matches!(next_message(&mut w).unwrap(), ToWorker::Assign(_)));
+        let Started { cluster, dir: _dir, mut w, job, reports } = started();
         let timing = StageTiming::default();
         let stats = Report::EpochStats(EpochStats {
             epoch: 1,
