@@ -69,7 +69,7 @@ fn integer_bounds(accepted: &str) -> Option<(u64, u64)> {
 /// image folder's shape, read from the config rather than from a folder).
 fn plan_with(key: &str, value: u64) -> Result<Plan, String> {
     let mut doc = serde_json::to_value(RunConfig::default()).unwrap();
-    if key.starts_with("data.image_") {
+    if key.starts_with("data.image_") || key == "data.classes" {
         doc["data"]["dataset"] = "image-folder".into();
     }
     layerwise_plan::config::set_path(&mut doc, key, &value.to_string()).unwrap();

@@ -199,13 +199,22 @@ enum Bench {
         #[arg(long, default_value_t = 512)]
         kib: usize,
     },
-    /// Loader throughput with augmentation: a config's data set, and CIFAR-shaped data.
+    /// Loader throughput with augmentation: a config's data set, CIFAR-shaped data, and a
+    /// streamed JPEG set as an image folder and as tar shards with 1, 2 and all threads.
     Data {
-        /// Config whose data section to measure (default: Fashion-MNIST).
+        /// Config whose data section to measure (default: Fashion-MNIST); batches to time.
         config: Option<PathBuf>,
-        /// Batches to time.
         #[arg(long, default_value_t = 200)]
         batches: usize,
+        /// Streamed set's folder (`train/<class>/*.jpg`), made (and packed into `DIR/shards`)
+        /// when it has no `train/`. Default: a temporary folder.
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// Images to make, 500x375 JPEGs; side of the random resized crop.
+        #[arg(long, default_value_t = 512)]
+        count: usize,
+        #[arg(long, default_value_t = 224)]
+        size: u32,
     },
 }
 
@@ -369,7 +378,9 @@ fn main() -> ExitCode {
         Command::Eval { path, json, predictions } => use_run::eval(&path, json, predictions.as_deref()),
         Command::Export { path, out } => use_run::export(&path, &out),
         Command::Inspect { path } => use_run::inspect(&path),
-        Command::Bench(Bench::Data { config, batches }) => bench::data(config.as_deref(), batches),
+        Command::Bench(Bench::Data { config, batches, images, count, size }) => {
+            bench::data(config.as_deref(), batches, (images.as_deref(), count, size))
+        }
         Command::Bench(Bench::Link { messages, kib }) => bench::link(messages, kib),
         Command::Bench(Bench::Train { config, steps, repeats, rounds, overrides, json, keep_runs, one }) => {
             bench::train(bench::TrainBench { config, steps, repeats, rounds, overrides, json, keep_runs, one })

@@ -56,15 +56,17 @@ impl EpochLoop<'_> {
             let start = unix_now();
             feed(pipeline, self.inbox, Message::control(Control::SetLr { lr }))?;
             let from = if epoch == first_epoch { first_index } else { 0 };
-            let mut data_wait = Duration::ZERO;
+            let (mut data_wait, mut skipped) = (Duration::ZERO, 0u64);
             for index in from..self.steps {
                 let waited = Instant::now();
-                let (input, labels) = self
+                let batch = self
                     .batches
                     .recv()
                     .map_err(|_| Error::Other("the data loader stopped".into()))?
                     .map_err(|e| Error::Other(format!("the data loader failed at {e}")))?;
                 data_wait += waited.elapsed();
+                skipped += log_skipped(&batch.skipped, epoch, index);
+                let (input, labels) = (batch.images, batch.labels);
                 progress.step += 1;
                 let step = progress.step;
                 feed(pipeline, self.inbox, Message::with(Control::Train { epoch, step }, input, labels))?;
@@ -84,21 +86,13 @@ impl EpochLoop<'_> {
                     return Ok(true);
                 }
             }
-            // The last stage sums each set's batches and reports the set once, at the epoch's end.
-            let mut sets_evaluated = 0;
-            let sets = [(EvalSet::Test, Some(&mut *self.test)), (EvalSet::Validation, self.validation.as_deref_mut())];
-            for (set, source) in sets {
-                let Some(source) = source else { continue };
-                for index in 0..source.batches {
-                    let b = source.source.batch(1, index);
-                    feed(pipeline, self.inbox, Message::with(Control::Eval { set }, b.images, b.labels))?;
-                }
-                sets_evaluated += (source.batches > 0) as usize;
-            }
+            let (sets_evaluated, eval_skipped) = self.evaluate(pipeline, epoch)?;
+            skipped += eval_skipped;
             feed(pipeline, self.inbox, Message::control(Control::EpochEnd { epoch }))?;
             let mut metrics =
                 self.inbox.collect_epoch(epoch, progress.step, lr, start, &self.plan.stages, sets_evaluated)?;
             metrics.data_wait_s = data_wait.as_secs_f64();
+            metrics.skipped_images = skipped;
             if metrics.data_wait_s > 0.1 * metrics.train_seconds && metrics.data_wait_s > 0.5 {
                 tracing::warn!(
                     epoch,
@@ -119,6 +113,23 @@ impl EpochLoop<'_> {
             }
         }
         Ok(false)
+    }
+
+    /// Feeds the held-out sets' batches; the last stage sums each set's batches and reports
+    /// the set once, at the epoch's end. Returns (sets evaluated, images skipped).
+    fn evaluate(&mut self, pipeline: &mut Pipeline, epoch: usize) -> Result<(usize, u64)> {
+        let (mut sets_evaluated, mut skipped) = (0, 0);
+        let sets = [(EvalSet::Test, Some(&mut *self.test)), (EvalSet::Validation, self.validation.as_deref_mut())];
+        for (set, source) in sets {
+            let Some(source) = source else { continue };
+            for index in 0..source.batches {
+                let b = source.source.batch(1, index)?;
+                skipped += log_skipped(&b.skipped, epoch, index);
+                feed(pipeline, self.inbox, Message::with(Control::Eval { set }, b.images, b.labels))?;
+            }
+            sets_evaluated += (source.batches > 0) as usize;
+        }
+        Ok((sets_evaluated, skipped))
     }
 
     /// Begins a checkpoint after the current step and sends its marker down the pipeline;
@@ -149,6 +160,14 @@ impl EpochLoop<'_> {
         self.last_checkpoint = Some(progress.step);
         Ok(())
     }
+}
+
+/// Logs the images a batch left out as unreadable; returns how many.
+fn log_skipped(skipped: &[String], epoch: usize, index: usize) -> u64 {
+    for what in skipped {
+        tracing::warn!(epoch, batch = index, "skipped an unreadable image: {what}");
+    }
+    skipped.len() as u64
 }
 
 /// Hands `msg` to the pipeline; when the pipeline has come apart, the error is the failure

@@ -50,13 +50,13 @@ pub struct Evaluation {
 
 /// Evaluates a checkpoint on its data set's whole test set.
 pub fn evaluate(plan: &Plan, verified: &Verified, device: Device) -> Result<Evaluation> {
-    let splits = layerwise_data::load(&plan.config.data)?;
-    plan.check_data(&splits)?;
+    let sets = layerwise_data::examples::open(&plan.config.data, layerwise_pipeline::loader::decode_threads(plan))?;
+    plan.check_data(&sets)?;
     let mut net = network(plan, verified, device)?;
-    let mut source = BatchSource::evaluation(splits.test, plan.transform.clone(), plan.config.train.eval_batch());
+    let mut source = BatchSource::evaluation(sets.test, plan.transform.clone(), plan.config.train.eval_batch());
     let (mut wrong, mut loss, mut predictions) = (0i64, 0.0, Vec::new());
     for i in 0..source.batches_per_epoch() {
-        let b = source.batch(1, i);
+        let b = source.batch(1, i)?;
         let logits = net.predict(&b.images.to_device(device));
         let labels = b.labels.to_device(device);
         let pred = logits.argmax(1, false);

@@ -185,6 +185,7 @@ impl Inbox {
             validation_error: (count[1] > 0).then(|| pct(wrong[1], count[1])),
             images_per_sec: if train_seconds > 0.0 { train_examples as f64 / train_seconds } else { 0.0 },
             data_wait_s: 0.0,
+            skipped_images: 0,
             train_seconds,
             epoch_seconds: wall,
             layers,

@@ -248,7 +248,7 @@ fn train(
         start: progress.position,
         epochs: config.train.epochs,
         steps,
-        prefetch: config.data.prefetch,
+        prefetch: loader::prefetch_batches(plan),
         device: plan.stages[0].device().tch(),
     };
     let (batches, loader) = loader::spawn(train, stream)?;

@@ -5,7 +5,6 @@
 //! a run restarted at batch k of epoch e asks for (e, k) and gets the batch an
 //! uninterrupted run would have trained on.
 
-use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -13,7 +12,9 @@ use crate::rng::batch_rng;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::DataConfig;
-use crate::dataset::Dataset;
+use crate::decode::Normalise;
+use crate::examples::Examples;
+pub use crate::sampler::Sampler;
 use crate::{DataError, Result};
 
 /// One batch, ready for the first stage.
@@ -26,6 +27,8 @@ pub struct Batch {
     pub images: Tensor,
     /// int64, B.
     pub labels: Tensor,
+    /// Images left out as unreadable (streamed sets with `data.skip_bad`), one line each.
+    pub skipped: Vec<String>,
 }
 
 /// Augmentation and normalisation settings resolved for one data set.
@@ -157,84 +160,9 @@ fn cutout_mask(cy: &[i64], cx: &[i64], length: i64, h: i64, w: i64) -> Tensor {
     inside.logical_not().to_kind(Kind::Float)
 }
 
-/// How the training set is cut into batches each epoch.
-#[derive(Debug, Clone)]
-pub struct Sampler {
-    pub batch_size: usize,
-    pub drop_last: bool,
-    pub classes_per_batch: usize,
-    pub seed: u64,
-}
-
-impl Sampler {
-    pub fn batches_per_epoch(&self, n: usize) -> usize {
-        if self.drop_last {
-            n / self.batch_size
-        } else {
-            n.div_ceil(self.batch_size)
-        }
-    }
-
-    /// The example indices of every batch of `epoch` (1-based), in order.
-    pub fn epoch_order(&self, labels: &[i64], num_classes: usize, epoch: usize) -> Vec<Vec<usize>> {
-        let mut rng = batch_rng(self.seed, epoch, usize::MAX >> 8, 1);
-        let n = labels.len();
-        let order: Vec<usize> = if self.classes_per_batch == 0 {
-            let mut p: Vec<usize> = (0..n).collect();
-            p.shuffle(&mut rng);
-            p
-        } else {
-            self.class_grouped_order(labels, num_classes, &mut rng)
-        };
-        let mut batches: Vec<Vec<usize>> = order.chunks(self.batch_size).map(|c| c.to_vec()).collect();
-        if self.drop_last && batches.last().is_some_and(|b| b.len() < self.batch_size) {
-            batches.pop();
-        }
-        batches
-    }
-
-    /// Each batch draws from `classes_per_batch` classes chosen at random among those with
-    /// examples left; every example still appears once per epoch.
-    fn class_grouped_order(&self, labels: &[i64], num_classes: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
-        let mut pools: Vec<Vec<usize>> = vec![Vec::new(); num_classes];
-        for (i, &l) in labels.iter().enumerate() {
-            pools[l as usize].push(i);
-        }
-        for p in &mut pools {
-            p.shuffle(rng);
-        }
-        let mut order = Vec::with_capacity(labels.len());
-        while order.len() < labels.len() {
-            let mut live: Vec<usize> = (0..num_classes).filter(|&c| !pools[c].is_empty()).collect();
-            live.shuffle(rng);
-            let chosen: Vec<usize> = live.into_iter().take(self.classes_per_batch.max(1)).collect();
-            let mut taken = 0;
-            // Round-robin over the chosen classes; a batch they cannot fill ends early and the
-            // next one picks among the classes that are left.
-            'fill: while taken < self.batch_size {
-                let mut progressed = false;
-                for &c in &chosen {
-                    if let Some(i) = pools[c].pop() {
-                        order.push(i);
-                        taken += 1;
-                        progressed = true;
-                        if taken == self.batch_size {
-                            break 'fill;
-                        }
-                    }
-                }
-                if !progressed {
-                    break;
-                }
-            }
-        }
-        order
-    }
-}
-
 /// Deterministic batches of one data set: `batch(epoch, index)` is a pure function.
 pub struct BatchSource {
-    dataset: Dataset,
+    examples: Examples,
     labels: Vec<i64>,
     transform: Transform,
     sampler: Sampler,
@@ -244,16 +172,18 @@ pub struct BatchSource {
 }
 
 impl BatchSource {
-    pub fn training(dataset: Dataset, transform: Transform, sampler: Sampler) -> Self {
-        let labels = Vec::<i64>::try_from(&dataset.labels).unwrap_or_default();
-        Self { dataset, labels, transform, sampler, augment: true, cached: None }
+    pub fn training(examples: impl Into<Examples>, transform: Transform, sampler: Sampler) -> Self {
+        let examples = examples.into();
+        let labels = examples.labels();
+        Self { examples, labels, transform, sampler, augment: true, cached: None }
     }
 
     /// Evaluation: in order, no shuffling, no augmentation, every example.
-    pub fn evaluation(dataset: Dataset, transform: Transform, batch_size: usize) -> Self {
-        let labels = Vec::<i64>::try_from(&dataset.labels).unwrap_or_default();
-        let sampler = Sampler { batch_size, drop_last: false, classes_per_batch: 0, seed: 0 };
-        Self { dataset, labels, transform, sampler, augment: false, cached: None }
+    pub fn evaluation(examples: impl Into<Examples>, transform: Transform, batch_size: usize) -> Self {
+        let examples = examples.into();
+        let labels = examples.labels();
+        let sampler = Sampler { batch_size, drop_last: false, classes_per_batch: 0, seed: 0, shuffle_buffer: 0 };
+        Self { examples, labels, transform, sampler, augment: false, cached: None }
     }
 
     pub fn len(&self) -> usize {
@@ -264,8 +194,8 @@ impl BatchSource {
         self.labels.is_empty()
     }
 
-    pub fn dataset(&self) -> &Dataset {
-        &self.dataset
+    pub fn examples(&self) -> &Examples {
+        &self.examples
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -279,30 +209,56 @@ impl BatchSource {
             return (start..end).collect();
         }
         if self.cached.as_ref().map(|c| c.0) != Some(epoch) {
-            let order = self.sampler.epoch_order(&self.labels, self.dataset.num_classes as usize, epoch);
+            let order = match &self.examples {
+                Examples::Stream(s) if self.sampler.shuffle_buffer > 0 => {
+                    self.sampler.buffered_order(&s.groups(), epoch)
+                }
+                e => self.sampler.epoch_order(&self.labels, e.num_classes() as usize, epoch),
+            };
             self.cached = Some((epoch, order));
         }
         self.cached.as_ref().unwrap().1[index].clone()
     }
 
-    /// Batch `index` (from 0) of `epoch` (from 1).
-    pub fn batch(&mut self, epoch: usize, index: usize) -> Batch {
-        let idx: Vec<i64> = self.indices(epoch, index).into_iter().map(|i| i as i64).collect();
-        let idx = Tensor::from_slice(&idx);
-        let pixels = self.dataset.images.index_select(0, &idx);
-        let labels = self.dataset.labels.index_select(0, &idx);
+    /// Batch `index` (from 0) of `epoch` (from 1). Only a streamed set can fail: an image
+    /// that cannot be read (unless `data.skip_bad`).
+    pub fn batch(&mut self, epoch: usize, index: usize) -> Result<Batch> {
+        let picks = self.indices(epoch, index);
+        let (pixels, labels, skipped) = match &self.examples {
+            Examples::Memory(d) => {
+                let idx = Tensor::from_slice(&picks.iter().map(|&i| i as i64).collect::<Vec<_>>());
+                (d.images.index_select(0, &idx), d.labels.index_select(0, &idx), vec![])
+            }
+            Examples::Stream(s) => {
+                let key = self.augment.then_some((self.sampler.seed, epoch, index));
+                // flip and normalisation as each image is decoded, on the decode threads,
+                // unless a batch-wide augmentation (crop padding, cutout) comes between
+                let t = &self.transform;
+                let fused = (t.crop_padding == 0 && t.cutout_holes == 0).then(|| Normalise {
+                    mean: t.mean.clone(),
+                    std: t.std.clone(),
+                    flip: self.augment && t.flip,
+                });
+                let p = s.pixels(&picks, key, fused.as_ref())?;
+                if fused.is_some() {
+                    return Ok(Batch { epoch, index, images: p.images, labels: p.labels, skipped: p.skipped });
+                }
+                (p.images, p.labels, p.skipped)
+            }
+        };
         let images = if self.augment {
             self.transform.augment(&pixels, &mut batch_rng(self.sampler.seed, epoch, index, 2))
         } else {
             self.transform.normalise(&pixels)
         };
-        Batch { epoch, index, images, labels }
+        Ok(Batch { epoch, index, images, labels, skipped })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataset::Dataset;
 
     fn plain() -> Transform {
         Transform { mean: vec![0.0], std: vec![1.0], crop_padding: 0, flip: false, cutout_holes: 0, cutout_length: 0 }
@@ -344,40 +300,6 @@ mod tests {
         assert!(n_same > 16 && n_same < 48, "{n_same} of 64 unflipped");
     }
 
-    #[test]
-    fn every_example_appears_once_per_epoch_and_the_last_partial_batch_is_kept() {
-        let labels: Vec<i64> = (0..103).map(|i| i % 7).collect();
-        for cpb in [0, 2] {
-            let s = Sampler { batch_size: 10, drop_last: false, classes_per_batch: cpb, seed: 3 };
-            let batches = s.epoch_order(&labels, 7, 1);
-            assert_eq!(batches.len(), 11);
-            assert_eq!(batches.last().unwrap().len(), 3);
-            let mut all: Vec<usize> = batches.concat();
-            all.sort();
-            assert_eq!(all, (0..103).collect::<Vec<_>>());
-            assert_ne!(s.epoch_order(&labels, 7, 1), s.epoch_order(&labels, 7, 2), "epochs are shuffled differently");
-        }
-        let s = Sampler { batch_size: 10, drop_last: true, classes_per_batch: 0, seed: 3 };
-        assert_eq!(s.epoch_order(&labels, 7, 1).len(), 10);
-    }
-
-    #[test]
-    fn class_grouped_batches_hold_few_classes() {
-        let labels: Vec<i64> = (0..1000).map(|i| i % 10).collect();
-        let s = Sampler { batch_size: 20, drop_last: false, classes_per_batch: 2, seed: 3 };
-        let batches = s.epoch_order(&labels, 10, 1);
-        let few = batches
-            .iter()
-            .filter(|b| {
-                let mut c: Vec<i64> = b.iter().map(|&i| labels[i]).collect();
-                c.sort();
-                c.dedup();
-                c.len() <= 2
-            })
-            .count();
-        assert!(few >= batches.len() * 9 / 10, "{few} of {} batches hold at most 2 classes", batches.len());
-    }
-
     fn source(seed: u64) -> BatchSource {
         let n = 300;
         let images =
@@ -385,7 +307,11 @@ mod tests {
         let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(10);
         let set = Dataset { images, labels, num_classes: 10 };
         let t = Transform { crop_padding: 2, flip: true, cutout_holes: 1, cutout_length: 3, ..plain() };
-        BatchSource::training(set, t, Sampler { batch_size: 32, drop_last: false, classes_per_batch: 0, seed })
+        BatchSource::training(
+            set,
+            t,
+            Sampler { batch_size: 32, drop_last: false, classes_per_batch: 0, seed, shuffle_buffer: 0 },
+        )
     }
 
     #[test]
@@ -394,15 +320,15 @@ mod tests {
         let mut seen = Vec::new();
         for epoch in 1..=2 {
             for i in 0..uninterrupted.batches_per_epoch() {
-                seen.push(uninterrupted.batch(epoch, i));
+                seen.push(uninterrupted.batch(epoch, i).unwrap());
             }
         }
         // a resumed source asked for batch 4 of epoch 2 directly
         let mut resumed = source(5);
-        let b = resumed.batch(2, 4);
+        let b = resumed.batch(2, 4).unwrap();
         let same = &seen[uninterrupted.batches_per_epoch() + 4];
         assert!(b.images.equal(&same.images) && b.labels.equal(&same.labels));
-        assert!(!source(6).batch(2, 4).images.equal(&b.images), "another seed, other batches");
+        assert!(!source(6).batch(2, 4).unwrap().images.equal(&b.images), "another seed, other batches");
     }
 
     #[test]

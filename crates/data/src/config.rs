@@ -15,6 +15,10 @@ pub enum DatasetKind {
     Svhn,
     Stl10,
     ImageFolder,
+    /// Tar shards in the WebDataset layout: `root/train/*.tar`, `root/val/*.tar` (or
+    /// `test/`), members `KEY.jpg|jpeg|png` and `KEY.cls`; always streamed.
+    #[serde(rename = "webdataset")]
+    WebDataset,
 }
 
 impl DatasetKind {
@@ -28,7 +32,7 @@ impl DatasetKind {
             DatasetKind::Cifar100 => (&[0.438, 0.418, 0.377], &[0.300, 0.287, 0.294]),
             DatasetKind::Svhn => (&[0.431, 0.430, 0.446], &[0.197, 0.198, 0.199]),
             DatasetKind::Stl10 => (&[0.447, 0.440, 0.407], &[0.260, 0.257, 0.271]),
-            DatasetKind::ImageFolder => return None,
+            DatasetKind::ImageFolder | DatasetKind::WebDataset => return None,
         };
         Some((m.to_vec(), s.to_vec()))
     }
@@ -39,7 +43,11 @@ impl DatasetKind {
             DatasetKind::Mnist => (2, false),
             DatasetKind::FashionMnist => (2, true),
             DatasetKind::Cifar10 | DatasetKind::Cifar100 => (4, true),
-            DatasetKind::Kmnist | DatasetKind::Svhn | DatasetKind::Stl10 | DatasetKind::ImageFolder => (0, false),
+            DatasetKind::Kmnist
+            | DatasetKind::Svhn
+            | DatasetKind::Stl10
+            | DatasetKind::ImageFolder
+            | DatasetKind::WebDataset => (0, false),
         }
     }
 
@@ -53,7 +61,13 @@ impl DatasetKind {
             DatasetKind::Svhn => "data/svhn",
             DatasetKind::Stl10 => "data/stl10_binary",
             DatasetKind::ImageFolder => "data/images",
+            DatasetKind::WebDataset => "data/shards",
         })
+    }
+
+    /// Read image by image as batches need them (image folders with `data.stream`, shards).
+    pub fn can_stream(self) -> bool {
+        matches!(self, DatasetKind::ImageFolder | DatasetKind::WebDataset)
     }
 }
 
@@ -87,6 +101,32 @@ pub struct DataConfig {
     pub image_channels: i64,
     /// Batches prepared ahead of training.
     pub prefetch: usize,
+    /// Bound in MiB on the batches prepared ahead (float32 pixels): fewer than `prefetch`
+    /// are kept when they would not fit.
+    pub prefetch_mib: usize,
+    /// Image folder: read and decode images as batches need them, not all at the start.
+    pub stream: bool,
+    /// Streamed sets: decode threads (0: the cores the stages leave free).
+    pub workers: usize,
+    /// Streamed sets: a WebDataset-style shuffle buffer of this many examples over the
+    /// shards (or files) in a shuffled order; 0: a full shuffle by index.
+    pub shuffle_buffer: usize,
+    /// Streamed sets: ImageNet's augmentation: random resized crop for training, resize
+    /// and centre crop for evaluation (else images are resized to `image_size` whole).
+    pub random_resized_crop: bool,
+    /// Random resized crop: range of the crop's area, as a fraction of the image's.
+    pub crop_scale: [f64; 2],
+    /// Random resized crop: range of the crop's width / height.
+    pub crop_ratio: [f64; 2],
+    /// Evaluation with random resized crop: the shorter side is resized to
+    /// `image_size * eval_resize`, then the centre `image_size` square is taken.
+    pub eval_resize: f64,
+    /// Image folder or shards: the number of classes, checked against the data when it is
+    /// read (lets a config validate without its data); read from the data when absent.
+    pub classes: Option<usize>,
+    /// Streamed sets: skip an unreadable image (logged, counted in the epoch's metrics)
+    /// instead of failing the run.
+    pub skip_bad: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +155,16 @@ impl Default for DataConfig {
             image_size: 32,
             image_channels: 3,
             prefetch: 4,
+            prefetch_mib: 1024,
+            stream: false,
+            workers: 0,
+            shuffle_buffer: 0,
+            random_resized_crop: false,
+            crop_scale: [0.08, 1.0],
+            crop_ratio: [0.75, 4.0 / 3.0],
+            eval_resize: 256.0 / 224.0,
+            skip_bad: false,
+            classes: None,
         }
     }
 }
@@ -126,7 +176,7 @@ impl DataConfig {
             DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Kmnist => (1, 28),
             DatasetKind::Cifar10 | DatasetKind::Cifar100 | DatasetKind::Svhn => (3, 32),
             DatasetKind::Stl10 => (3, 96),
-            DatasetKind::ImageFolder => (self.image_channels, self.image_size),
+            DatasetKind::ImageFolder | DatasetKind::WebDataset => (self.image_channels, self.image_size),
         }
     }
 
@@ -134,7 +184,7 @@ impl DataConfig {
         Some(match self.dataset {
             DatasetKind::Cifar100 if self.cifar100_labels == Cifar100Labels::Coarse => 20,
             DatasetKind::Cifar100 => 100,
-            DatasetKind::ImageFolder => return None,
+            DatasetKind::ImageFolder | DatasetKind::WebDataset => return self.classes.map(|n| n as i64),
             _ => 10,
         })
     }
@@ -175,7 +225,9 @@ impl DataConfig {
             DatasetKind::Stl10 => {
                 ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"].iter().map(|n| vec![n.to_string()]).collect()
             }
-            DatasetKind::ImageFolder => vec![vec!["train".into()], vec!["test".into()]],
+            DatasetKind::ImageFolder | DatasetKind::WebDataset => {
+                vec![vec!["train".into()], vec!["test".into(), "val".into()]]
+            }
         };
         for alternatives in names {
             if !alternatives.iter().any(|n| root.join(n).exists()) {
@@ -196,7 +248,13 @@ impl DataConfig {
         self.crop_padding.unwrap_or(self.dataset.default_augmentation().0)
     }
 
+    /// Whether images are read as batches need them.
+    pub fn streamed(&self) -> bool {
+        self.dataset == DatasetKind::WebDataset || (self.dataset == DatasetKind::ImageFolder && self.stream)
+    }
+
+    /// Horizontal flip: the recipe's, or on with a random resized crop (ImageNet's recipe).
     pub fn flip(&self) -> bool {
-        self.flip.unwrap_or(self.dataset.default_augmentation().1)
+        self.flip.unwrap_or(self.random_resized_crop || self.dataset.default_augmentation().1)
     }
 }

@@ -1,13 +1,17 @@
-//! Users' own images: `root/train/<class>/*.png|jpg` and `root/test/<class>/...`, decoded
-//! once (with the `image` crate) and resized to `size` x `size`. Classes are the training
-//! folder's subfolder names in sorted order; the test set must use the same names.
+//! Users' own images in torchvision's `ImageFolder` layout: `root/train/<class>/*.png|jpg`
+//! and `root/test/<class>/...` (or `root/val/...`). Classes are the training folder's
+//! subfolder names in sorted order; the evaluation split must use the same names. Either
+//! decoded once into memory here, or indexed ([`index`]) and streamed.
 
 use std::path::{Path, PathBuf};
 
-use image::imageops::FilterType;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
 use crate::dataset::Dataset;
+use crate::decode::{Decode, Fit};
+use crate::index::{self, Index, Layout, Stamp};
 use crate::{DataError, Result};
 
 fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -24,8 +28,50 @@ fn is_image(p: &Path) -> bool {
     )
 }
 
-fn load_split(dir: &Path, classes: &[String], size: u32, channels: i64) -> Result<Dataset> {
-    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+/// The training and evaluation folders of `root` (`test/`, else `val/`).
+pub fn split_dirs(root: &Path) -> Result<(PathBuf, PathBuf)> {
+    let train = root.join("train");
+    let eval = if root.join("test").is_dir() { root.join("test") } else { root.join("val") };
+    for d in [&train, &eval] {
+        if !d.is_dir() {
+            return Err(DataError::file(d, "missing: expected train/ and test/ (or val/) below the data root"));
+        }
+    }
+    Ok((train, eval))
+}
+
+/// The classes: the training folder's subfolders, sorted; the evaluation folder may hold
+/// no others.
+pub fn classes(train: &Path, eval: &Path) -> Result<Vec<String>> {
+    let classes: Vec<String> =
+        subdirs(train)?.iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+    if classes.len() < 2 {
+        return Err(DataError::file(train, format!("{} class folder(s): expected at least 2", classes.len())));
+    }
+    for t in subdirs(eval)? {
+        let name = t.file_name().unwrap().to_string_lossy().into_owned();
+        if !classes.contains(&name) {
+            return Err(DataError::file(&t, format!("class {name:?} is not among the training classes {classes:?}")));
+        }
+    }
+    Ok(classes)
+}
+
+/// The index of `dir`'s images: class by class, file names sorted. An empty class folder is
+/// an error (or, with `skip_bad`, a class without images, noted in `skipped`).
+pub fn index(dir: &Path, classes: &[String], skip_bad: bool) -> Result<Index> {
+    let mut stamp = Stamp::new().bytes(&[skip_bad as u8]).add_file(dir)?;
+    for c in classes {
+        stamp = stamp.bytes(c.as_bytes());
+        if dir.join(c).is_dir() {
+            stamp = stamp.add_file(&dir.join(c))?;
+        }
+    }
+    index::cached(dir, stamp, false, || build(dir, classes, skip_bad))
+}
+
+fn build(dir: &Path, classes: &[String], skip_bad: bool) -> Result<Index> {
+    let mut index = Index::new(Layout::Folder(dir.to_path_buf()), classes.to_vec());
     for (label, class) in classes.iter().enumerate() {
         let cdir = dir.join(class);
         if !cdir.is_dir() {
@@ -35,60 +81,82 @@ fn load_split(dir: &Path, classes: &[String], size: u32, channels: i64) -> Resul
         let mut files: Vec<PathBuf> =
             entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| is_image(p)).collect();
         files.sort();
-        for f in files {
-            let img = image::open(&f).map_err(|e| DataError::file(&f, format!("cannot decode image: {e}")))?;
-            let img = img.resize_exact(size, size, FilterType::Triangle);
-            match channels {
-                1 => pixels.extend_from_slice(img.to_luma8().as_raw()),
-                _ => {
-                    // HWC -> CHW
-                    let rgb = img.to_rgb8();
-                    let raw = rgb.as_raw();
-                    for c in 0..3 {
-                        pixels.extend(raw.iter().skip(c).step_by(3));
-                    }
-                }
+        if files.is_empty() {
+            let what = format!("{}: empty class folder: expected *.png or *.jpg", cdir.display());
+            if !skip_bad {
+                return Err(DataError::Config(format!("data: {what} (data.skip_bad keeps the class without images)")));
             }
-            labels.push(label as i64);
+            index.skipped.push(what);
+        }
+        for f in files {
+            let Some(name) = f.file_name().and_then(|n| n.to_str()) else {
+                return Err(DataError::file(&f, "file name is not UTF-8"));
+            };
+            index.push(label as u32, 0, 0, 0, &format!("{class}/{name}"))?;
         }
     }
-    if labels.is_empty() {
-        return Err(DataError::file(dir, "no images: expected <class>/*.png or *.jpg below this folder"));
-    }
-    let n = labels.len() as i64;
-    let images = Tensor::from_slice(&pixels).view([n, channels, size as i64, size as i64]);
-    Dataset::new(images, Tensor::from_slice(&labels).to_kind(Kind::Int64), classes.len() as i64, dir)
+    Ok(index)
 }
 
-pub fn load(root: &Path, size: i64, channels: i64) -> Result<(Dataset, Dataset)> {
+fn load_split(dir: &Path, classes: &[String], size: u32, channels: i64) -> Result<Dataset> {
+    decode_all(&build(dir, classes, false)?, dir, size, channels)
+}
+
+/// Every image of `index` decoded and resized whole into memory, on this thread.
+pub fn decode_all(index: &Index, dir: &Path, size: u32, channels: i64) -> Result<Dataset> {
+    if index.is_empty() {
+        return Err(DataError::file(dir, "no images: expected <class>/*.png or *.jpg below this folder"));
+    }
+    let decode = Decode { size, channels: channels as u8, fit: Fit::Whole };
+    let need = index.len() as u64 * decode.bytes() as u64;
+    if let Some(available) = memory_available().filter(|a| need > *a) {
+        return Err(DataError::file(
+            dir,
+            format!(
+                "{} images of {channels}x{size}x{size} need {:.1} GiB decoded, more than the {:.1} GiB available: set data.stream to read them as batches need them",
+                index.len(),
+                need as f64 / (1u64 << 30) as f64,
+                available as f64 / (1u64 << 30) as f64
+            ),
+        ));
+    }
+    let mut pixels = vec![0u8; index.len() * decode.bytes()];
+    let mut rng = ChaCha8Rng::seed_from_u64(0); // unused by a whole-image fit
+    for (i, out) in pixels.chunks_exact_mut(decode.bytes()).enumerate() {
+        let bytes = index.read(i).map_err(DataError::Config)?;
+        decode
+            .image(&bytes, &mut rng, out)
+            .map_err(|e| DataError::Config(format!("data: {}: {e}", index.describe(i))))?;
+    }
+    let labels: Vec<i64> = (0..index.len()).map(|i| index.label(i)).collect();
+    let n = labels.len() as i64;
+    let images = Tensor::from_slice(&pixels).view([n, channels, size as i64, size as i64]);
+    Dataset::new(images, Tensor::from_slice(&labels).to_kind(Kind::Int64), index.classes.len() as i64, dir)
+}
+
+/// This machine's available memory in bytes (Linux `MemAvailable`).
+fn memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim();
+    kib.parse::<u64>().ok().map(|k| k * 1024)
+}
+
+/// Checks `data.image_size` and `data.image_channels`.
+pub fn check_shape(size: i64, channels: i64) -> Result<()> {
     if !(1..=4096).contains(&size) {
         return Err(DataError::Config(format!("data.image_size: expected 1..4096 pixels, got {size}")));
     }
     if channels != 1 && channels != 3 {
         return Err(DataError::Config(format!("data.image_channels: expected 1 or 3, got {channels}")));
     }
-    let train_dir = root.join("train");
-    let test_dir = root.join("test");
-    for d in [&train_dir, &test_dir] {
-        if !d.is_dir() {
-            return Err(DataError::file(d, "missing: an image folder needs train/<class>/ and test/<class>/"));
-        }
-    }
-    let classes: Vec<String> =
-        subdirs(&train_dir)?.iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
-    if classes.len() < 2 {
-        return Err(DataError::file(&train_dir, format!("{} class folder(s): expected at least 2", classes.len())));
-    }
-    for t in subdirs(&test_dir)? {
-        let name = t.file_name().unwrap().to_string_lossy().into_owned();
-        if !classes.contains(&name) {
-            return Err(DataError::file(&t, format!("class {name:?} is not among the training classes {classes:?}")));
-        }
-    }
-    Ok((
-        load_split(&train_dir, &classes, size as u32, channels)?,
-        load_split(&test_dir, &classes, size as u32, channels)?,
-    ))
+    Ok(())
+}
+
+pub fn load(root: &Path, size: i64, channels: i64) -> Result<(Dataset, Dataset)> {
+    check_shape(size, channels)?;
+    let (train, eval) = split_dirs(root)?;
+    let classes = classes(&train, &eval)?;
+    Ok((load_split(&train, &classes, size as u32, channels)?, load_split(&eval, &classes, size as u32, channels)?))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Data for layerwise: readers of the paper's image sets and of users' image folders,
-//! normalisation and batched augmentation, and a deterministic, resumable stream of batches.
+//! Data for layerwise: readers of the paper's image sets and of users' image folders and
+//! tar shards (in memory, or streamed and decoded on several threads), normalisation and
+//! augmentation, and a deterministic, resumable stream of batches.
 //!
 //! Every reader validates what it reads (magic numbers, sizes, counts, label range) and
 //! names the file and what was expected when something is off: a short or damaged data set
@@ -9,15 +10,23 @@ pub mod batches;
 pub mod cifar;
 pub mod config;
 pub mod dataset;
+pub mod decode;
+pub mod examples;
 pub mod folder;
 pub mod idx;
+pub mod index;
 pub mod read;
 pub mod rng;
+pub mod sampler;
+pub mod shards;
 pub mod stl10;
+pub mod stream;
 pub mod svhn;
+pub mod synthetic;
 
 pub use config::{DataConfig, DatasetKind};
 pub use dataset::{Dataset, Splits};
+pub use examples::{Examples, Sets};
 pub use read::load;
 
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 
 use crate::config::{DataConfig, DatasetKind};
 use crate::dataset::Splits;
-use crate::{cifar, folder, idx, stl10, svhn, DataError, Result};
+use crate::{cifar, folder, idx, shards, stl10, svhn, DataError, Result};
 
 /// Reads the configured data set from disk.
 pub fn load(config: &DataConfig) -> Result<Splits> {
@@ -17,6 +17,15 @@ pub fn load(config: &DataConfig) -> Result<Splits> {
         DatasetKind::Svhn => svhn::load(&root, config.svhn_extra)?,
         DatasetKind::Stl10 => stl10::load(&root)?,
         DatasetKind::ImageFolder => folder::load(&root, config.image_size, config.image_channels)?,
+        DatasetKind::WebDataset => {
+            // Shards decoded whole into memory: for tests and small sets; runs stream them.
+            folder::check_shape(config.image_size, config.image_channels)?;
+            let (train_dir, eval_dir) = folder::split_dirs(&root)?;
+            let train = shards::index(&train_dir, None, false)?;
+            let eval = shards::index(&eval_dir, Some(train.classes.len()), false)?;
+            let (size, c) = (config.image_size as u32, config.image_channels);
+            (folder::decode_all(&train, &train_dir, size, c)?, folder::decode_all(&eval, &eval_dir, size, c)?)
+        }
     };
     Ok(Splits { train, test, validation: None, kind: config.dataset })
 }

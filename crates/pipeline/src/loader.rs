@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver};
 use layerwise_data::batches::{BatchSource, Sampler};
+use layerwise_data::Examples;
 use tch::{Device, Kind, Tensor};
 
 use crate::thread::{panic_message, set_thread_count};
@@ -28,14 +29,26 @@ pub struct Data {
 
 pub fn load(plan: &Plan) -> Result<Data> {
     let config = &plan.config;
-    let splits = layerwise_data::load(&config.data)?;
-    plan.check_data(&splits)?;
-    let (train, validation) = splits.train.split_validation(config.data.validation_size, config.train.seed)?;
+    let sets = layerwise_data::examples::open(&config.data, decode_threads(plan))?;
+    plan.check_data(&sets)?;
+    if let Examples::Stream(s) = &sets.train {
+        tracing::info!(
+            images = s.len(),
+            test_images = sets.test.len(),
+            threads = s.threads(),
+            prefetch = prefetch_batches(plan),
+            "streaming {} from {}",
+            s.index().classes.len().to_string() + " classes",
+            config.data.root().display()
+        );
+    }
+    let (train, validation) = sets.train.split_validation(config.data.validation_size, config.train.seed)?;
     let sampler = Sampler {
         batch_size: config.train.batch_size,
         drop_last: config.data.drop_last,
         classes_per_batch: config.data.classes_per_batch,
         seed: config.train.seed,
+        shuffle_buffer: config.data.shuffle_buffer,
     };
     let (eb, limit) = (config.train.eval_batch(), config.train.eval_batches);
     let eval = |set| {
@@ -43,7 +56,7 @@ pub fn load(plan: &Plan) -> Result<Data> {
         let batches = source.batches_per_epoch().min(limit.unwrap_or(usize::MAX));
         EvalSource { source, batches }
     };
-    let test = eval(splits.test);
+    let test = eval(sets.test);
     let validation = validation.map(eval);
     let train = BatchSource::training(train, plan.transform.clone(), sampler);
     if train.batches_per_epoch() == 0 {
@@ -59,6 +72,27 @@ pub fn load(plan: &Plan) -> Result<Data> {
     Ok(Data { train, test, validation })
 }
 
+/// Decode threads of a streamed set: `data.workers`, else the cores this process's stages
+/// leave free (a CPU stage holds its intra-op threads, a GPU stage one core), at least one.
+pub fn decode_threads(plan: &Plan) -> usize {
+    if plan.config.data.workers > 0 {
+        return plan.config.data.workers;
+    }
+    let local = plan.stages.iter().filter(|s| s.host.worker().is_none());
+    let busy: usize =
+        local.map(|s| if s.device() == layerwise_plan::DeviceId::Cpu { s.threads.max(1) } else { 1 }).sum();
+    plan.machine.cores.saturating_sub(busy).max(1)
+}
+
+/// Training batches kept ready: `data.prefetch`, fewer where they would pass
+/// `data.prefetch_mib` (the plan refuses a single batch above it), at least one.
+pub fn prefetch_batches(plan: &Plan) -> usize {
+    let (c, s) = (plan.shape.input.channels as usize, plan.shape.input.size as usize);
+    let batch_bytes = plan.config.train.batch_size * c * s * s * 4;
+    let bound = plan.config.data.prefetch_mib << 20;
+    plan.config.data.prefetch.min(bound / batch_bytes.max(1)).max(1)
+}
+
 /// Which training batches the loader makes: from `start` = (epoch, batch index) to the end.
 pub struct Stream {
     pub start: (usize, usize),
@@ -69,8 +103,16 @@ pub struct Stream {
     pub device: Device,
 }
 
-/// Images and labels of one training batch, or why the loader stopped.
-pub type Loaded = std::result::Result<(Tensor, Tensor), String>;
+/// One training batch for stage 0.
+pub struct LoadedBatch {
+    pub images: Tensor,
+    pub labels: Tensor,
+    /// Images left out as unreadable (`data.skip_bad`).
+    pub skipped: Vec<String>,
+}
+
+/// A training batch, or why the loader stopped.
+pub type Loaded = std::result::Result<LoadedBatch, String>;
 
 pub fn spawn(mut source: BatchSource, stream: Stream) -> Result<(Receiver<Loaded>, JoinHandle<()>)> {
     let (tx, rx) = bounded(stream.prefetch.max(1));
@@ -83,14 +125,17 @@ pub fn spawn(mut source: BatchSource, stream: Stream) -> Result<(Receiver<Loaded
                 let from = if epoch == first_epoch { first_index } else { 0 };
                 for index in from..stream.steps {
                     let made = catch_unwind(AssertUnwindSafe(|| {
-                        let batch = source.batch(epoch, index);
+                        let batch = source.batch(epoch, index).map_err(|e| e.to_string())?;
                         let images = match stream.device {
                             Device::Cpu => batch.images,
                             d => batch.images.pin_memory(d).to_device_(d, Kind::Float, true, false),
                         };
-                        (images, batch.labels.to_device(stream.device))
+                        let labels = batch.labels.to_device(stream.device);
+                        Ok(LoadedBatch { images, labels, skipped: batch.skipped })
                     }));
-                    let item = made.map_err(|p| format!("batch {index} of epoch {epoch}: {}", panic_message(&*p)));
+                    let item = made
+                        .unwrap_or_else(|p| Err(panic_message(&*p)))
+                        .map_err(|e: String| format!("batch {index} of epoch {epoch}: {e}"));
                     let failed = item.is_err();
                     if tx.send(item).is_err() || failed {
                         return;

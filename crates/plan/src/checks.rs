@@ -106,6 +106,7 @@ pub(crate) fn check_ranges(config: &RunConfig) -> Result<()> {
             format!("expected 1..=4 channels of 1..=4096 pixels, got {channels} x {size}"),
         ));
     }
+    crate::data_checks::check(&config.data, t.batch_size, t.eval_batch())?;
     if config.data.cutout_holes > 0 && config.data.cutout_length == 0 {
         return Err(bad("data.cutout_length", "expected a hole size in pixels (data.cutout_holes > 0)"));
     }

@@ -9,6 +9,7 @@ pub mod assigned;
 pub mod balance;
 pub mod checks;
 pub mod config;
+pub mod data_checks;
 pub mod machine;
 pub mod memory;
 pub mod placement;

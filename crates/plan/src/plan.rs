@@ -31,6 +31,11 @@ impl DataShape {
         let (channels, size) = data.input_shape();
         let num_classes = match data.num_classes() {
             Some(n) => n,
+            None if data.dataset == DatasetKind::WebDataset => {
+                // the shards' index (cached beside them) knows the classes
+                let train = data.root().join("train");
+                layerwise_data::shards::index(&train, None, data.skip_bad)?.classes.len() as i64
+            }
             None => {
                 debug_assert_eq!(data.dataset, DatasetKind::ImageFolder);
                 let train = data.root().join("train");
@@ -172,7 +177,7 @@ impl Plan {
     }
 
     /// Refuses data whose images or classes are not the plan's, naming the data folder.
-    pub fn check_data(&self, splits: &layerwise_data::dataset::Splits) -> Result<()> {
+    pub fn check_data(&self, splits: &layerwise_data::Sets) -> Result<()> {
         let root = self.config.data.root();
         let want = (self.shape.input.channels, self.shape.input.size, self.shape.input.size);
         for (name, set) in [("training", &splits.train), ("test", &splits.test)] {
@@ -196,11 +201,11 @@ impl Plan {
                     self.config.data.dataset
                 )));
             }
-            if set.num_classes != self.shape.num_classes {
+            if set.num_classes() != self.shape.num_classes {
                 return Err(Error::Config(format!(
                     "data: {}: {name} set has {} classes, expected {}",
                     root.display(),
-                    set.num_classes,
+                    set.num_classes(),
                     self.shape.num_classes
                 )));
             }

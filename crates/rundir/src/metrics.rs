@@ -71,8 +71,15 @@ pub struct EpochMetrics {
     /// Time the coordinator waited for the loader's batches during the epoch.
     #[serde(default, deserialize_with = "number_or_nan")]
     pub data_wait_s: f64,
+    /// Images left out of the epoch's batches as unreadable (`data.skip_bad`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_images: u64,
     pub layers: Vec<LayerMetrics>,
     pub stages: Vec<StageMetrics>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]
