@@ -270,3 +270,22 @@ fn the_index_is_cached_and_made_again_when_the_data_changes() {
     synthetic::pack(&r.join("train"), &classes, &out.join("train"), 7).unwrap();
     assert_eq!(shards::index(&out.join("train"), None, false).unwrap().classes.len(), 3);
 }
+
+#[test]
+fn the_imagenet_recipes_validate_without_data_and_refuse_a_missing_or_wrong_folder() {
+    for px in [64, 224] {
+        let path = layerwise_tests::repo_root().join(format!("configs/imagenet-{px}-vgg11b-predsim.json"));
+        let mut config = layerwise_plan::RunConfig::load(&path, &[]).unwrap();
+        assert_eq!((config.data.image_size, config.data.classes), (px, Some(1000)));
+        let plan = layerwise_plan::Plan::check(&config, false).unwrap();
+        assert_eq!(plan.shape.num_classes, 1000);
+        config.data.root = Some(PathBuf::from("/nonexistent/imagenet"));
+        let e = layerwise_plan::Plan::check(&config, true).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/imagenet") && e.contains("train/<class>/*.jpg"), "{e}");
+        // a folder of 4 classes is not ImageNet's 1000
+        config.data.root = Some(images().to_path_buf());
+        let plan = layerwise_plan::Plan::check(&config, true).unwrap();
+        let e = layerwise_pipeline::loader::load(&plan).err().unwrap().to_string();
+        assert!(e.contains("4 classes, expected 1000"), "{e}");
+    }
+}

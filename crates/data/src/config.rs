@@ -65,6 +65,15 @@ impl DatasetKind {
         })
     }
 
+    /// What the data root must hold, for messages.
+    pub fn layout(self) -> &'static str {
+        match self {
+            DatasetKind::ImageFolder => "a folder holding train/<class>/*.jpg|png and test/<class>/ (or val/)",
+            DatasetKind::WebDataset => "a folder holding train/*.tar and val/*.tar (or test/) in the WebDataset layout",
+            _ => "a folder",
+        }
+    }
+
     /// Read image by image as batches need them (image folders with `data.stream`, shards).
     pub fn can_stream(self) -> bool {
         matches!(self, DatasetKind::ImageFolder | DatasetKind::WebDataset)
@@ -196,7 +205,7 @@ impl DataConfig {
         if !root.is_dir() {
             return Err(crate::DataError::file(
                 &root,
-                format!("data root of {:?} not found: expected a folder", self.dataset),
+                format!("data root of {:?} not found: expected {}", self.dataset, self.dataset.layout()),
             ));
         }
         let names: Vec<Vec<String>> = match self.dataset {
