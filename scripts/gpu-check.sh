@@ -10,7 +10,8 @@
 # the same run sequential, and a run resumed half-way against the uninterrupted one, both
 # compared by `layerwise eval` of their final checkpoints and by every layer file of them
 # (weights, optimizer state, generator; SHA-256 from the manifests), bit for bit;
-# `bench train --json` of mlp
+# a streamed JPEG folder (made by `bench data`, which also times the loader on all cores)
+# pipelined against sequential; `bench train --json` of mlp
 # predsim and vgg8b predsim on random CIFAR-shaped data with 1, 2 and 4 stages on the one
 # GPU, and of vgg8b predsim with bf16 products (model.bf16) on one stage; a model too big
 # for the GPU refused by validate; two processes (a torchrun-style launch of 2 ranks, both
@@ -195,6 +196,19 @@ if ran "bf16 sequential run" "$RUNS/seq16" --set model.bf16=true --set pipeline.
     same_eval "bf16 pipelined != sequential" sequential eval-sequential-bf16.json pipelined eval-pipelined-bf16.json
     same_weights "bf16 pipelined != sequential" "$RUNS/seq16" "$RUNS/pipe16"
     echo "float32: $(cat "$OUT/eval-pipelined.json" 2>/dev/null)"
+fi
+
+step "a streamed JPEG folder (decode threads, pinned float batches) on $DEV: pipelined against sequential"
+# bench data makes 512 JPEGs (and their shards) and times the loader with 1, 2 and all cores.
+if "$BIN" bench data --batches 1 --images "$RUNS/jpeg" --count 512 --size 224 | tee "$OUT/bench-data.txt" | grep -E "made|thread"; then
+    JPEG=(--set data.dataset='"image-folder"' --set "data.root=\"$RUNS/jpeg\"" --set data.stream=true
+        --set data.image_size=32 --set data.random_resized_crop=true --set data.workers=4)
+    if ran "streamed sequential run" "$RUNS/jseq" "${JPEG[@]}" --set pipeline.mode='"sequential"' --set "pipeline.placement=$ON_GPU" &&
+        ran "streamed pipelined run" "$RUNS/jpipe" "${JPEG[@]}" --set "pipeline.placement=$PER_LAYER"; then
+        same_weights "streamed pipelined != sequential" "$RUNS/jseq" "$RUNS/jpipe"
+    fi
+else
+    echo "FAILED: bench data"; failures+=("bench data")
 fi
 
 # Two ranks launched as torchrun launches them, both on $DEV: rank 0 coordinates and holds

@@ -136,7 +136,10 @@ pub fn indexes(config: &DataConfig) -> Result<(Index, Index)> {
     folder::check_shape(config.image_size, config.image_channels)?;
     let root = config.root();
     if !root.is_dir() {
-        return Err(DataError::file(&root, format!("data root of {:?} not found: expected {}", config.dataset, config.dataset.layout())));
+        return Err(DataError::file(
+            &root,
+            format!("data root of {:?} not found: expected {}", config.dataset, config.dataset.layout()),
+        ));
     }
     let (train_dir, eval_dir) = folder::split_dirs(&root)?;
     let (train, eval) = match config.dataset {

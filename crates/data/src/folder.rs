@@ -84,7 +84,7 @@ fn build(dir: &Path, classes: &[String], skip_bad: bool) -> Result<Index> {
         if files.is_empty() {
             let what = format!("{}: empty class folder: expected *.png or *.jpg", cdir.display());
             if !skip_bad {
-                return Err(DataError::Config(format!("data: {what} (data.skip_bad keeps the class without images)")));
+                return Err(DataError::Config(format!("{what} (data.skip_bad keeps the class without images)")));
             }
             index.skipped.push(what);
         }
@@ -124,9 +124,7 @@ pub fn decode_all(index: &Index, dir: &Path, size: u32, channels: i64) -> Result
     let mut rng = ChaCha8Rng::seed_from_u64(0); // unused by a whole-image fit
     for (i, out) in pixels.chunks_exact_mut(decode.bytes()).enumerate() {
         let bytes = index.read(i).map_err(DataError::Config)?;
-        decode
-            .image(&bytes, &mut rng, out)
-            .map_err(|e| DataError::Config(format!("data: {}: {e}", index.describe(i))))?;
+        decode.image(&bytes, &mut rng, out).map_err(|e| DataError::Config(format!("{}: {e}", index.describe(i))))?;
     }
     let labels: Vec<i64> = (0..index.len()).map(|i| index.label(i)).collect();
     let n = labels.len() as i64;

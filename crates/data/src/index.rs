@@ -52,7 +52,7 @@ impl Index {
 
     pub fn push(&mut self, label: u32, file: u32, offset: u64, len: u64, name: &str) -> Result<()> {
         if self.entries.len() >= MAX_IMAGES || self.names.len() + name.len() > u32::MAX as usize {
-            return Err(DataError::Config(format!("data: more than {MAX_IMAGES} images in one split")));
+            return Err(DataError::Config(format!("more than {MAX_IMAGES} images in one split")));
         }
         self.entries.push(Entry { label, file, offset, len, name: (self.names.len() as u32, name.len() as u32) });
         self.names.push_str(name);

@@ -8,7 +8,10 @@ use crate::{cifar, folder, idx, shards, stl10, svhn, DataError, Result};
 pub fn load(config: &DataConfig) -> Result<Splits> {
     let root = config.root();
     if !root.is_dir() {
-        return Err(DataError::file(&root, format!("data root of {:?} not found: expected {}", config.dataset, config.dataset.layout())));
+        return Err(DataError::file(
+            &root,
+            format!("data root of {:?} not found: expected {}", config.dataset, config.dataset.layout()),
+        ));
     }
     let (train, test) = match config.dataset {
         DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Kmnist => idx::load_splits(&root)?,

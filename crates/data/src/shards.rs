@@ -53,7 +53,7 @@ fn build(files: Vec<PathBuf>, classes: Option<usize>, skip_bad: bool) -> Result<
             index.skipped.push(what);
             Ok(())
         } else {
-            Err(DataError::Config(format!("data: {what} (data.skip_bad skips such samples)")))
+            Err(DataError::Config(format!("{what} (data.skip_bad skips such samples)")))
         }
     };
     for (f, path) in files.iter().enumerate() {
@@ -113,7 +113,7 @@ fn build(files: Vec<PathBuf>, classes: Option<usize>, skip_bad: bool) -> Result<
     let k = classes.unwrap_or(labels_end);
     if let Some(i) = (0..index.len()).find(|&i| index.label(i) as usize >= k) {
         return Err(DataError::Config(format!(
-            "data: {}: class {} is not among the {k} training classes",
+            "{}: class {} is not among the {k} training classes",
             index.describe(i),
             index.label(i)
         )));

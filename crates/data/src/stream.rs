@@ -140,12 +140,12 @@ impl StreamSet {
         };
         let skipped: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
         if let Some(first) = skipped.first().filter(|_| !self.skip_bad) {
-            return Err(DataError::Config(format!("data: {first} (data.skip_bad skips such images)")));
+            return Err(DataError::Config(format!("{first} (data.skip_bad skips such images)")));
         }
         let kept: Vec<i64> = (0..picks.len() as i64).filter(|&s| results[s as usize].is_ok()).collect();
         if kept.is_empty() && !picks.is_empty() {
             return Err(DataError::Config(format!(
-                "data: every image of a batch of {} is unreadable; the first: {}",
+                "every image of a batch of {} is unreadable; the first: {}",
                 picks.len(),
                 skipped[0]
             )));

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use image::{ImageFormat, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::{DataError, Result};
 
@@ -37,7 +38,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
 }
 
 /// Writes `per_class` images of `w` x `h` for each of `classes` classes under
-/// `split/<class>/`, as `ext` (`jpg` or `png`); returns the files written.
+/// `split/<class>/`, as `ext` (`jpg` or `png`), on all cores; returns the files written.
 pub fn write_folder(
     split: &Path,
     classes: usize,
@@ -47,18 +48,20 @@ pub fn write_folder(
     seed: u64,
 ) -> Result<Vec<PathBuf>> {
     let format = if ext == "png" { ImageFormat::Png } else { ImageFormat::Jpeg };
-    let mut files = Vec::new();
     for c in 0..classes {
         let dir = split.join(format!("class{c:03}"));
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        for i in 0..per_class {
-            let path = dir.join(format!("img{i:05}.{ext}"));
+    }
+    (0..classes * per_class)
+        .into_par_iter()
+        .map(|k| {
+            let (c, i) = (k / per_class, k % per_class);
+            let path = split.join(format!("class{c:03}/img{i:05}.{ext}"));
             let img = photo(w, h, c, seed ^ ((c as u64) << 32) ^ i as u64);
             img.save_with_format(&path, format).map_err(|e| DataError::file(&path, format!("cannot write: {e}")))?;
-            files.push(path);
-        }
-    }
-    Ok(files)
+            Ok(path)
+        })
+        .collect()
 }
 
 /// Packs the ImageFolder split `folder` (of the training split's `classes`) into WebDataset

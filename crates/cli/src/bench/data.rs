@@ -92,16 +92,16 @@ pub fn streamed(dir: Option<&Path>, count: usize, size: u32) -> anyhow::Result<(
     if !root.join("train").is_dir() {
         let classes = 8.min(count.max(1));
         let made = Instant::now();
-        for split in ["train", "test"] {
-            synthetic::write_folder(&root.join(split), classes, count.div_ceil(classes), (500, 375), "jpg", 7)?;
-        }
+        let per_class = count.div_ceil(classes);
+        synthetic::write_folder(&root.join("train"), classes, per_class, (500, 375), "jpg", 7)?;
+        synthetic::write_folder(&root.join("test"), classes, per_class.div_ceil(10), (500, 375), "jpg", 8)?;
         let names: Vec<String> = (0..classes).map(|c| format!("class{c:03}")).collect();
         for split in ["train", "test"] {
             synthetic::pack(&root.join(split), &names, &shards.join(split), 128)?;
         }
         println!(
             "made {} 500x375 JPEGs in {} ({:.1} s)",
-            classes * count.div_ceil(classes) * 2,
+            classes * (per_class + per_class.div_ceil(10)),
             root.display(),
             made.elapsed().as_secs_f64()
         );
