@@ -261,6 +261,13 @@ fn the_index_is_cached_and_made_again_when_the_data_changes() {
     std::fs::write(&cache, text.replace("2\t0\t0\t0\tclass002", "9\t0\t0\t0\tclass002")).unwrap();
     let sets = examples::open(&cfg, 1).unwrap();
     assert_eq!(sets.train.labels().iter().filter(|l| **l == 2).count(), 8);
+    // nor is one that points outside its class folder
+    let escape = text.replace("class002/img00000.jpg", "class002/../../../../etc/hostname");
+    std::fs::write(&cache, &escape).unwrap();
+    let sets = examples::open(&cfg, 1).unwrap();
+    let Examples::Stream(s) = &sets.train else { panic!("streamed") };
+    assert!((0..s.len()).all(|i| !s.index().name(i).contains("..")), "the cache was re-made");
+    assert!((0..s.len()).any(|i| s.index().name(i) == "class002/img00000.jpg"));
     // an image added: the folder's time changes, the index is made again
     synthetic::write_folder(&r.join("train"), 1, 9, (20, 20), "jpg", 6).unwrap();
     assert_eq!(examples::open(&cfg, 1).unwrap().train.len(), 25);

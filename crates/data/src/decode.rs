@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 /// Largest side of an image we decode, in pixels.
 pub const MAX_SIDE: u32 = 16_384;
 /// Most bytes one image may decode to.
-pub const MAX_DECODED: u64 = 512 << 20;
+pub const MAX_DECODED: u64 = 256 << 20;
 
 /// How an image is fitted to the output square.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -192,10 +192,21 @@ impl Index {
             if label >= k as u64 || len > MAX_IMAGE_FILE || (shards && !fits) || (!shards && file != 0) {
                 return None;
             }
+            // a folder's image is `<its class>/<file name>`: nothing else is opened
+            let in_class =
+                |n: &str| n.split_once('/').is_some_and(|(c, f)| c == index.classes[label as usize] && plain(f));
+            if !shards && !in_class(name) {
+                return None;
+            }
             index.push(label as u32, file as u32, offset, len, name).ok()?;
         }
         (index.len() == n).then_some(index)
     }
+}
+
+/// A file name with no folder in it: not empty, no `/`, not `.` or `..`.
+pub fn plain(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && name != "." && name != ".."
 }
 
 fn count(lines: &mut std::str::Lines<'_>, key: &str) -> Option<usize> {
