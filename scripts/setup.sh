@@ -65,6 +65,10 @@ LAYERWISE_TORCH_VENV="${LAYERWISE_TORCH_VENV:-$LAYERWISE_CACHE/torch-$LAYERWISE_
     # writers (scripts/reader_fixtures.py, tests/readers.rs); nothing else uses them.
     pip_package "numpy, scipy" "the readers' test fixtures" "about 60 MB" numpy==2.3.5 scipy==1.16.3
 
+    # Pillow (torchvision's image library) decodes and resizes the images that the decoder's
+    # test compares with (scripts/image_fixtures.py, tests/readers.rs).
+    pip_package PIL "the image decoder's test fixtures" "about 5 MB" pillow==13.0.0
+
     # TensorBoard's own reader checks the event files layerwise writes
     # (scripts/tensorboard_check.py, tests/binary.rs); it is also what users open them with.
     pip_package tensorboard "the event files' check" "about 15 MB with its dependencies" tensorboard==2.20.0

@@ -56,3 +56,40 @@ fn every_reader_reads_what_an_independent_writer_wrote() {
         assert_read_as_written(&folder, "test", &splits.test);
     }
 }
+
+/// Differences of `ours` from Pillow's `reference` (uint8 planes): (largest, mean).
+fn differences(ours: &[u8], reference: &[u8]) -> (u8, f64) {
+    assert_eq!(ours.len(), reference.len());
+    assert!(reference.iter().any(|&v| v != reference[0]), "a reference with something in it");
+    let d: Vec<u8> = ours.iter().zip(reference).map(|(a, b)| a.abs_diff(*b)).collect();
+    let (max, mean) = (*d.iter().max().unwrap(), d.iter().map(|&v| v as f64).sum::<f64>() / d.len() as f64);
+    eprintln!("against Pillow: largest difference {max}, mean {mean:.3}");
+    (max, mean)
+}
+
+#[test]
+fn images_are_decoded_and_resized_as_pillow_does() {
+    use layerwise_data::decode::{Decode, Fit};
+    use rand::SeedableRng;
+    let dir = tempfile::tempdir().unwrap();
+    let python = std::env::var("LAYERWISE_TORCH_VENV").map_or("python3".into(), |v| format!("{v}/bin/python3"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image_fixtures.py");
+    let out = std::process::Command::new(&python).arg(script).arg(dir.path()).output_within();
+    assert!(out.status.success(), "{python} scripts/image_fixtures.py: {}", String::from_utf8_lossy(&out.stderr));
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let ours = |file: &str, fit| {
+        let mut out = vec![0u8; 3 * 24 * 24];
+        Decode { size: 24, channels: 3, fit }.image(&read(file), &mut rng.clone(), &mut out).unwrap();
+        out
+    };
+    // The same filter on the same pixels: both round fixed-point sums.
+    let (max, mean) = differences(&ours("photo.png", Fit::Whole), &read("whole.u8"));
+    assert!(max <= 2 && mean < 0.5, "whole image: largest difference {max}, mean {mean:.3}");
+    // The centre square's fractional window, computed by the script from its definition.
+    let (max, mean) = differences(&ours("photo.png", Fit::Centre { resize: 256.0 / 224.0 }), &read("centre.u8"));
+    assert!(max <= 2 && mean < 0.5, "centre crop: largest difference {max}, mean {mean:.3}");
+    // zune-jpeg against libjpeg: both exact IDCTs to within rounding.
+    let (max, mean) = differences(&ours("photo.jpg", Fit::Whole), &read("jpeg.u8"));
+    assert!(max <= 3 && mean < 0.6, "JPEG: largest difference {max}, mean {mean:.3}");
+}

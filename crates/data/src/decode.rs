@@ -236,6 +236,41 @@ mod tests {
     }
 
     #[test]
+    fn normalised_output_is_the_pixels_normalised_and_mirrored_when_the_coin_says_so() {
+        let bytes = gradient_png(30, 20);
+        let d = Decode { size: 8, channels: 3, fit: Fit::Whole };
+        let mut pixels = vec![0u8; d.bytes()];
+        d.image(&bytes, &mut ChaCha8Rng::seed_from_u64(0), &mut pixels).unwrap();
+        let norm = Normalise { mean: vec![0.4, 0.5, 0.6], std: vec![0.2, 0.25, 0.3], flip: true };
+        let expect = |mirror: bool| -> Vec<f32> {
+            (0..pixels.len())
+                .map(|i| {
+                    let (c, y, x) = (i / 64, i / 8 % 8, i % 8);
+                    let x = if mirror { 7 - x } else { x };
+                    let v = pixels[c * 64 + y * 8 + x] as f64;
+                    ((v / 255.0 - norm.mean[c]) / norm.std[c]) as f32
+                })
+                .collect()
+        };
+        let (plain, mirrored) = (expect(false), expect(true));
+        let mut seen = [0, 0];
+        let mut out = vec![0f32; d.bytes()];
+        for seed in 0..40 {
+            d.image_normalised(&bytes, &mut ChaCha8Rng::seed_from_u64(seed), &norm, &mut out).unwrap();
+            let near = |e: &[f32]| out.iter().zip(e).all(|(a, b)| (a - b).abs() < 1e-5);
+            match (near(&plain), near(&mirrored)) {
+                (true, false) => seen[0] += 1,
+                (false, true) => seen[1] += 1,
+                other => panic!("seed {seed}: neither the image nor its mirror: {other:?}"),
+            }
+        }
+        assert!(seen[0] > 5 && seen[1] > 5, "{seen:?}");
+        let no_flip = Normalise { flip: false, ..norm.clone() };
+        d.image_normalised(&bytes, &mut ChaCha8Rng::seed_from_u64(3), &no_flip, &mut out).unwrap();
+        assert!(out.iter().zip(&plain).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+
+    #[test]
     fn damaged_and_oversized_images_are_errors() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let d = Decode { size: 8, channels: 3, fit: Fit::Whole };
