@@ -24,6 +24,8 @@ def expected(line):
         "lr": line["lr"],
         "images_per_sec": line["images_per_sec"],
         "seconds/epoch": line["epoch_seconds"],
+        "data/wait_seconds": line.get("data_wait_s", 0.0),
+        "data/skipped_images": line.get("skipped_images", 0),
     }
     if line.get("validation_error") is not None:
         out["error/validation"] = line["validation_error"]

@@ -486,6 +486,8 @@ fn serve_exposes_prometheus_metrics_and_refuses_bad_requests() {
         ("layerwise_job_state", vec!["job", "state"]),
         ("layerwise_job_epoch", vec!["job"]),
         ("layerwise_job_images_per_second", vec!["job"]),
+        ("layerwise_job_data_wait_seconds", vec!["job"]),
+        ("layerwise_job_skipped_images", vec!["job"]),
         ("layerwise_job_error_ratio", vec!["job", "set"]),
         ("layerwise_job_loss", vec!["job", "set"]),
         ("layerwise_job_last_checkpoint_age_seconds", vec!["job"]),

@@ -145,6 +145,10 @@ fn last_epoch(s: &mut Scrape, job: &str, m: &layerwise_rundir::metrics::EpochMet
     let job_l = || ("job", job.to_string());
     let rate = "Training images a second in the last epoch";
     s.set("job_images_per_second", rate, None, &[job_l()], m.images_per_sec);
+    let wait = "Seconds training waited for the data loader in the last epoch";
+    s.set("job_data_wait", wait, Some(Unit::Seconds), &[job_l()], m.data_wait_s);
+    let skipped = "Images the last epoch left out as unreadable (data.skip_bad)";
+    s.set("job_skipped_images", skipped, None, &[job_l()], m.skipped_images as f64);
     let mut sets = vec![("train", m.train_error, m.train_loss), ("test", m.test_error, m.test_loss)];
     if let Some(v) = m.validation_error {
         sets.push(("validation", v, f64::NAN));

@@ -40,8 +40,10 @@ struct Summary {
 struct Value {
     #[prost(string, tag = "1")]
     tag: String,
-    #[prost(float, tag = "2")]
-    simple_value: f32,
+    /// A member of TensorFlow's `oneof value`: always written, 0 included (a plain proto3
+    /// float of 0 is left off the wire, and TensorBoard then sees no scalar at all).
+    #[prost(float, optional, tag = "2")]
+    simple_value: Option<f32>,
 }
 
 const PREFIX: &str = "events.out.tfevents.";
@@ -75,14 +77,17 @@ fn scalars(m: &EpochMetrics) -> Vec<Value> {
         ("lr", m.lr),
         ("images_per_sec", m.images_per_sec),
         ("seconds/epoch", m.epoch_seconds),
+        ("data/wait_seconds", m.data_wait_s),
+        ("data/skipped_images", m.skipped_images as f64),
     ];
     if let Some(e) = m.validation_error {
         v.push(("error/validation", e));
     }
-    let mut values: Vec<Value> = v.into_iter().map(|(t, x)| Value { tag: t.into(), simple_value: x as f32 }).collect();
+    let mut values: Vec<Value> =
+        v.into_iter().map(|(t, x)| Value { tag: t.into(), simple_value: Some(x as f32) }).collect();
     for l in &m.layers {
         let mut add = |what: &str, x: f64| {
-            values.push(Value { tag: format!("layer{}/{what}", l.layer), simple_value: x as f32 });
+            values.push(Value { tag: format!("layer{}/{what}", l.layer), simple_value: Some(x as f32) });
         };
         add("loss_pred", l.loss_pred);
         add("loss_sim", l.loss_sim);
@@ -91,7 +96,7 @@ fn scalars(m: &EpochMetrics) -> Vec<Value> {
         }
     }
     for s in &m.stages {
-        values.push(Value { tag: format!("stage{}/utilisation", s.stage), simple_value: s.utilisation as f32 });
+        values.push(Value { tag: format!("stage{}/utilisation", s.stage), simple_value: Some(s.utilisation as f32) });
     }
     values
 }
