@@ -96,7 +96,7 @@ impl EpochLoop<'_> {
             if metrics.data_wait_s > 0.1 * metrics.train_seconds && metrics.data_wait_s > 0.5 {
                 tracing::warn!(
                     epoch,
-                    "the data stream cannot keep up: training waited {:.1} s for batches in {:.1} s of training; raise data.prefetch or simplify augmentation",
+                    "the data stream cannot keep up: training waited {:.1} s for batches in {:.1} s of training; raise data.workers (a streamed set), data.prefetch, or simplify augmentation",
                     metrics.data_wait_s,
                     metrics.train_seconds
                 );
