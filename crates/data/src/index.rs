@@ -259,8 +259,16 @@ pub fn cached(dir: &Path, stamp: Stamp, shards: bool, build: impl FnOnce() -> Re
     }
     let index = build()?;
     if let Some(text) = index.to_text(stamp.0) {
-        let tmp = cache.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &cache)).is_err() {
+        // one temporary name per writer: jobs of one `serve` may index the same folder at once
+        static WRITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = cache.with_extension(format!("tmp{}-{n}", std::process::id()));
+        // create_new: a link planted at the temporary name is never written through
+        let written = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, text.as_bytes())?;
+            std::fs::rename(&tmp, &cache)
+        });
+        if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }
