@@ -11,12 +11,17 @@ use layerwise_data::{examples, shards, synthetic, DataConfig, DatasetKind, Examp
 use layerwise_tests::{assert_same_run, run_in_temp, small_run_config};
 
 /// 2,000 training images (1,600 JPEGs and 400 PNGs of 40x32, four classes) and 200 test
-/// images, as a folder (`root/`) and as shards of 128 (`root/shards/`). Made once.
+/// images, as a folder (`root/`) and as shards of 128 (`root/shards/`). Made once, in
+/// cargo's temporary folder for tests, and kept for the next run (`done` is written last;
+/// the tests only read them).
 fn images() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let r = dir.path();
+        let r = Path::new(env!("CARGO_TARGET_TMPDIR")).join("streaming-images-1");
+        if r.join("done").is_file() {
+            return r;
+        }
+        let _ = std::fs::remove_dir_all(&r);
         synthetic::write_folder(&r.join("train"), 4, 400, (40, 32), "jpg", 1).unwrap();
         synthetic::write_folder(&r.join("train"), 4, 100, (40, 32), "png", 2).unwrap();
         synthetic::write_folder(&r.join("test"), 4, 50, (40, 32), "jpg", 3).unwrap();
@@ -24,9 +29,9 @@ fn images() -> &'static Path {
         for split in ["train", "test"] {
             synthetic::pack(&r.join(split), &classes, &r.join("shards").join(split), 128).unwrap();
         }
-        dir
+        std::fs::write(r.join("done"), "").unwrap();
+        r
     })
-    .path()
 }
 
 fn streamed(dataset: DatasetKind, root: &Path) -> DataConfig {
