@@ -90,6 +90,18 @@ pub fn reference() -> &'static Path {
     whole
 }
 
+/// The uninterrupted one-process run of [`INTERRUPTIBLE`] in `s`'s folder, and the sets
+/// that place the same run over three processes ([`PLACED`]): for the tests that interrupt
+/// it there and resume it.
+pub fn interruptible(s: &Setup) -> (PathBuf, Vec<&'static str>) {
+    let whole = s.dir.path().join("whole");
+    let out = train(&s.config, &whole, &INTERRUPTIBLE, false).output_within();
+    assert!(out.status.success(), "{}", text(&out));
+    let mut placed = INTERRUPTIBLE.to_vec();
+    placed.push(PLACED);
+    (whole, placed)
+}
+
 pub fn train(config: &Path, run: &Path, sets: &[&str], resume: bool) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.arg("train").arg(config).arg("--run-dir").arg(run).env("LAYERWISE_SECRET", SECRET);

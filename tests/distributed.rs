@@ -123,13 +123,8 @@ fn a_worker_killed_mid_run_fails_the_run_naming_it_and_resume_ends_identical() {
     let s = setup();
     let (c, d) = (&s.config, s.dir.path());
     let sets = INTERRUPTIBLE;
-    let whole = d.join("whole");
-    let out = train(c, &whole, &sets, false).output_within();
-    assert!(out.status.success(), "{}", text(&out));
-
+    let (whole, placed) = interruptible(&s);
     let run = d.join("killed");
-    let mut placed = sets.to_vec();
-    placed.push(PLACED);
     let (mut coordinator, addr) = coordinator(c, &run, &placed, false);
     let w1 = worker(&addr, "w1", SECRET);
     let mut w2 = worker(&addr, "w2", SECRET);

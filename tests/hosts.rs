@@ -195,13 +195,8 @@ fn a_cut_link_fails_the_run_within_the_heartbeat_bound_and_resume_is_bit_identic
     let s = setup();
     let (c, d) = (&s.config, s.dir.path());
     let sets = INTERRUPTIBLE;
-    let whole = d.join("whole");
-    let out = train(c, &whole, &sets, false).output_within();
-    assert!(out.status.success(), "{}", text(&out));
-
+    let (whole, placed) = interruptible(&s);
     let run = d.join("cut");
-    let mut placed = sets.to_vec();
-    placed.push(PLACED);
     let (mut coordinator, addr) = coordinator_in(&hosts, c, &run, &placed, false);
     let (w1, w2) = (worker_in(&hosts, 1, &addr, "w1"), worker_in(&hosts, 2, &addr, "w2"));
     wait_for_a_checkpoint(&run, &mut coordinator);
@@ -316,15 +311,22 @@ fn a_two_node_torchrun_trains_bit_identical_to_one_process() {
                 .proc()
         })
         .collect();
-    let outs: Vec<Output> = nodes.into_iter().map(Proc::output).collect();
-    for (i, o) in outs.iter().enumerate() {
-        assert!(o.status.success(), "node {i}: {}", text(o));
-    }
+    let outs = all_succeed(nodes, "node");
     let log: String = outs.iter().map(text).collect();
     for rank in ["rank1", "rank2", "rank3"] {
         assert!(log.contains(&format!("worker {rank} registered from 10.77.0.")), "{rank}: {log}");
     }
     assert_same_newest_checkpoint(whole, &run, "a two-node torchrun against one process");
+}
+
+/// The outputs of `procs` once each has exited, every one of them successfully (else the
+/// failing one's `what` and number, and its log).
+fn all_succeed(procs: Vec<Proc>, what: &str) -> Vec<Output> {
+    let outs: Vec<Output> = procs.into_iter().map(Proc::output).collect();
+    for (i, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "{what} {i}: {}", text(o));
+    }
+    outs
 }
 
 /// deploy/slurm.sbatch's way, its variables set by hand in each of two hosts (two tasks a
@@ -350,10 +352,7 @@ fn the_slurm_launch_over_two_hosts_trains_bit_identical_to_one_process() {
                 .proc()
         })
         .collect();
-    let outs: Vec<Output> = tasks.into_iter().map(Proc::output).collect();
-    for (task, o) in outs.iter().enumerate() {
-        assert!(o.status.success(), "task {task}: {}", text(o));
-    }
+    let outs = all_succeed(tasks, "task");
     assert!(text(&outs[0]).contains("worker rank3 registered from 10.77.0.2:"), "{}", text(&outs[0]));
     assert_same_newest_checkpoint(whole, &run, "a Slurm launch over two hosts against one process");
 }
