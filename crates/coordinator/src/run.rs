@@ -248,7 +248,7 @@ fn train(
         start: progress.position,
         epochs: config.train.epochs,
         steps,
-        prefetch: loader::prefetch_batches(plan),
+        prefetch: config.data.prefetch_batches(config.train.batch_size),
         device: plan.stages[0].device().tch(),
     };
     let (batches, loader) = loader::spawn(train, stream)?;

@@ -194,10 +194,6 @@ impl BatchSource {
         self.labels.is_empty()
     }
 
-    pub fn examples(&self) -> &Examples {
-        &self.examples
-    }
-
     pub fn batches_per_epoch(&self) -> usize {
         self.sampler.batches_per_epoch(self.labels.len())
     }

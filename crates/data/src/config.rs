@@ -201,13 +201,7 @@ impl DataConfig {
     /// Checks, without reading them, that the data set's files are where the config says;
     /// the error names the first missing one.
     pub fn check_files(&self) -> crate::Result<()> {
-        let root = self.root();
-        if !root.is_dir() {
-            return Err(crate::DataError::file(
-                &root,
-                format!("data root of {:?} not found: expected {}", self.dataset, self.dataset.layout()),
-            ));
-        }
+        let root = self.existing_root()?;
         let names: Vec<Vec<String>> = match self.dataset {
             DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Kmnist => [
                 "train-images-idx3-ubyte",
@@ -249,12 +243,37 @@ impl DataConfig {
         Ok(())
     }
 
+    /// The data root, which must be a folder: the error names it and the layout it needs.
+    pub fn existing_root(&self) -> crate::Result<PathBuf> {
+        let root = self.root();
+        if !root.is_dir() {
+            return Err(crate::DataError::file(
+                &root,
+                format!("data root of {:?} not found: expected {}", self.dataset, self.dataset.layout()),
+            ));
+        }
+        Ok(root)
+    }
+
     pub fn root(&self) -> PathBuf {
         self.root.clone().unwrap_or_else(|| self.dataset.default_root())
     }
 
     pub fn crop_padding(&self) -> i64 {
         self.crop_padding.unwrap_or(self.dataset.default_augmentation().0)
+    }
+
+    /// Bytes of a batch of `batch` images as float32, as the loader keeps it.
+    pub fn batch_bytes(&self, batch: usize) -> u64 {
+        let (c, s) = self.input_shape();
+        batch as u64 * (c * s * s) as u64 * 4
+    }
+
+    /// Training batches (of `batch` images) kept ready: `prefetch`, fewer where they would
+    /// pass `prefetch_mib` (the plan refuses a single batch above it), at least one.
+    pub fn prefetch_batches(&self, batch: usize) -> usize {
+        let fit = ((self.prefetch_mib as u64) << 20) / self.batch_bytes(batch).max(1);
+        self.prefetch.min(fit as usize).max(1)
     }
 
     /// Whether images are read as batches need them.

@@ -40,29 +40,18 @@ impl Dataset {
     /// Holds `size` examples, chosen by a permutation seeded with `seed`, out of this set:
     /// (the rest, the held-out ones), both in their original order.
     pub fn split_validation(self, size: usize, seed: u64) -> Result<(Dataset, Option<Dataset>)> {
-        if size == 0 {
+        let Some((rest, held)) = validation_split(self.len() as usize, size, seed)? else {
             return Ok((self, None));
-        }
-        let n = self.len() as usize;
-        if size >= n {
-            return Err(DataError::Config(format!(
-                "data.validation_size: {size} is not below the {n} training examples"
-            )));
-        }
-        let mut perm: Vec<i64> = (0..n as i64).collect();
-        perm.shuffle(&mut batch_rng(seed, 0, 0, 7));
-        let (held, rest) = perm.split_at(size);
-        let pick = |idx: &[i64]| {
-            let mut idx = idx.to_vec();
-            idx.sort_unstable();
-            let i = Tensor::from_slice(&idx);
+        };
+        let pick = |idx: &[usize]| {
+            let i = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
             Dataset {
                 images: self.images.index_select(0, &i),
                 labels: self.labels.index_select(0, &i),
                 num_classes: self.num_classes,
             }
         };
-        Ok((pick(rest), Some(pick(held))))
+        Ok((pick(&rest), Some(pick(&held))))
     }
 
     /// Builds a data set from raw parts, checking shapes and label range.
@@ -90,6 +79,24 @@ impl Dataset {
         }
         Ok(Self { images, labels, num_classes })
     }
+}
+
+/// Of `n` examples, (the rest, the `size` held out for validation), each sorted: the first
+/// `size` of a permutation seeded with `seed`. None for no validation set (`size` 0).
+pub fn validation_split(n: usize, size: usize, seed: u64) -> Result<Option<(Vec<usize>, Vec<usize>)>> {
+    if size == 0 {
+        return Ok(None);
+    }
+    if size >= n {
+        return Err(DataError::Config(format!("data.validation_size: {size} is not below the {n} training examples")));
+    }
+    let mut perm: Vec<usize> = (0..n).collect();
+    perm.shuffle(&mut batch_rng(seed, 0, 0, 7));
+    let (held, rest) = perm.split_at(size);
+    let (mut held, mut rest) = (held.to_vec(), rest.to_vec());
+    held.sort_unstable();
+    rest.sort_unstable();
+    Ok(Some((rest, held)))
 }
 
 /// Training and test sets, and the validation set held out of training when asked for.

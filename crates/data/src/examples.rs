@@ -4,15 +4,11 @@
 
 use std::sync::Arc;
 
-use rand::seq::SliceRandom;
-
 use crate::config::{DataConfig, DatasetKind};
-use crate::dataset::Dataset;
+use crate::dataset::{validation_split, Dataset};
 use crate::decode::{Decode, Fit};
-use crate::index::Index;
-use crate::rng::batch_rng;
 use crate::stream::StreamSet;
-use crate::{folder, shards, DataError, Result};
+use crate::{DataError, Result};
 
 /// Most decode threads.
 pub const MAX_WORKERS: usize = 256;
@@ -73,21 +69,9 @@ impl Examples {
             }
             Examples::Stream(s) => s,
         };
-        if size == 0 {
+        let Some((rest, held)) = validation_split(set.len(), size, seed)? else {
             return Ok((Examples::Stream(set), None));
-        }
-        let n = set.len();
-        if size >= n {
-            return Err(DataError::Config(format!(
-                "data.validation_size: {size} is not below the {n} training examples"
-            )));
-        }
-        let mut perm: Vec<usize> = (0..n).collect();
-        perm.shuffle(&mut batch_rng(seed, 0, 0, 7));
-        let (held, rest) = perm.split_at(size);
-        let (mut held, mut rest) = (held.to_vec(), rest.to_vec());
-        held.sort_unstable();
-        rest.sort_unstable();
+        };
         Ok((Examples::Stream(set.subset(&rest)), Some(Examples::Stream(set.subset(&held)))))
     }
 }
@@ -110,7 +94,7 @@ pub fn open(config: &DataConfig, workers: usize) -> Result<Sets> {
     if !(1..=MAX_WORKERS).contains(&workers) {
         return Err(DataError::Config(format!("data.workers: expected 1..={MAX_WORKERS} threads, got {workers}")));
     }
-    let (train, test) = indexes(config)?;
+    let (train, test) = crate::read::indexes(config)?;
     let size = config.image_size as u32;
     let channels = config.image_channels as u8;
     let (train_fit, eval_fit) = match config.random_resized_crop {
@@ -129,53 +113,4 @@ pub fn open(config: &DataConfig, workers: usize) -> Result<Sets> {
     let pool = Arc::new(pool);
     let set = |index| StreamSet::new(index, decode(train_fit), decode(eval_fit), pool.clone(), config.skip_bad);
     Ok(Sets { train: Examples::Stream(set(train)), test: Examples::Stream(set(test)), kind: config.dataset })
-}
-
-/// The training and evaluation indexes of a streamed data set; what indexing skipped is logged.
-pub fn indexes(config: &DataConfig) -> Result<(Index, Index)> {
-    folder::check_shape(config.image_size, config.image_channels)?;
-    let root = config.root();
-    if !root.is_dir() {
-        return Err(DataError::file(
-            &root,
-            format!("data root of {:?} not found: expected {}", config.dataset, config.dataset.layout()),
-        ));
-    }
-    let (train_dir, eval_dir) = folder::split_dirs(&root)?;
-    let (train, eval) = match config.dataset {
-        DatasetKind::WebDataset => {
-            let train = shards::index(&train_dir, None, config.skip_bad)?;
-            let eval = shards::index(&eval_dir, Some(train.classes.len()), config.skip_bad)?;
-            (train, eval)
-        }
-        _ => {
-            let classes = folder::classes(&train_dir, &eval_dir)?;
-            (
-                folder::index(&train_dir, &classes, config.skip_bad)?,
-                folder::index(&eval_dir, &classes, config.skip_bad)?,
-            )
-        }
-    };
-    for (dir, index) in [(&train_dir, &train), (&eval_dir, &eval)] {
-        for line in index.skipped.iter().take(20) {
-            tracing::warn!("skipped: {line}");
-        }
-        if !index.skipped.is_empty() {
-            tracing::warn!(
-                "{}: {} unreadable samples or empty classes skipped while indexing",
-                dir.display(),
-                index.skipped.len()
-            );
-        }
-        if index.is_empty() {
-            return Err(DataError::file(
-                dir,
-                "no images: expected <class>/*.jpg (folders) or *.tar shards with samples",
-            ));
-        }
-    }
-    if train.classes.len() < 2 {
-        return Err(DataError::file(&train_dir, format!("{} class(es): expected at least 2", train.classes.len())));
-    }
-    Ok((train, eval))
 }

@@ -109,7 +109,7 @@ pub fn decode_all(index: &Index, dir: &Path, size: u32, channels: i64) -> Result
     }
     let decode = Decode { size, channels: channels as u8, fit: Fit::Whole };
     let need = index.len() as u64 * decode.bytes() as u64;
-    if let Some(available) = memory_available().filter(|a| need > *a) {
+    if let Some(available) = crate::system::meminfo("MemAvailable").filter(|a| need > *a) {
         return Err(DataError::file(
             dir,
             format!(
@@ -130,13 +130,6 @@ pub fn decode_all(index: &Index, dir: &Path, size: u32, channels: i64) -> Result
     let n = labels.len() as i64;
     let images = Tensor::from_slice(&pixels).view([n, channels, size as i64, size as i64]);
     Dataset::new(images, Tensor::from_slice(&labels).to_kind(Kind::Int64), index.classes.len() as i64, dir)
-}
-
-/// This machine's available memory in bytes (Linux `MemAvailable`).
-fn memory_available() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim();
-    kib.parse::<u64>().ok().map(|k| k * 1024)
 }
 
 /// Checks `data.image_size` and `data.image_channels`.

@@ -132,29 +132,27 @@ impl Index {
 
     /// The cache's text: a header, the classes, the shards, then one line per image.
     pub fn to_text(&self, stamp: u64) -> Option<String> {
-        let mut out = format!("layerwise-index 1\nstamp {stamp:016x}\nclasses {}\n", self.classes.len());
+        use std::fmt::Write;
         let files: Vec<String> = match &self.layout {
             Layout::Folder(_) => vec![],
             Layout::Shards(f) => f.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into()).collect(),
         };
-        let lines = self.classes.iter().chain(&files).chain(&self.skipped);
-        if lines.clone().any(|l| l.contains(['\n', '\t'])) || self.names.contains(['\n', '\t']) {
+        let sections = [("classes", &self.classes), ("files", &files), ("skipped", &self.skipped)];
+        if sections.iter().any(|(_, l)| l.iter().any(|l| l.contains(['\n', '\t']))) || self.names.contains(['\n', '\t'])
+        {
             return None; // names a line-based cache cannot hold: index again each time
         }
-        for c in &self.classes {
-            out += &format!("{c}\n");
+        // writing to a String cannot fail
+        let mut out = format!("layerwise-index 1\nstamp {stamp:016x}\n");
+        for (key, lines) in sections {
+            let _ = writeln!(out, "{key} {}", lines.len());
+            for line in lines {
+                let _ = writeln!(out, "{line}");
+            }
         }
-        out += &format!("files {}\n", files.len());
-        for f in &files {
-            out += &format!("{f}\n");
-        }
-        out += &format!("skipped {}\n", self.skipped.len());
-        for s in &self.skipped {
-            out += &format!("{s}\n");
-        }
-        out += &format!("entries {}\n", self.entries.len());
+        let _ = writeln!(out, "entries {}", self.entries.len());
         for (i, e) in self.entries.iter().enumerate() {
-            out += &format!("{}\t{}\t{}\t{}\t{}\n", e.label, e.file, e.offset, e.len, self.name(i));
+            let _ = writeln!(out, "{}\t{}\t{}\t{}\t{}", e.label, e.file, e.offset, e.len, self.name(i));
         }
         Some(out)
     }
@@ -193,8 +191,10 @@ impl Index {
                 return None;
             }
             // a folder's image is `<its class>/<file name>`: nothing else is opened
-            let in_class =
-                |n: &str| n.split_once('/').is_some_and(|(c, f)| c == index.classes[label as usize] && plain(f));
+            let in_class = |n: &str| {
+                n.split_once('/')
+                    .is_some_and(|(c, f)| c == index.classes[label as usize] && crate::system::is_file_name(f))
+            };
             if !shards && !in_class(name) {
                 return None;
             }
@@ -202,11 +202,6 @@ impl Index {
         }
         (index.len() == n).then_some(index)
     }
-}
-
-/// A file name with no folder in it: not empty, no `/`, not `.` or `..`.
-pub fn plain(name: &str) -> bool {
-    !name.is_empty() && !name.contains('/') && name != "." && name != ".."
 }
 
 fn count(lines: &mut std::str::Lines<'_>, key: &str) -> Option<usize> {
@@ -259,18 +254,8 @@ pub fn cached(dir: &Path, stamp: Stamp, shards: bool, build: impl FnOnce() -> Re
     }
     let index = build()?;
     if let Some(text) = index.to_text(stamp.0) {
-        // one temporary name per writer: jobs of one `serve` may index the same folder at once
-        static WRITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = WRITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = cache.with_extension(format!("tmp{}-{n}", std::process::id()));
-        // create_new: a link planted at the temporary name is never written through
-        let written = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).and_then(|mut f| {
-            std::io::Write::write_all(&mut f, text.as_bytes())?;
-            std::fs::rename(&tmp, &cache)
-        });
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        // best effort: a folder we may not write to is indexed again on each start
+        let _ = crate::atomic::write_atomic(&cache, text.as_bytes());
     }
     Ok(index)
 }

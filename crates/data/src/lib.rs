@@ -6,6 +6,7 @@
 //! names the file and what was expected when something is off: a short or damaged data set
 //! is an error, never a silently smaller one.
 
+pub mod atomic;
 pub mod batches;
 pub mod cifar;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod stl10;
 pub mod stream;
 pub mod svhn;
 pub mod synthetic;
+pub mod system;
 
 pub use config::{DataConfig, DatasetKind};
 pub use dataset::{Dataset, Splits};

@@ -36,7 +36,7 @@ pub fn load(plan: &Plan) -> Result<Data> {
             images = s.len(),
             test_images = sets.test.len(),
             threads = s.threads(),
-            prefetch = prefetch_batches(plan),
+            prefetch = config.data.prefetch_batches(config.train.batch_size),
             "streaming {} from {}",
             s.index().classes.len().to_string() + " classes",
             config.data.root().display()
@@ -82,15 +82,6 @@ pub fn decode_threads(plan: &Plan) -> usize {
     let busy: usize =
         local.map(|s| if s.device() == layerwise_plan::DeviceId::Cpu { s.threads.max(1) } else { 1 }).sum();
     plan.machine.cores.saturating_sub(busy).max(1)
-}
-
-/// Training batches kept ready: `data.prefetch`, fewer where they would pass
-/// `data.prefetch_mib` (the plan refuses a single batch above it), at least one.
-pub fn prefetch_batches(plan: &Plan) -> usize {
-    let (c, s) = (plan.shape.input.channels as usize, plan.shape.input.size as usize);
-    let batch_bytes = plan.config.train.batch_size * c * s * s * 4;
-    let bound = plan.config.data.prefetch_mib << 20;
-    plan.config.data.prefetch.min(bound / batch_bytes.max(1)).max(1)
 }
 
 /// Which training batches the loader makes: from `start` = (epoch, batch index) to the end.

@@ -78,9 +78,8 @@ pub fn check(d: &DataConfig, batch: usize, eval_batch: usize) -> Result<()> {
         ));
     }
     let (c, s) = d.input_shape();
-    let per = (c * s * s * 4) as f64;
     for (key, b) in [("train.batch_size", batch), ("train.eval_batch_size", eval_batch)] {
-        let mib = b as f64 * per / (1 << 20) as f64;
+        let mib = d.batch_bytes(b) as f64 / (1 << 20) as f64;
         if mib > d.prefetch_mib as f64 {
             return Err(bad(
                 "data.prefetch_mib",

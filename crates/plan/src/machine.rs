@@ -122,10 +122,7 @@ pub const MACHINE_ID_MAX: usize = 256;
 
 /// Physical memory of this host (MemTotal), where the system says.
 fn host_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    layerwise_data::system::meminfo("MemTotal")
 }
 
 #[cfg(test)]

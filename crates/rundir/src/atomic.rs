@@ -1,35 +1,13 @@
 //! Writing a file whole or not at all.
 
-use std::io::Write;
 use std::path::Path;
 
 use crate::{Error, Result};
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one
+/// (`layerwise_data::atomic::write_atomic`, its error naming the file that failed).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    // A fresh random name, created exclusively: an existing file or a link planted under a
-    // guessable name is never written through.
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    layerwise_data::atomic::write_atomic(path, bytes).map_err(|(file, e)| Error::io(&file, e))
 }
 
 #[cfg(test)]

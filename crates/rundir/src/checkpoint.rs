@@ -179,11 +179,6 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
 }
 
-/// A plain file name: no folder part, not `.` or `..`, nothing a join could take elsewhere.
-fn is_file_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
-}
-
 /// Reads a checkpoint's manifest (not its files).
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
@@ -191,7 +186,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let manifest: Manifest = serde_json::from_str(&text)
         .map_err(|e| Error::Invalid(format!("{}: not a valid manifest: {e}", path.display())))?;
     // Every name is joined to the folder and read: only plain names of its own files.
-    if let Some(f) = manifest.files.iter().find(|f| !is_file_name(&f.name)) {
+    if let Some(f) = manifest.files.iter().find(|f| !layerwise_data::system::is_file_name(&f.name)) {
         return Err(Error::Invalid(format!(
             "{}: lists {:?}, which is not a file name of this folder",
             path.display(),
